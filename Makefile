@@ -1,0 +1,34 @@
+# Set-up on a fresh machine: `make demo` or `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-long bench bench-quick eval clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q "torch==2.13.0"
+	$(BIN)/pip install --disable-pip-version-check -q -e ".[eval,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/kindling demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-long: $(STAMP)
+	KINDLING_LONG=1 $(BIN)/python -m pytest -q tests
+
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/run.py --quick
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) demo-store .pytest_cache

@@ -1,0 +1,23 @@
+"""Kindling: cold-start recommendations from the first minute of an item's or a user's life."""
+
+from __future__ import annotations
+
+import logging
+
+__version__ = "0.1.0"
+
+from .config import Config  # noqa: E402
+from .engine import Engine  # noqa: E402
+from .errors import (  # noqa: E402
+    CorruptStoreError, EngineError, InvalidInputError, ModelLoadError, StoreError, StoreLockedError,
+    UnknownItemError, UnknownUserError,
+)
+from .types import Event, Item, Recommendation  # noqa: E402
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "Config", "CorruptStoreError", "Engine", "EngineError", "Event", "InvalidInputError", "Item",
+    "ModelLoadError", "Recommendation", "StoreError", "StoreLockedError", "UnknownItemError",
+    "UnknownUserError", "__version__",
+]

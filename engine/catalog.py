@@ -1,0 +1,203 @@
+"""Reading and validating item and event tables; the text an item is embedded from."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from .errors import InvalidInputError
+from .types import Event, Item
+from .vocab import check_id
+
+MAX_TITLE_CHARS = 2_000
+MAX_TEXT_CHARS = 100_000
+MAX_CATEGORIES = 100
+SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
+
+
+def item_text(item: Item) -> str:
+    """The string the language model embeds for `item`: title, categories, then free text."""
+    parts = [item.title.strip()]
+    if item.categories:
+        parts.append("Categories: " + ", ".join(item.categories) + ".")
+    if item.text.strip():
+        parts.append(item.text.strip())
+    return " ".join(parts)
+
+
+def validate_item(item: Item, where: str = "item") -> Item:
+    """Check one item against the catalog rules; raise InvalidInputError naming the rule."""
+    check_id(item.item_id, f"{where}: item_id")
+    if not isinstance(item.title, str) or not item.title.strip():
+        raise InvalidInputError(f"{where}: title must be a non-empty string")
+    if not isinstance(item.text, str):
+        raise InvalidInputError(f"{where}: text must be a string; got {type(item.text).__name__}")
+    if len(item.title) > MAX_TITLE_CHARS:
+        raise InvalidInputError(f"{where}: title must be at most {MAX_TITLE_CHARS:,} characters")
+    if len(item.text) > MAX_TEXT_CHARS:
+        raise InvalidInputError(
+            f"{where}: text must be at most {MAX_TEXT_CHARS:,} characters; got {len(item.text):,}")
+    if "\x00" in item.title or "\x00" in item.text:
+        raise InvalidInputError(f"{where}: title and text must not contain NUL characters")
+    if len(item.categories) > MAX_CATEGORIES:
+        raise InvalidInputError(f"{where}: at most {MAX_CATEGORIES} categories")
+    for c in item.categories:
+        if not isinstance(c, str) or not c.strip() or "\x00" in c:
+            raise InvalidInputError(f"{where}: categories must be non-empty strings without NUL")
+    return item
+
+
+def validate_items(items: Iterable[Item | dict[str, Any]], source: str = "items") -> list[Item]:
+    """Coerce and check a batch; duplicate ids within the batch are rejected (rows are 1-based)."""
+    out: list[Item] = []
+    seen: dict[str, int] = {}
+    for n, raw in enumerate(items, start=1):
+        where = f"{source}, row {n}"
+        item = _coerce_item(raw, where)
+        validate_item(item, where)
+        if item.item_id in seen:
+            raise InvalidInputError(
+                f"{where}: duplicate item_id {item.item_id!r} (first at row {seen[item.item_id]}); "
+                "ids must be unique within a batch")
+        seen[item.item_id] = n
+        out.append(item)
+    return out
+
+
+def _coerce_item(raw: Item | dict[str, Any], where: str) -> Item:
+    if isinstance(raw, Item):
+        return raw
+    if not isinstance(raw, dict):
+        raise InvalidInputError(f"{where}: an item must be an Item or a dict; got {type(raw).__name__}")
+    if "item_id" not in raw:
+        raise InvalidInputError(f"{where}: missing required field 'item_id'")
+    cats = raw.get("categories") or ()
+    if isinstance(cats, str):
+        cats = [c for c in cats.split("|") if c.strip()]
+    if not isinstance(cats, (list, tuple)):
+        raise InvalidInputError(f"{where}: categories must be a list of strings")
+    text = raw.get("text")
+    text = "" if text is None or (isinstance(text, float) and math.isnan(text)) else text
+    title = raw.get("title")
+    return Item(item_id=raw["item_id"], title=title if title is not None else "", text=text,
+                categories=tuple(cats))
+
+
+def _table_path(path: str | Path, stem: str) -> Path:
+    """`path` itself if it is a file, else DIR/stem.{parquet,csv,jsonl}."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        for suffix in SUFFIXES:
+            cand = p / f"{stem}{suffix}"
+            if cand.is_file():
+                return cand
+        raise InvalidInputError(f"{p}: no {stem}.parquet, {stem}.csv or {stem}.jsonl in this directory")
+    raise InvalidInputError(f"{p}: no such file or directory")
+
+
+def read_table(path: str | Path, string_columns: Sequence[str] = ()) -> pa.Table:
+    """Read a Parquet, CSV or JSONL file into an Arrow table (named columns kept as strings)."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            return pq.read_table(p)
+        if suffix == ".csv":
+            opts = pacsv.ConvertOptions(column_types={c: pa.string() for c in string_columns},
+                                        strings_can_be_null=False)
+            return pacsv.read_csv(p, convert_options=opts)
+        if suffix in (".jsonl", ".json"):
+            return pa.Table.from_pylist(_read_jsonl(p))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InvalidInputError(f"{p}: cannot be read as {suffix[1:]}: {exc}") from exc
+    raise InvalidInputError(f"{p}: unsupported file type {suffix!r}; use .parquet, .csv or .jsonl")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidInputError(f"{path}, line {n}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(obj, dict):
+                raise InvalidInputError(f"{path}, line {n}: each line must be a JSON object")
+            rows.append(obj)
+    return rows
+
+
+def _require_columns(table: pa.Table, path: Path, required: Sequence[str]) -> None:
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise InvalidInputError(
+            f"{path}: missing required column(s) {', '.join(missing)}; "
+            f"found {', '.join(table.column_names) or 'none'}")
+
+
+def _require_string(table: pa.Table, path: Path, column: str) -> None:
+    typ = table.schema.field(column).type
+    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_null(typ)):
+        raise InvalidInputError(f"{path}: column {column!r} must hold strings; got {typ}")
+
+
+def read_items(path: str | Path) -> list[Item]:
+    """Items from a file, or from DIR/items.{parquet,csv,jsonl}, checked row by row.
+
+    Raises:
+        InvalidInputError: naming the file, the row (1-based) and the rule broken.
+    """
+    p = _table_path(path, "items")
+    table = read_table(p, string_columns=("item_id", "title", "text", "categories"))
+    _require_columns(table, p, ("item_id", "title"))
+    for col in ("item_id", "title"):
+        _require_string(table, p, col)
+    rows = table.to_pylist()
+    for n, row in enumerate(rows, start=1):
+        if row.get("item_id") is None:
+            raise InvalidInputError(f"{p}, row {n}: item_id is empty")
+    return validate_items(rows, source=str(p))
+
+
+def read_events(path: str | Path, min_value: float | None = None) -> list[Event]:
+    """Events from a file or DIR/events.*; rows of unknown kind become clicks or skips by value.
+
+    Kinds click/skip/impression are kept. Any other kind (rating, review, ...) becomes a click
+    when `min_value` is None or value >= min_value, else a skip.
+    """
+    p = _table_path(path, "events")
+    table = read_table(p, string_columns=("user_id", "item_id", "event"))
+    _require_columns(table, p, ("user_id", "item_id"))
+    for col in ("user_id", "item_id"):
+        _require_string(table, p, col)
+    cols = {c: table.column(c).to_pylist() for c in table.column_names}
+    n = table.num_rows
+    kinds = cols.get("event", ["click"] * n)
+    values = cols.get("value", [1.0] * n)
+    stamps = cols.get("timestamp", [None] * n)
+    out = []
+    for r in range(n):
+        where = f"{p}, row {r + 1}"
+        value = 1.0 if values[r] is None else values[r]
+        if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+            raise InvalidInputError(f"{where}: value must be a finite number; got {value!r}")
+        kind = kinds[r] or "click"
+        if kind not in ("click", "skip", "impression"):
+            kind = "click" if min_value is None or float(value) >= min_value else "skip"
+        ts = stamps[r]
+        if ts is not None and not isinstance(ts, int):
+            raise InvalidInputError(f"{where}: timestamp must be an integer (unix seconds); got {ts!r}")
+        out.append(Event(check_id(cols["user_id"][r], f"{where}: user_id"),
+                         check_id(cols["item_id"][r], f"{where}: item_id"), kind, float(value), ts))
+    return out

@@ -1,0 +1,218 @@
+"""`kindling`: a thin admin CLI over the library. Each command parses, calls the engine, prints."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .catalog import read_events, read_items
+from .config import Config
+from .engine import Engine
+from .errors import EngineError
+from .types import EVENT_KINDS, Item
+
+STORE = click.Path(path_type=Path)
+LOG_CHECKPOINT = 1000  # feedback saves a snapshot once this many records wait in the log
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the engine's errors into one clear line on stderr and exit status 1."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EngineError as exc:
+            raise click.ClickException(str(exc)) from exc
+    return wrapper
+
+
+def emit(data: dict[str, Any], as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, ensure_ascii=False))
+    else:
+        for line in lines:
+            click.echo(line)
+
+
+def ranked(key: str, who: str, recs) -> tuple[dict[str, Any], list[str]]:
+    data = {key: who, "items": [{"item_id": r.item_id, "score": round(r.score, 6), "title": r.title}
+                                for r in recs]}
+    lines = [f"{n:>3}. {r.title}  [{r.item_id}]  {r.score:.3f}" for n, r in enumerate(recs, 1)]
+    return data, lines or ["(no items)"]
+
+
+@click.group()
+@click.version_option(__version__, prog_name="kindling")
+def main() -> None:
+    """Kindling: cold-start recommendations with a language model, FAISS and online learning."""
+
+
+@main.command()
+@click.argument("store", type=STORE)
+@click.option("--model", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Local sentence-transformers model folder (default: bundled all-MiniLM-L6-v2).")
+@click.option("--index", "index_kind", type=click.Choice(["auto", "flat", "hnsw", "ivf", "hnsw-sq8", "ivf-pq"]),
+              default="auto", show_default=True, help="Index type; auto is exact below 50k items, HNSW above.")
+@user_errors
+def init(store: Path, model: str | None, index_kind: str) -> None:
+    """Create an empty store at STORE."""
+    Engine.create(store, Config(model_path=str(Path(model).resolve()) if model else None,
+                                index=index_kind)).close()
+    click.echo(f"created store {store}")
+
+
+@main.command()
+@click.argument("store", type=STORE)
+@click.argument("file", type=click.Path(exists=True, path_type=Path))
+@click.option("--upsert", is_flag=True, help="Replace items whose id is already in the store.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def ingest(store: Path, file: Path, upsert: bool, quiet: bool) -> None:
+    """Add every item of FILE (Parquet, CSV or JSONL; or a dataset directory) to STORE, atomically."""
+    items = read_items(file)
+    with Engine.open(store) as eng:
+        n = eng.ingest(items, upsert=upsert, progress=False if quiet else None)
+    click.echo(f"ingested {n} items into {store}")
+
+
+@main.command("add-item")
+@click.argument("store", type=STORE)
+@click.option("--id", "item_id", required=True, help="External item id.")
+@click.option("--title", required=True)
+@click.option("--text", default="", help="Free text (description).")
+@click.option("--category", "categories", multiple=True, help="A category; repeat for several.")
+@click.option("--upsert", is_flag=True, help="Replace the item if the id exists.")
+@user_errors
+def add_item(store: Path, item_id: str, title: str, text: str, categories: tuple[str, ...], upsert: bool) -> None:
+    """Add one item; it is recommendable at once."""
+    with Engine.open(store) as eng:
+        eng.add_items([Item(item_id, title, text, categories)], upsert=upsert)
+    click.echo(f"added {item_id}")
+
+
+@main.command("remove-item")
+@click.argument("store", type=STORE)
+@click.argument("item_ids", nargs=-1, required=True)
+@user_errors
+def remove_item(store: Path, item_ids: tuple[str, ...]) -> None:
+    """Remove items by id; no later recommendation returns them."""
+    with Engine.open(store) as eng:
+        n = eng.remove_items(item_ids)
+    click.echo(f"removed {n} item(s)")
+
+
+@main.command()
+@click.argument("store", type=STORE)
+@click.option("--user", "user_id", required=True)
+@click.option("-k", type=click.IntRange(1, 10_000), default=10, show_default=True)
+@click.option("--profile", default=None, help="A new user's self-description (saved with the user).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors
+def recommend(store: Path, user_id: str, k: int, profile: str | None, as_json: bool) -> None:
+    """Top-k recommendations for a user, new or known."""
+    eng = Engine.open(store, read_only=profile is None)
+    try:
+        recs = eng.recommend(user_id, k=k, profile=profile)
+    finally:
+        eng.close(save=False)
+    data, lines = ranked("user", user_id, recs)
+    emit(data, as_json, lines)
+
+
+@main.command()
+@click.argument("store", type=STORE)
+@click.argument("item_id")
+@click.option("-k", type=click.IntRange(1, 10_000), default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors
+def similar(store: Path, item_id: str, k: int, as_json: bool) -> None:
+    """Items most similar to ITEM_ID."""
+    with Engine.open(store, read_only=True) as eng:
+        recs = eng.similar_items(item_id, k=k)
+    data, lines = ranked("item", item_id, recs)
+    emit(data, as_json, lines)
+
+
+@main.command()
+@click.argument("store", type=STORE)
+@click.option("--user", "user_id", required=True)
+@click.option("--item", "item_id", required=True)
+@click.option("--event", type=click.Choice(EVENT_KINDS), default="click", show_default=True)
+@user_errors
+def feedback(store: Path, user_id: str, item_id: str, event: str) -> None:
+    """Record a click, skip or impression. Durable when this returns."""
+    eng = Engine.open(store)
+    try:
+        eng.record(user_id, item_id, event)
+    finally:
+        eng.close(save=eng.stats()["pending_log_records"] >= LOG_CHECKPOINT)
+    click.echo(f"recorded {event} of {user_id} on {item_id}")
+
+
+@main.command()
+@click.argument("store", type=STORE)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors
+def stats(store: Path, as_json: bool) -> None:
+    """Counts, index and model of a store."""
+    with Engine.open(store, read_only=True) as eng:
+        data = eng.stats()
+    idx = data["index"] or {}
+    lines = [f"store      {data['path']} (generation {data['generation']})",
+             f"items      {data['live_items']} live, {data['removed_items']} removed",
+             f"users      {data['users']}", f"events     {data['events']}",
+             f"index      {idx.get('kind', '-')} dim {idx.get('dim', '-')}, {idx.get('vectors', 0)} vectors",
+             f"model      {data['model'].get('name') or data['model'].get('path') or 'all-MiniLM-L6-v2'}",
+             f"trained    {'yes' if data['trained'] else 'no'}",
+             f"log        {data['pending_log_records']} records since the last snapshot"]
+    emit(data, as_json, lines)
+
+
+@main.command()
+@click.argument("store", type=STORE)
+@click.argument("events_file", type=click.Path(exists=True, path_type=Path))
+@click.option("--min-value", type=float, default=None,
+              help="Events of other kinds (rating, ...) count as clicks at or above this value, skips below.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the training summary as JSON.")
+@user_errors
+def fit(store: Path, events_file: Path, min_value: float | None, quiet: bool, as_json: bool) -> None:
+    """Train from logged events (EVENTS_FILE: Parquet, CSV, JSONL or a dataset directory)."""
+    events = read_events(events_file, min_value=min_value)
+    with Engine.open(store) as eng:
+        summary = eng.fit(events, progress=False if quiet else None)
+    emit(summary, as_json, [f"{k}: {v}" for k, v in summary.items()])
+
+
+@main.command()
+@click.option("--store", "store", type=STORE, default=Path("demo-store"), show_default=True,
+              help="Where the demo store lives; reused when it exists.")
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Dataset directory (default: the bundled index_data/movielens-small).")
+@user_errors
+def demo(store: Path, data: Path | None) -> None:
+    """The tour: cold user from a profile, clicks, a live new item, a restart."""
+    from .demo import run_demo
+
+    run_demo(store, data)
+
+
+def _register_optional() -> None:
+    try:
+        from .evaluation.cli import eval_command
+    except ImportError:  # the evaluation extra is not installed
+        return
+    main.add_command(eval_command)
+
+
+_register_optional()
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

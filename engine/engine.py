@@ -1,0 +1,581 @@
+"""The facade: create or open a store, add and remove items, recommend, record feedback, save.
+
+Example:
+    >>> from engine import Engine, Item
+    >>> with Engine.create("my-store") as eng:                      # doctest: +SKIP
+    ...     eng.add_items([Item("m1", "Toy Story (1995)", categories=("Animation", "Children"))])
+    ...     eng.recommend("alice", k=5, profile="I love animated films for children")
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .catalog import item_text, validate_items
+from .config import Config
+from .encoder import Encoder, TextEncoder
+from .errors import InvalidInputError, StoreError, UnknownItemError, UnknownUserError
+from .eventlog import EventLog, read_log
+from .index import VectorIndex
+from .items import ItemTable
+from .locks import RWLock
+from .projection import Projection
+from .ranking import Ranker
+from .snapshot import read_generation, write_generation
+from .store import FORMAT, FORMAT_VERSION, StoreDir
+from .types import EVENT_KINDS, Event, Item, Recommendation
+from .users import UserState, UserTable, apply_click, apply_skip, normalise, rederive
+from .vocab import check_id
+
+log = logging.getLogger(__name__)
+
+
+def _b64(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a, np.float32).tobytes()).decode("ascii")
+
+
+def _unb64(s: str, dim: int) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(s), np.float32).reshape(-1, dim).copy()
+
+
+class Engine:
+    """A Kindling store, open for reading and (unless read_only) writing. Thread-safe."""
+
+    def __init__(self, store: StoreDir, config: Config, encoder: TextEncoder | None) -> None:
+        self._store, self.config = store, config
+        self._encoder = encoder
+        self._lock = RWLock()
+        self._items: ItemTable | None = None
+        self._users: UserTable | None = None
+        self._proj: Projection | None = None
+        self._index: VectorIndex | None = None
+        self._ranker = Ranker(config)
+        self._log: EventLog | None = None
+        self._gen = 0
+        self._dirty = False
+        self._closed = False
+        self._manifest: dict[str, Any] = {}
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, config: Config | None = None,
+               encoder: TextEncoder | None = None) -> "Engine":
+        """Make a new store at `path` (absent or an empty directory)."""
+        store = StoreDir(path, create=True)
+        eng = cls(store, config or Config(), encoder)
+        eng._manifest = {"created_at": int(time.time())}
+        if encoder is not None:
+            eng._init_state(encoder.dim)
+        eng._commit(initial=True)
+        return eng
+
+    @classmethod
+    def open(cls, path: str | Path, encoder: TextEncoder | None = None, read_only: bool = False) -> "Engine":
+        """Open an existing store: load the last snapshot and replay the event log after it."""
+        store = StoreDir(path, read_only=read_only)
+        try:
+            manifest = store.read_manifest()
+            store.verify(manifest)
+            eng = cls(store, Config.from_dict(manifest.get("config", {})), encoder)
+            eng._load(manifest)
+        except BaseException:
+            store.release()
+            raise
+        return eng
+
+    def _init_state(self, d_text: int) -> None:
+        self._items = ItemTable(d_text)
+        self._proj = Projection(d_text)
+        self._users = UserTable(self._proj.d_out)
+
+    def _load(self, manifest: dict[str, Any]) -> None:
+        self._manifest, self._gen = manifest, int(manifest["generation"])
+        d_text = manifest.get("model", {}).get("dim")
+        if d_text:
+            self._init_state(int(d_text))
+            self._items, self._users, models, index_path = read_generation(self._store, manifest, d_text)
+            self._proj = self._ranker.load_models(models, d_text)
+            if index_path is not None:
+                self._index = self._new_index(self._index_kind(len(self._items)), self._proj.d_out)
+                self._index.load(index_path, self._items.live_rows(), len(self._items))
+            self._ranker.refresh_item_vectors(self._items, self._proj)
+        self._replay(self._store.path / manifest["log"], manifest["next_seq"])
+        if not self._store.read_only:
+            self._store.cleanup(manifest)
+
+    def _replay(self, path: Path, next_seq: int) -> None:
+        n = 0
+        for seq, rec in read_log(path, repair=not self._store.read_only):
+            self._apply(rec)
+            next_seq, n = seq + 1, n + 1
+        if n:
+            log.info("replayed %d logged mutations from %s", n, path.name)
+            self._dirty = True
+        if not self._store.read_only:
+            self._log = EventLog(path, next_seq, fsync=self.config.fsync)
+
+    def save(self) -> None:
+        """Write a new snapshot atomically; the event log restarts empty after it."""
+        self._check_writable()
+        with self._lock.write():
+            self._commit()
+
+    def _commit(self, initial: bool = False) -> None:
+        gen = self._gen if initial else self._gen + 1
+        paths = []
+        if self._items is not None:
+            paths = write_generation(self._store, gen, self._items, self._users,
+                                     self._ranker.model_tensors(self._proj), self._index)
+        log_path = self._store.file("events", gen, "log")
+        log_path.touch()
+        next_seq = self._log.next_seq if self._log else 0
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "kindling_version": __version__,
+            "created_at": self._manifest.get("created_at", int(time.time())), "saved_at": int(time.time()),
+            "generation": gen, "config": self.config.to_dict(), "libraries": _library_versions(),
+            "model": self._model_meta(), "files": self._store.describe(paths), "log": log_path.name,
+            "next_seq": next_seq, "counts": self._counts(),
+        }
+        self._store.write_manifest(manifest)
+        if self._log:
+            self._log.close()
+        self._log = EventLog(log_path, next_seq, fsync=self.config.fsync)
+        self._manifest, self._gen, self._dirty = manifest, gen, False
+        self._store.cleanup(manifest)
+
+    def close(self, save: bool = True) -> None:
+        """Release the store, saving a snapshot first when writable, changed and `save` is true.
+
+        With save=False acknowledged mutations stay in the event log and are replayed on open.
+        """
+        if self._closed:
+            return
+        try:
+            if save and not self._store.read_only and self._dirty:
+                self.save()
+        finally:
+            if self._log:
+                self._log.close()
+            self._store.release()
+            self._closed = True
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- helpers -----------------------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        return self._store.path
+
+    @property
+    def encoder(self) -> TextEncoder:
+        """The language model, loaded on first use."""
+        if self._encoder is None:
+            self._encoder = Encoder(self.config.model_path, batch_size=self.config.batch_size,
+                                    show_progress=False)
+        return self._encoder
+
+    def _model_meta(self) -> dict[str, Any]:
+        if self._items is None:
+            return {"path": self.config.model_path, "dim": None}
+        return {"path": self.config.model_path, "dim": self._items.dim,
+                "name": getattr(self._encoder, "name", self._manifest.get("model", {}).get("name"))}
+
+    def _counts(self) -> dict[str, int]:
+        if self._items is None:
+            return {"items": 0, "live_items": 0, "users": 0}
+        return {"items": len(self._items), "live_items": int(len(self._items.live_rows())),
+                "users": len(self._users)}
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise StoreError(f"{self.path}: the engine is closed")
+        if self._store.read_only:
+            raise StoreError(f"{self.path}: opened read-only")
+
+    def _index_kind(self, n: int) -> str:
+        if self.config.index != "auto":
+            return self.config.index
+        return "flat" if n < self.config.exact_threshold else "hnsw"
+
+    def _new_index(self, kind: str, dim: int) -> VectorIndex:
+        c = self.config
+        return VectorIndex(dim, kind, hnsw_m=c.hnsw_m, ef_construction=c.hnsw_ef_construction,
+                           ef_search=c.hnsw_ef_search, nlist=c.ivf_nlist, nprobe=c.ivf_nprobe)
+
+    def _rebuild_index(self) -> None:
+        """Rebuild FAISS from the live rows (compaction, a kind change, or a new projection)."""
+        rows = self._items.live_rows()
+        self._index = self._new_index(self._index_kind(len(rows)), self._proj.d_out)
+        self._index.build(rows, self._ranker.item_vectors(rows))
+
+    def _encode(self, texts: Sequence[str]) -> np.ndarray:
+        vecs = np.asarray(self.encoder.encode(list(texts)), dtype=np.float32)
+        if self._items is not None and vecs.shape[1] != self._items.dim:
+            raise InvalidInputError(f"the encoder gives {vecs.shape[1]}-d vectors but this store holds "
+                                    f"{self._items.dim}-d ones; use the store's model")
+        if not np.isfinite(vecs).all():
+            raise InvalidInputError("the encoder returned NaN or inf; refusing to index it")
+        return vecs
+
+    # ---- mutations (validated, logged, then applied) -----------------------------------------
+    def add_items(self, items: Iterable[Item | dict[str, Any]], vectors: np.ndarray | None = None,
+                  upsert: bool = False) -> int:
+        """Embed and index new items; they are recommendable when this returns.
+
+        Args:
+            items: Item objects or dicts with item_id, title, text, categories.
+            vectors: optional precomputed text vectors, shape (n, dim) float32 (skips the model).
+            upsert: replace items whose id is already live instead of rejecting the batch.
+        Returns:
+            The number of items added or replaced.
+        Raises:
+            InvalidInputError: a rule broken anywhere in the batch; nothing is added then.
+        """
+        self._check_writable()
+        batch = validate_items(items)
+        if not batch:
+            return 0
+        with self._lock.write():
+            self._check_duplicates(batch, upsert)
+            vecs = self._batch_vectors(batch, vectors)
+            rec = {"op": "add", "t": int(time.time()), "dim": vecs.shape[1], "vec": _b64(vecs),
+                   "items": [[i.item_id, i.title, i.text, list(i.categories)] for i in batch]}
+            self._log.append(rec)
+            self._apply(rec, vecs)
+        return len(batch)
+
+    def ingest(self, items: Iterable[Item | dict[str, Any]], upsert: bool = False,
+               progress: bool | None = None) -> int:
+        """Add a large batch atomically: embed all (with a progress bar), apply, save a snapshot.
+
+        Nothing is half-ingested: a bad row or a crash before the snapshot's manifest is swapped
+        leaves the store as it was.
+        """
+        self._check_writable()
+        batch = validate_items(items)
+        if not batch:
+            return 0
+        with self._lock.write():
+            self._check_duplicates(batch, upsert)
+        vecs = self._encode_many([item_text(i) for i in batch], progress)
+        with self._lock.write():
+            self._check_duplicates(batch, upsert)
+            rec = {"t": int(time.time()), "items": [[i.item_id, i.title, i.text, list(i.categories)] for i in batch]}
+            self._apply_add(rec, vecs)
+            self._commit()
+        return len(batch)
+
+    def _encode_many(self, texts: list[str], progress: bool | None, chunk: int = 512) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        show = progress if progress is not None else (len(texts) > chunk and sys.stderr.isatty())
+        parts = []
+        with tqdm(total=len(texts), desc="embedding", unit="item", disable=not show) as bar:
+            for start in range(0, len(texts), chunk):
+                parts.append(self._encode(texts[start:start + chunk]))
+                bar.update(len(parts[-1]))
+        return np.concatenate(parts) if parts else np.zeros((0, self.encoder.dim), np.float32)
+
+    def _check_duplicates(self, batch: list[Item], upsert: bool) -> None:
+        if upsert or self._items is None:
+            return
+        dup = [i.item_id for i in batch if self._items.live_row(i.item_id) is not None]
+        if dup:
+            raise InvalidInputError(f"{len(dup)} item id(s) already in the store (e.g. {dup[0]!r}); "
+                                    "ids must be new unless upsert=True")
+
+    def _batch_vectors(self, batch: list[Item], vectors: np.ndarray | None) -> np.ndarray:
+        if vectors is None:
+            return self._encode([item_text(i) for i in batch])
+        from .index import check_vectors
+
+        dim = self._items.dim if self._items is not None else self.encoder.dim
+        vecs = check_vectors(vectors, dim)
+        if len(vecs) != len(batch):
+            raise InvalidInputError(f"got {len(vecs)} vectors for {len(batch)} items")
+        return normalise_rows_checked(vecs)
+
+    def remove_items(self, item_ids: Iterable[str]) -> int:
+        """Remove items; no later search returns them. Unknown ids raise UnknownItemError."""
+        self._check_writable()
+        ids = list(dict.fromkeys(check_id(i, "item_id") for i in item_ids))
+        with self._lock.write():
+            missing = [i for i in ids if self._items is None or self._items.live_row(i) is None]
+            if missing:
+                raise UnknownItemError(f"unknown item id(s): {', '.join(map(repr, missing[:5]))}; nothing removed")
+            if ids:
+                rec = {"op": "remove", "ids": ids}
+                self._log.append(rec)
+                self._apply(rec)
+        return len(ids)
+
+    def record(self, user_id: str, item_id: str, event: str = "click", value: float = 1.0,
+               timestamp: int | None = None) -> None:
+        """Log one click, skip or impression durably, then learn from it at once."""
+        self._check_writable()
+        rec = self._event_record(user_id, item_id, event, value, timestamp)
+        with self._lock.write():
+            if self._items is None or self._items.live_row(item_id) is None:
+                raise UnknownItemError(f"unknown item id {item_id!r}")
+            self._log.append(rec)
+            self._apply(rec)
+
+    @staticmethod
+    def _event_record(user_id: str, item_id: str, event: str, value: float,
+                      timestamp: int | None) -> dict[str, Any]:
+        check_id(user_id, "user_id")
+        check_id(item_id, "item_id")
+        if event not in EVENT_KINDS:
+            raise InvalidInputError(f"event must be one of {', '.join(EVENT_KINDS)}; got {event!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidInputError(f"value must be a finite number; got {value!r}")
+        if timestamp is not None and (isinstance(timestamp, bool) or not isinstance(timestamp, int)):
+            raise InvalidInputError(f"timestamp must be an int (unix seconds); got {timestamp!r}")
+        t = int(time.time()) if timestamp is None else timestamp
+        return {"op": "event", "u": user_id, "i": item_id, "e": event, "v": float(value), "t": t}
+
+    def set_profile(self, user_id: str, profile: str) -> None:
+        """Give a user a profile text (its vector seeds the user, weighing like one click)."""
+        self._check_writable()
+        check_id(user_id, "user_id")
+        if not isinstance(profile, str) or not profile.strip():
+            raise InvalidInputError("profile must be a non-empty string")
+        with self._lock.write():
+            self._require_items()
+            vec = self._encode([profile])[0]
+            rec = {"op": "profile", "u": user_id, "text": profile, "vec": _b64(vec)}
+            self._log.append(rec)
+            self._apply(rec)
+
+    def _require_items(self) -> None:
+        if self._items is None or not len(self._items):
+            raise InvalidInputError("the store holds no items yet; add items first")
+
+    # ---- applying logged mutations (live and on replay) --------------------------------------
+    def _apply(self, rec: dict[str, Any], vecs: np.ndarray | None = None) -> None:
+        op = rec["op"]
+        if op == "add":
+            if vecs is None:
+                vecs = _unb64(rec["vec"], rec["dim"])
+            self._apply_add(rec, vecs)
+        elif op == "remove":
+            self._apply_remove(rec["ids"])
+        elif op == "event":
+            self._apply_event(rec)
+        elif op == "profile":
+            self._apply_profile(rec["u"], rec["text"], _unb64(rec["vec"], len(rec["vec"]) and self._items.dim)[0])
+        self._dirty = True
+
+    def _apply_add(self, rec: dict[str, Any], vecs: np.ndarray) -> None:
+        if self._items is None:
+            self._init_state(vecs.shape[1])
+        rows = np.array([self._items.append(Item(i, t, x, tuple(c)), vecs[j], rec["t"])
+                         for j, (i, t, x, c) in enumerate(rec["items"])], dtype=np.int64)
+        self._ranker.on_items_added(self._items, self._proj, rows)
+        if self._index is not None:
+            self._index.remove(rows)  # upserted rows: drop their old vectors first
+        need_kind = self._index_kind(len(self._items.live_rows()))
+        if self._index is None or self._index.kind != need_kind or self._index.ntotal == 0:
+            self._rebuild_index()
+        else:
+            self._index.add(rows, self._ranker.item_vectors(rows))
+
+    def _apply_remove(self, ids: list[str]) -> None:
+        rows = np.array([self._items.vocab.row(i) for i in ids], dtype=np.int64)
+        self._items.removed[rows] = True
+        self._index.remove(rows)
+        self._ranker.on_items_removed(rows)
+        if self._index.tombstone_ratio() > self.config.compact_ratio and len(self._items.live_rows()):
+            self._rebuild_index()
+
+    def _apply_event(self, rec: dict[str, Any]) -> None:
+        row = self._items.vocab.row(rec["i"])
+        user = self._users.get_or_create(rec["u"])
+        self._ranker.on_event(user, row, rec["e"], rec["v"], rec["t"], self._items,
+                              learn=self.config.online_updates)
+        if rec["e"] == "click":
+            user.clicks.append(row)
+        elif rec["e"] == "skip":
+            user.skips.append(row)
+        else:
+            user.impressions += 1
+        user._seen = None
+
+    def _apply_profile(self, user_id: str, text: str, vec: np.ndarray) -> None:
+        user = self._users.get_or_create(user_id)
+        user.profile, user.profile_vec = text, vec
+        self._rederive(user)
+
+    def _rederive(self, user: UserState) -> None:
+        rows = np.array(user.clicks + user.skips, dtype=np.int64)
+        item_vecs = self._ranker.item_vectors(rows)
+        prof = None if user.profile_vec is None else self._proj.transform(user.profile_vec[None])[0]
+        rederive(user, item_vecs, prof, self.config.user_min_step, self.config.skip_step)
+
+    # ---- queries -----------------------------------------------------------------------------
+    def recommend(self, user_id: str, k: int = 10, profile: str | None = None, exclude_seen: bool = True,
+                  candidates: Sequence[str] | None = None, exclude: Iterable[str] | None = None
+                  ) -> list[Recommendation]:
+        """Top-k items for a user, new or known.
+
+        Args:
+            profile: a new user's self-description; it seeds the user (and is saved) when the
+                user has no profile yet and the store is writable.
+            exclude_seen: leave out what the user clicked or skipped.
+            candidates: rank only these item ids (unknown or removed ones are ignored).
+            exclude: more item ids to leave out.
+        """
+        check_id(user_id, "user_id")
+        _check_k(k)
+        if profile is not None and not self._store.read_only:
+            user = self._users.get(user_id) if self._users is not None else None
+            if user is None or user.profile != profile:
+                self.set_profile(user_id, profile)
+        with self._lock.read():
+            if self._items is None or self._index is None:
+                return []
+            user = self._users.get(user_id)
+            if user is None:
+                user = UserState(vector=np.zeros(self._proj.d_out, np.float32))
+                if profile is not None:  # read-only store: use the profile without saving it
+                    user.profile, user.profile_vec = profile, self._encode([profile])[0]
+                    user.vector = self._proj.transform(user.profile_vec[None])[0]
+            banned = self._banned(user, exclude_seen, exclude)
+            cand_rows = None if candidates is None else self._candidate_rows(candidates, banned)
+            rows, scores = self._ranker.rank(user, self._items, self._index, k, banned, cand_rows,
+                                             user_key=user_id)
+            return [Recommendation(self._items.vocab.id(r), float(s), self._items.titles[r])
+                    for r, s in zip(rows, scores)]
+
+    def _banned(self, user: UserState, exclude_seen: bool, exclude: Iterable[str] | None) -> np.ndarray:
+        rows = set(user.seen()) if exclude_seen else set()
+        for i in exclude or ():
+            r = self._items.vocab.row(i)
+            if r is not None:
+                rows.add(r)
+        return np.fromiter(rows, dtype=np.int64, count=len(rows))
+
+    def _candidate_rows(self, candidates: Sequence[str], banned: np.ndarray) -> np.ndarray:
+        rows = [self._items.live_row(i) for i in candidates]
+        arr = np.array([r for r in rows if r is not None], dtype=np.int64)
+        return np.setdiff1d(arr, banned) if len(banned) else np.unique(arr)
+
+    def similar_items(self, item_id: str, k: int = 10) -> list[Recommendation]:
+        """The k live items closest to `item_id` in retrieval space (itself excluded)."""
+        check_id(item_id, "item_id")
+        _check_k(k)
+        with self._lock.read():
+            row = None if self._items is None else self._items.live_row(item_id)
+            if row is None:
+                raise UnknownItemError(f"unknown item id {item_id!r}")
+            q = self._ranker.item_vectors(np.array([row]))[0]
+            rows, scores = self._index.search(q, k, exclude=np.array([row], np.int64))
+            return [Recommendation(self._items.vocab.id(r), float(s), self._items.titles[r])
+                    for r, s in zip(rows, scores)]
+
+    def get_item(self, item_id: str) -> Item:
+        with self._lock.read():
+            row = None if self._items is None else self._items.live_row(item_id)
+            if row is None:
+                raise UnknownItemError(f"unknown item id {item_id!r}")
+            return self._items.item(row)
+
+    def user_history(self, user_id: str) -> list[str]:
+        """Item ids the user clicked, oldest first."""
+        with self._lock.read():
+            user = None if self._users is None else self._users.get(user_id)
+            if user is None:
+                raise UnknownUserError(f"unknown user id {user_id!r}")
+            return [self._items.vocab.id(r) for r in user.clicks]
+
+    def __contains__(self, item_id: object) -> bool:
+        return isinstance(item_id, str) and self._items is not None and self._items.live_row(item_id) is not None
+
+    def stats(self) -> dict[str, Any]:
+        """Counts, sizes and settings, for `kindling stats`."""
+        with self._lock.read():
+            counts = self._counts()
+            events = 0 if self._items is None else int(self._items.clicks.sum() + self._items.skips.sum()
+                                                        + self._items.impressions.sum())
+            return {
+                "path": str(self.path), "generation": self._gen, **counts,
+                "removed_items": counts["items"] - counts["live_items"], "events": events,
+                "index": None if self._index is None else {
+                    "kind": self._index.kind, "dim": self._index.dim, "vectors": self._index.ntotal,
+                    "tombstones": self._index.ntotal - self._index.n_live},
+                "model": self._model_meta(), "trained": self._ranker.trained,
+                "pending_log_records": (self._log.next_seq - self._manifest.get("next_seq", 0)) if self._log else 0,
+            }
+
+    # ---- training ----------------------------------------------------------------------------
+    def fit(self, events: Iterable[Event], progress: bool | None = None) -> dict[str, Any]:
+        """Learn from logged events, absorb them into users and item statistics, and save.
+
+        Returns:
+            A summary of what was trained (epochs, losses, counts).
+        """
+        self._check_writable()
+        evs = [self._event_record(e.user_id, e.item_id, e.event, e.value, e.timestamp) for e in events]
+        with self._lock.write():
+            self._require_items()
+            evs = [r for r in evs if self._items.live_row(r["i"]) is not None]
+            for rec in evs:
+                self._apply_event_quiet(rec)
+            summary = self._ranker.fit(evs, self._items, self._users, progress=progress)
+            if summary.get("projection"):
+                self._proj = self._ranker.projection
+                self._ranker.refresh_item_vectors(self._items, self._proj)
+                self._rebuild_index()
+                for user in self._users.states:
+                    self._rederive(user)
+            self._commit()
+        return summary
+
+    def _apply_event_quiet(self, rec: dict[str, Any]) -> None:
+        """Absorb a logged event without the per-event SGD step (fit trains in batch instead)."""
+        row = self._items.vocab.row(rec["i"])
+        user = self._users.get_or_create(rec["u"])
+        self._ranker.on_event(user, row, rec["e"], rec["v"], rec["t"], self._items, learn=True, sgd=False)
+        if rec["e"] == "click":
+            user.clicks.append(row)
+        elif rec["e"] == "skip":
+            user.skips.append(row)
+        else:
+            user.impressions += 1
+        user._seen = None
+
+
+def normalise_rows_checked(vecs: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vecs, axis=1)
+    if (norms < 1e-12).any():
+        raise InvalidInputError("vectors must not be all zeros")
+    return (vecs / norms[:, None]).astype(np.float32)
+
+
+def _check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k > 10_000:
+        raise InvalidInputError(f"k must be an integer between 1 and 10000; got {k!r}")
+
+
+def _library_versions() -> dict[str, str]:
+    import faiss
+    import pyarrow
+
+    return {"faiss": faiss.__version__, "numpy": np.__version__, "pyarrow": pyarrow.__version__}
+
+
+__all__ = ["Engine", "normalise"]

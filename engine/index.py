@@ -1,0 +1,201 @@
+"""FAISS behind one class: stable int64 rows, tombstoned removal, exclusions inside the search.
+
+Rows are the engine's item rows and never change; FAISS's internal ids and its `-1` padding never
+leave this module. Removal clears a bit in a `live` bitmap that every search passes to FAISS as an
+IDSelector (together with the caller's exclusions), so removed and excluded items are skipped during
+the search itself, for every index type, instead of being over-fetched and filtered afterwards.
+Compaction rebuilds the FAISS index from the live rows once tombstones pass a ratio.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .errors import CorruptStoreError, InvalidInputError
+
+log = logging.getLogger(__name__)
+
+FACTORY = {"flat": "Flat", "hnsw": "HNSW{m}", "hnsw-sq8": "HNSW{m},SQ8", "ivf": "IVF{nlist},Flat",
+           "ivf-pq": "IVF{nlist},PQ{pq}"}
+
+
+def check_vectors(x: np.ndarray, dim: int, what: str = "vectors") -> np.ndarray:
+    """Return `x` as contiguous float32 (n, dim), or raise naming the rule it broke."""
+    if not isinstance(x, np.ndarray):
+        raise InvalidInputError(f"{what} must be a numpy array; got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise InvalidInputError(f"{what} must be float32 with shape (n, {dim}); got {x.dtype} {x.shape}")
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise InvalidInputError(f"{what} must have shape (n, {dim}); got {x.shape}")
+    if not np.isfinite(x).all():
+        raise InvalidInputError(f"{what} must be finite; found NaN or inf")
+    return np.ascontiguousarray(x)
+
+
+class VectorIndex:
+    """Inner-product search over rows, with tombstones and per-query exclusions.
+
+    Args:
+        dim: vector width.
+        kind: "flat" (exact), "hnsw", "hnsw-sq8", "ivf" or "ivf-pq".
+    """
+
+    def __init__(self, dim: int, kind: str = "flat", *, hnsw_m: int = 32, ef_construction: int = 100,
+                 ef_search: int = 128, nlist: int = 0, nprobe: int = 32) -> None:
+        if kind not in FACTORY:
+            raise ValueError(f"index kind must be one of {', '.join(FACTORY)}; got {kind!r}")
+        self.dim, self.kind = int(dim), kind
+        self.hnsw_m, self.ef_construction, self.ef_search = hnsw_m, ef_construction, ef_search
+        self.nlist, self.nprobe = nlist, nprobe
+        self._faiss: faiss.Index | None = None
+        self._live = np.zeros(0, dtype=np.uint8)  # bit r set <=> row r is in the index and not removed
+        self._n_added = 0
+        self._n_removed = 0
+
+    # ---- building -------------------------------------------------------------------------
+    def _new_faiss(self, train: np.ndarray) -> faiss.Index:
+        n = len(train)
+        nlist = self.nlist or max(1, min(int(4 * np.sqrt(max(n, 1))), n // 39 or 1))
+        spec = FACTORY[self.kind].format(m=self.hnsw_m, nlist=nlist, pq=max(1, self.dim // 8))
+        inner = faiss.index_factory(self.dim, spec, faiss.METRIC_INNER_PRODUCT)
+        if "HNSW" in spec:
+            hnsw = faiss.downcast_index(inner) if not hasattr(inner, "hnsw") else inner
+            hnsw.hnsw.efConstruction = self.ef_construction
+        if not inner.is_trained:
+            if n == 0:
+                raise InvalidInputError(f"an {self.kind} index needs training vectors; add items first")
+            inner.train(train)
+        return faiss.IndexIDMap2(inner)
+
+    def build(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+        """Replace the whole index with these rows (used at first build and by compaction)."""
+        vectors = check_vectors(vectors, self.dim)
+        rows = np.asarray(rows, dtype=np.int64)
+        self._faiss = self._new_faiss(vectors)
+        self._live = np.zeros(0, dtype=np.uint8)
+        self._n_added = self._n_removed = 0
+        if len(rows):
+            self.add(rows, vectors)
+
+    def add(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+        """Index `vectors` (shape (n, dim), float32) under `rows`; rows must be new."""
+        vectors = check_vectors(vectors, self.dim)
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) != len(vectors):
+            raise InvalidInputError(f"got {len(rows)} rows for {len(vectors)} vectors")
+        if self._faiss is None:
+            self._faiss = self._new_faiss(vectors)
+        if len(rows) == 0:
+            return
+        self._grow(int(rows.max()) + 1)
+        self._faiss.add_with_ids(vectors, rows)
+        self._set_bits(rows, True)
+        self._n_added += len(rows)
+
+    def remove(self, rows: Sequence[int] | np.ndarray) -> None:
+        """Tombstone rows: they are skipped by every later search."""
+        rows = np.asarray(rows, dtype=np.int64)
+        rows = rows[rows < len(self._live) * 8]
+        live = self.contains(rows)
+        self._set_bits(rows[live], False)
+        self._n_removed += int(live.sum())
+
+    def _grow(self, n_rows: int) -> None:
+        need = (n_rows + 7) // 8
+        if need > len(self._live):
+            grown = np.zeros(max(need, 2 * len(self._live)), dtype=np.uint8)
+            grown[: len(self._live)] = self._live
+            self._live = grown
+
+    def _set_bits(self, rows: np.ndarray, value: bool) -> None:
+        byte, bit = rows >> 3, (rows & 7).astype(np.uint8)
+        masks = np.left_shift(np.uint8(1), bit)
+        if value:
+            np.bitwise_or.at(self._live, byte, masks)
+        else:
+            np.bitwise_and.at(self._live, byte, np.invert(masks))
+
+    def contains(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        ok = (rows >= 0) & (rows < len(self._live) * 8)
+        out = np.zeros(len(rows), dtype=bool)
+        r = rows[ok]
+        out[ok] = (self._live[r >> 3] >> (r & 7).astype(np.uint8)) & 1 == 1
+        return out
+
+    # ---- state ------------------------------------------------------------------------------
+    @property
+    def ntotal(self) -> int:
+        """Vectors held by FAISS, tombstones included."""
+        return 0 if self._faiss is None else int(self._faiss.ntotal)
+
+    @property
+    def n_live(self) -> int:
+        return self._n_added - self._n_removed
+
+    def tombstone_ratio(self) -> float:
+        return self._n_removed / self._n_added if self._n_added else 0.0
+
+    def memory_bytes(self) -> int:
+        """Bytes of the serialised FAISS index (a close proxy for its memory)."""
+        if self._faiss is None:
+            return 0
+        return int(faiss.serialize_index(self._faiss).nbytes)
+
+    # ---- search -----------------------------------------------------------------------------
+    def _params(self, exclude: np.ndarray | None, keep: list) -> faiss.SearchParameters:
+        sel = faiss.IDSelectorBitmap(len(self._live), faiss.swig_ptr(self._live))
+        keep.append(sel)
+        if exclude is not None and len(exclude):
+            batch = faiss.IDSelectorBatch(np.ascontiguousarray(exclude, dtype=np.int64))
+            neg = faiss.IDSelectorNot(batch)
+            sel = faiss.IDSelectorAnd(sel, neg)
+            keep.extend([batch, neg, sel])
+        if self.kind.startswith("hnsw"):
+            return faiss.SearchParametersHNSW(sel=sel, efSearch=self.ef_search)
+        if self.kind.startswith("ivf"):
+            return faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe)
+        return faiss.SearchParameters(sel=sel)
+
+    def search(self, query: np.ndarray, k: int, exclude: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k live rows by inner product, skipping `exclude` inside the search.
+
+        Args:
+            query: shape (dim,) or (1, dim), float32.
+        Returns:
+            (rows int64, scores float32), best first, fewer than k when fewer rows qualify.
+        """
+        q = check_vectors(np.asarray(query).reshape(1, -1), self.dim, "query")
+        if self._faiss is None or self.n_live == 0 or k <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        keep: list = []  # the selectors must outlive the search call
+        params = self._params(exclude, keep)
+        scores, rows = self._faiss.search(q, int(min(k, self.ntotal)), params=params)
+        ok = rows[0] >= 0
+        return rows[0][ok].astype(np.int64), scores[0][ok].astype(np.float32)
+
+    # ---- persistence ------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        if self._faiss is None:
+            raise InvalidInputError("cannot save an index that was never built")
+        faiss.write_index(self._faiss, str(path))
+
+    def load(self, path: str | Path, live_rows: np.ndarray, n_rows: int) -> None:
+        """Read the FAISS file; `live_rows` (from the item table) restores the tombstones."""
+        try:
+            self._faiss = faiss.read_index(str(path))
+        except RuntimeError as exc:
+            raise CorruptStoreError(f"{path}: not a readable FAISS index ({exc})") from exc
+        if self._faiss.d != self.dim:
+            raise CorruptStoreError(f"{path}: index has dimension {self._faiss.d}, expected {self.dim}")
+        self._live = np.zeros(0, dtype=np.uint8)
+        self._grow(n_rows)
+        self._set_bits(np.asarray(live_rows, dtype=np.int64), True)
+        self._n_added = int(self._faiss.ntotal)
+        self._n_removed = self._n_added - len(live_rows)

@@ -1,0 +1,110 @@
+"""The in-memory catalog: item records, tombstones, raw text vectors and online statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from .types import Item
+from .vocab import Vocabulary
+
+ITEM_SCHEMA = pa.schema([
+    ("item_id", pa.string()), ("title", pa.string()), ("text", pa.string()),
+    ("categories", pa.list_(pa.string())), ("added_at", pa.int64()), ("removed", pa.bool_()),
+    ("impressions", pa.float64()), ("clicks", pa.float64()), ("skips", pa.float64()),
+])
+
+
+class ItemTable:
+    """Rows 0..n-1 of every item ever added; removed ones stay as tombstones so rows never move."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.vocab = Vocabulary()
+        self.titles: list[str] = []
+        self.texts: list[str] = []
+        self.categories: list[tuple[str, ...]] = []
+        self.added_at = np.zeros(0, np.int64)
+        self.removed = np.zeros(0, bool)
+        self.impressions = np.zeros(0, np.float64)
+        self.clicks = np.zeros(0, np.float64)
+        self.skips = np.zeros(0, np.float64)
+        self._vecs = np.zeros((0, dim), np.float32)
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """Raw text vectors of all rows: shape (n, dim), float32."""
+        return self._vecs[: self._n]
+
+    def live_row(self, item_id: str) -> int | None:
+        row = self.vocab.row(item_id)
+        return None if row is None or self.removed[row] else row
+
+    def live_rows(self) -> np.ndarray:
+        return np.flatnonzero(~self.removed[: self._n])
+
+    def item(self, row: int) -> Item:
+        return Item(self.vocab.id(row), self.titles[row], self.texts[row], self.categories[row])
+
+    def _reserve(self, n: int) -> None:
+        cap = len(self.removed)
+        if n <= cap:
+            return
+        new = max(n, 2 * cap, 1024)
+        for name, dtype in (("added_at", np.int64), ("removed", bool), ("impressions", np.float64),
+                            ("clicks", np.float64), ("skips", np.float64)):
+            old = getattr(self, name)
+            grown = np.zeros(new, dtype)
+            grown[:cap] = old
+            setattr(self, name, grown)
+        vecs = np.zeros((new, self.dim), np.float32)
+        vecs[: self._n] = self._vecs[: self._n]
+        self._vecs = vecs
+
+    def append(self, item: Item, vec: np.ndarray, now: int) -> int:
+        """Add a new row, or revive a removed id in place (same row, fresh record and stats)."""
+        row = self.vocab.row(item.item_id)
+        if row is None:
+            self._reserve(self._n + 1)
+            row = self.vocab.add(item.item_id)
+            self.titles.append(item.title)
+            self.texts.append(item.text)
+            self.categories.append(tuple(item.categories))
+            self._n += 1
+        else:
+            self.titles[row], self.texts[row] = item.title, item.text
+            self.categories[row] = tuple(item.categories)
+            self.impressions[row] = self.clicks[row] = self.skips[row] = 0.0
+        self.added_at[row], self.removed[row] = now, False
+        self._vecs[row] = vec
+        return row
+
+    def to_arrow(self) -> pa.Table:
+        n = self._n
+        return pa.Table.from_arrays([
+            pa.array(self.vocab.ids(), pa.string()), pa.array(self.titles, pa.string()),
+            pa.array(self.texts, pa.string()), pa.array([list(c) for c in self.categories],
+                                                         pa.list_(pa.string())),
+            pa.array(self.added_at[:n]), pa.array(self.removed[:n]), pa.array(self.impressions[:n]),
+            pa.array(self.clicks[:n]), pa.array(self.skips[:n]),
+        ], schema=ITEM_SCHEMA)
+
+    @classmethod
+    def from_arrow(cls, table: pa.Table, vectors: np.ndarray) -> "ItemTable":
+        t = cls(vectors.shape[1])
+        cols = {c: table.column(c).to_pylist() for c in ("item_id", "title", "text", "categories")}
+        n = table.num_rows
+        t._reserve(n)
+        for r in range(n):
+            t.vocab.add(cols["item_id"][r])
+        t.titles, t.texts = cols["title"], cols["text"]
+        t.categories = [tuple(c or ()) for c in cols["categories"]]
+        for name in ("added_at", "removed", "impressions", "clicks", "skips"):
+            getattr(t, name)[:n] = table.column(name).to_numpy(zero_copy_only=False)
+        t._vecs[:n] = vectors
+        t._n = n
+        return t

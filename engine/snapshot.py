@@ -1,0 +1,120 @@
+"""Writing and reading one generation of engine state (tables, vectors, models, index)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from .errors import CorruptStoreError
+from .items import ItemTable
+from .store import StoreDir, atomic_write
+from .users import UserState, UserTable
+
+USER_SCHEMA = pa.schema([
+    ("user_id", pa.string()), ("clicks", pa.list_(pa.int64())), ("skips", pa.list_(pa.int64())),
+    ("impressions", pa.int64()), ("profile", pa.string()),
+])
+
+
+def users_to_arrow(users: UserTable) -> pa.Table:
+    s = users.states
+    return pa.Table.from_arrays([
+        pa.array(users.vocab.ids(), pa.string()), pa.array([u.clicks for u in s], pa.list_(pa.int64())),
+        pa.array([u.skips for u in s], pa.list_(pa.int64())), pa.array([u.impressions for u in s], pa.int64()),
+        pa.array([u.profile for u in s], pa.string()),
+    ], schema=USER_SCHEMA)
+
+
+def user_arrays(users: UserTable, d_text: int) -> dict[str, np.ndarray]:
+    n = len(users)
+    vecs = np.zeros((n, users.dim), np.float32)
+    prof = np.zeros((n, d_text), np.float32)
+    for r, u in enumerate(users.states):
+        vecs[r] = u.vector
+        if u.profile_vec is not None:
+            prof[r] = u.profile_vec
+    return {"user_vectors": vecs, "user_profiles": prof}
+
+
+def users_from_arrow(table: pa.Table, vecs: np.ndarray, profiles: np.ndarray) -> UserTable:
+    users = UserTable(vecs.shape[1] if vecs.ndim == 2 else 0)
+    cols = table.to_pydict()
+    for r, uid in enumerate(cols["user_id"]):
+        state = users.get_or_create(uid)
+        state.vector = vecs[r].copy()
+        state.clicks, state.skips = list(cols["clicks"][r]), list(cols["skips"][r])
+        state.impressions = int(cols["impressions"][r])
+        state.profile = cols["profile"][r]
+        state.profile_vec = profiles[r].copy() if state.profile is not None else None
+    return users
+
+
+def write_parquet(path: Path, table: pa.Table) -> None:
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def write_tensors(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str] | None = None) -> None:
+    clean = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(clean, str(tmp), metadata=meta))
+
+
+def read_parquet(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CorruptStoreError(f"{path}: unreadable Parquet table ({exc})") from exc
+
+
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptStoreError(f"{path}: unreadable safetensors file ({exc})") from exc
+
+
+def write_generation(store: StoreDir, gen: int, items: ItemTable, users: UserTable,
+                     models: dict[str, np.ndarray], index) -> list[Path]:
+    """Write every state file of generation `gen`; returns their paths (not yet committed)."""
+    paths = [store.file("items", gen, "parquet"), store.file("users", gen, "parquet"),
+             store.file("vectors", gen, "safetensors")]
+    write_parquet(paths[0], items.to_arrow())
+    write_parquet(paths[1], users_to_arrow(users))
+    write_tensors(paths[2], {"item_text": items.vectors, **user_arrays(users, items.dim)})
+    if models:
+        paths.append(store.file("models", gen, "safetensors"))
+        write_tensors(paths[-1], models)
+    if index is not None and index.ntotal:
+        paths.append(store.file("index", gen, "faiss"))
+        atomic_write(paths[-1], index.save)
+    return paths
+
+
+def read_generation(store: StoreDir, manifest: dict[str, Any], d_text: int
+                    ) -> tuple[ItemTable, UserTable, dict[str, np.ndarray], Path | None]:
+    gen = int(manifest["generation"])
+    files = manifest["files"]
+    tensors = read_tensors(store.file("vectors", gen, "safetensors"))
+    item_vecs = tensors.get("item_text", np.zeros((0, d_text), np.float32))
+    if item_vecs.ndim != 2 or (len(item_vecs) and item_vecs.shape[1] != d_text):
+        raise CorruptStoreError(f"{store.file('vectors', gen, 'safetensors')}: item vectors of shape "
+                                f"{item_vecs.shape}, expected (n, {d_text})")
+    items_table = read_parquet(store.file("items", gen, "parquet"))
+    if items_table.num_rows != len(item_vecs):
+        raise CorruptStoreError(f"{store.path}: {items_table.num_rows} items but {len(item_vecs)} vectors")
+    items = ItemTable.from_arrow(items_table, item_vecs.reshape(-1, d_text))
+    users = users_from_arrow(read_parquet(store.file("users", gen, "parquet")),
+                             tensors["user_vectors"], tensors["user_profiles"])
+    model_name = store.file("models", gen, "safetensors").name
+    models = read_tensors(store.path / model_name) if model_name in files else {}
+    index_name = store.file("index", gen, "faiss").name
+    return items, users, models, (store.path / index_name if index_name in files else None)
+
+
+def new_user_state(dim: int) -> UserState:
+    return UserState(vector=np.zeros(dim, np.float32))

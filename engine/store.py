@@ -1,0 +1,160 @@
+"""The on-disk layout: a directory with a manifest, checksummed files, a lock and the event log.
+
+    STORE/
+      manifest.json            format, version, config, generation, files with sha256, log name
+      items-G.parquet          the catalog, tombstones and item statistics
+      users-G.parquet          users' histories and profiles
+      vectors-G.safetensors    item text vectors, user vectors, profile vectors
+      models-G.safetensors     projection and reranker weights (when trained)
+      index-G.faiss            the FAISS index
+      events-G.log             mutations acknowledged since snapshot G (write-ahead log)
+      LOCK                     held with flock by the one writer
+
+Save writes generation G+1 beside G (temp name, fsync, rename), then swaps the manifest with
+`os.replace` and fsyncs the directory: a crash at any moment leaves either G or G+1, whole.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import CorruptStoreError, StoreError, StoreLockedError
+
+FORMAT = "kindling-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LOCK = "LOCK"
+_GEN_FILE = re.compile(r"^(items|users|vectors|models|index|events)-(\d+)\.(parquet|safetensors|faiss|log)$")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), fsync the result, rename it over `path`; remove the temp on failure."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_store_path(path: Path, must_exist: bool) -> Path:
+    """Refuse paths that are not what they claim; the error names the rule."""
+    if path.is_symlink():
+        raise StoreError(f"{path}: a store path must not be a symbolic link")
+    if must_exist:
+        if not path.exists():
+            raise StoreError(f"{path}: no such store")
+        if not path.is_dir():
+            raise StoreError(f"{path}: a store is a directory; this is a file")
+        if not (path / MANIFEST).is_file():
+            raise StoreError(f"{path}: not a Kindling store (no {MANIFEST})")
+    elif path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise StoreError(f"{path}: exists and is not an empty directory; a new store needs a fresh path")
+    return path
+
+
+class StoreDir:
+    """Lock, manifest and file bookkeeping of one store directory."""
+
+    def __init__(self, path: str | Path, create: bool = False, read_only: bool = False) -> None:
+        self.path = check_store_path(Path(path), must_exist=not create)
+        if create:
+            self.path.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
+        self._lock_fh = None if read_only else self._lock()
+
+    def _lock(self):
+        fh = open(self.path / LOCK, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise StoreLockedError(f"{self.path}: locked for writing by {holder}; "
+                                       "open it read-only or stop that process") from exc
+            raise
+        # flock dies with its process, so a lock left by a killed writer is simply taken over.
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        fh.flush()
+        return fh
+
+    def release(self) -> None:
+        if self._lock_fh is not None:
+            fcntl.flock(self._lock_fh.fileno(), fcntl.LOCK_UN)
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    def file(self, kind: str, gen: int, ext: str) -> Path:
+        return self.path / f"{kind}-{gen:06d}.{ext}"
+
+    def read_manifest(self) -> dict[str, Any]:
+        p = self.path / MANIFEST
+        try:
+            manifest = json.loads(p.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptStoreError(f"{p}: unreadable manifest ({exc})") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise CorruptStoreError(f"{p}: not a Kindling manifest")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{p}: format version {manifest.get('format_version')} is not supported "
+                             f"(this Kindling reads version {FORMAT_VERSION})")
+        return manifest
+
+    def verify(self, manifest: dict[str, Any]) -> None:
+        """Check every file the manifest names against its size and sha256."""
+        for name, meta in manifest.get("files", {}).items():
+            p = self.path / name
+            if not p.is_file():
+                raise CorruptStoreError(f"{p}: missing (named by the manifest)")
+            if p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
+                raise CorruptStoreError(f"{p}: checksum mismatch; the file is damaged")
+
+    def describe(self, paths: list[Path]) -> dict[str, dict[str, Any]]:
+        return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths}
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        data = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
+        atomic_write(self.path / MANIFEST, lambda tmp: tmp.write_bytes(data))
+        fsync_dir(self.path)
+
+    def cleanup(self, manifest: dict[str, Any]) -> None:
+        """Delete files of other generations and stray temp files (a crash mid-save leaves them)."""
+        keep = set(manifest.get("files", {})) | {manifest.get("log")}
+        for p in self.path.iterdir():
+            stray_tmp = p.name.startswith(".") and ".tmp-" in p.name
+            if (_GEN_FILE.match(p.name) and p.name not in keep) or stray_tmp:
+                p.unlink(missing_ok=True)

@@ -1,0 +1,43 @@
+"""The few public data types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+EventKind = Literal["click", "skip", "impression"]
+EVENT_KINDS: tuple[str, ...] = ("click", "skip", "impression")
+
+
+@dataclass(frozen=True)
+class Item:
+    """A catalog item: its external id and the text it is embedded from."""
+
+    item_id: str
+    title: str
+    text: str = ""
+    categories: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        # Accept any iterable of categories but store an immutable tuple.
+        object.__setattr__(self, "categories", tuple(self.categories or ()))
+
+
+@dataclass(frozen=True)
+class Event:
+    """One interaction: `event` is click, skip or impression; `value` weights it (1.0 by default)."""
+
+    user_id: str
+    item_id: str
+    event: str = "click"
+    value: float = 1.0
+    timestamp: int | None = None
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One ranked result."""
+
+    item_id: str
+    score: float
+    title: str

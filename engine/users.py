@@ -1,0 +1,106 @@
+"""User state: a vector in retrieval space, click/skip history, and the per-event update rule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .vocab import Vocabulary
+
+
+def normalise(v: np.ndarray) -> np.ndarray:
+    n = float(np.linalg.norm(v))
+    return (v / n).astype(np.float32) if n > 1e-12 else np.zeros_like(v, dtype=np.float32)
+
+
+@dataclass
+class UserState:
+    """One user. `vector` is zero while the user has neither a profile nor a click."""
+
+    vector: np.ndarray
+    clicks: list[int] = field(default_factory=list)
+    skips: list[int] = field(default_factory=list)
+    impressions: int = 0
+    profile: str | None = None
+    profile_vec: np.ndarray | None = None  # raw text-space vector of the profile, for re-projection
+    _seen: set[int] | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.clicks)
+
+    @property
+    def prior(self) -> int:
+        """Pseudo-count of the profile: it weighs like one click."""
+        return 1 if self.profile_vec is not None else 0
+
+    def seen(self) -> set[int]:
+        if self._seen is None:
+            self._seen = set(self.clicks) | set(self.skips)
+        return self._seen
+
+    def recent(self, window: int) -> list[int]:
+        return self.clicks[-window:]
+
+
+def click_step(user: UserState, min_step: float) -> float:
+    """Big steps while cold (a running mean), never below `min_step` once warm."""
+    return max(1.0 / (user.count + user.prior + 1), min_step)
+
+
+def apply_click(user: UserState, item_vec: np.ndarray, min_step: float) -> None:
+    """u <- normalise(u + eta * (v - u)), eta from `click_step` (before the click is counted)."""
+    eta = click_step(user, min_step)
+    if not user.vector.any():
+        user.vector = normalise(item_vec)
+    else:
+        user.vector = normalise(user.vector + eta * (item_vec - user.vector))
+
+
+def apply_skip(user: UserState, item_vec: np.ndarray, min_step: float, skip_step: float) -> None:
+    """A skip pushes the vector a little away from the item (nothing to push when it is zero)."""
+    if user.vector.any():
+        eta = click_step(user, min_step) * skip_step
+        user.vector = normalise(user.vector - eta * item_vec)
+
+
+def rederive(user: UserState, item_vecs: np.ndarray, profile_vec: np.ndarray | None,
+             min_step: float, skip_step: float) -> None:
+    """Rebuild the vector from the profile and the history, e.g. after the item space changed.
+
+    `item_vecs` holds the retrieval vectors of `user.clicks + user.skips`, in that order; the
+    events are replayed in click order with skips last (their relative order was not kept).
+    """
+    clicks, skips = list(user.clicks), list(user.skips)
+    dim = item_vecs.shape[1] if len(item_vecs) else user.vector.shape[0]
+    fresh = UserState(vector=np.zeros(dim, np.float32) if profile_vec is None else normalise(profile_vec),
+                      profile=user.profile, profile_vec=user.profile_vec)
+    for j, row in enumerate(clicks):
+        apply_click(fresh, item_vecs[j], min_step)
+        fresh.clicks.append(row)
+    for j in range(len(skips)):
+        apply_skip(fresh, item_vecs[len(clicks) + j], min_step, skip_step)
+    user.vector = fresh.vector
+
+
+class UserTable:
+    """All users, addressed by external id."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.vocab = Vocabulary()
+        self.states: list[UserState] = []
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def get(self, user_id: str) -> UserState | None:
+        row = self.vocab.row(user_id)
+        return None if row is None else self.states[row]
+
+    def get_or_create(self, user_id: str) -> UserState:
+        row = self.vocab.add(user_id)
+        if row == len(self.states):
+            self.states.append(UserState(vector=np.zeros(self.dim, np.float32)))
+        return self.states[row]
