@@ -117,15 +117,19 @@ def read_table(path: str | Path, string_columns: Sequence[str] = ()) -> pa.Table
             return pacsv.read_csv(p, convert_options=opts)
         if suffix in (".jsonl", ".json"):
             return pa.Table.from_pylist(_read_jsonl(p))
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowException, OSError) as exc:
         raise InvalidInputError(f"{p}: cannot be read as {suffix[1:]}: {exc}") from exc
     raise InvalidInputError(f"{p}: unsupported file type {suffix!r}; use .parquet, .csv or .jsonl")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidInputError(f"{path}, line {n}: not UTF-8 text ({exc.reason})") from exc
             if not line.strip():
                 continue
             try:
@@ -149,7 +153,10 @@ def _require_columns(table: pa.Table, path: Path, required: Sequence[str]) -> No
 def _require_string(table: pa.Table, path: Path, column: str) -> None:
     typ = table.schema.field(column).type
     if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_null(typ)):
-        raise InvalidInputError(f"{path}: column {column!r} must hold strings; got {typ}")
+        values = table.column(column).to_pylist()
+        n = next((r for r, v in enumerate(values, start=1) if v is not None), 1)
+        raise InvalidInputError(f"{path}, row {n}: column {column!r} must hold strings; "
+                                f"got {typ} ({values[n - 1]!r})")
 
 
 def read_items(path: str | Path) -> list[Item]:
@@ -159,15 +166,32 @@ def read_items(path: str | Path) -> list[Item]:
         InvalidInputError: naming the file, the row (1-based) and the rule broken.
     """
     p = _table_path(path, "items")
-    table = read_table(p, string_columns=("item_id", "title", "text", "categories"))
-    _require_columns(table, p, ("item_id", "title"))
-    for col in ("item_id", "title"):
-        _require_string(table, p, col)
-    rows = table.to_pylist()
+    rows = _read_rows(p, ("item_id", "title", "text", "categories"), required=("item_id", "title"))
     for n, row in enumerate(rows, start=1):
         if row.get("item_id") is None:
             raise InvalidInputError(f"{p}, row {n}: item_id is empty")
     return validate_items(rows, source=str(p))
+
+
+def _read_rows(p: Path, string_columns: Sequence[str], required: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of a table file as dicts, after the column checks.
+
+    JSONL rows stay plain dicts (no Arrow type inference), so a value of the wrong type is
+    reported by the per-row checks with its row number instead of failing the whole file.
+    """
+    if p.suffix.lower() in (".jsonl", ".json"):
+        rows = _read_jsonl(p)
+        names = list(dict.fromkeys(k for row in rows for k in row))
+        missing = [c for c in required if c not in names]
+        if missing:
+            raise InvalidInputError(f"{p}: missing required column(s) {', '.join(missing)}; "
+                                    f"found {', '.join(names) or 'none'}")
+        return rows
+    table = read_table(p, string_columns=string_columns)
+    _require_columns(table, p, required)
+    for col in required:
+        _require_string(table, p, col)
+    return table.to_pylist()
 
 
 def read_events(path: str | Path, min_value: float | None = None) -> list[Event]:
@@ -177,27 +201,22 @@ def read_events(path: str | Path, min_value: float | None = None) -> list[Event]
     when `min_value` is None or value >= min_value, else a skip.
     """
     p = _table_path(path, "events")
-    table = read_table(p, string_columns=("user_id", "item_id", "event"))
-    _require_columns(table, p, ("user_id", "item_id"))
-    for col in ("user_id", "item_id"):
-        _require_string(table, p, col)
-    cols = {c: table.column(c).to_pylist() for c in table.column_names}
-    n = table.num_rows
-    kinds = cols.get("event", ["click"] * n)
-    values = cols.get("value", [1.0] * n)
-    stamps = cols.get("timestamp", [None] * n)
+    rows = _read_rows(p, ("user_id", "item_id", "event"), required=("user_id", "item_id"))
     out = []
-    for r in range(n):
-        where = f"{p}, row {r + 1}"
-        value = 1.0 if values[r] is None else values[r]
-        if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+    for n, row in enumerate(rows, start=1):
+        where = f"{p}, row {n}"
+        value = row.get("value")
+        value = 1.0 if value is None else value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
             raise InvalidInputError(f"{where}: value must be a finite number; got {value!r}")
-        kind = kinds[r] or "click"
+        kind = row.get("event") or "click"
+        if not isinstance(kind, str):
+            raise InvalidInputError(f"{where}: event must be a string; got {kind!r}")
         if kind not in ("click", "skip", "impression"):
             kind = "click" if min_value is None or float(value) >= min_value else "skip"
-        ts = stamps[r]
-        if ts is not None and not isinstance(ts, int):
+        ts = row.get("timestamp")
+        if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int)):
             raise InvalidInputError(f"{where}: timestamp must be an integer (unix seconds); got {ts!r}")
-        out.append(Event(check_id(cols["user_id"][r], f"{where}: user_id"),
-                         check_id(cols["item_id"][r], f"{where}: item_id"), kind, float(value), ts))
+        out.append(Event(check_id(row.get("user_id"), f"{where}: user_id"),
+                         check_id(row.get("item_id"), f"{where}: item_id"), kind, float(value), ts))
     return out

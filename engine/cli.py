@@ -30,6 +30,9 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except EngineError as exc:
             raise click.ClickException(str(exc)) from exc
+        except OSError as exc:  # a file the user named: unreadable, not a directory, disk full, ...
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror or exc}") from exc
     return wrapper
 
 

@@ -32,6 +32,7 @@ from .locks import RWLock
 from .projection import Projection
 from .ranking import Ranker
 from .snapshot import read_generation, write_generation
+from .training import fit_reranker, fit_towers
 from .store import FORMAT, FORMAT_VERSION, StoreDir
 from .types import EVENT_KINDS, Event, Item, Recommendation
 from .users import UserState, UserTable, apply_click, apply_skip, normalise, rederive
@@ -63,6 +64,7 @@ class Engine:
         self._log: EventLog | None = None
         self._gen = 0
         self._dirty = False
+        self._replayed_seq = 0
         self._closed = False
         self._manifest: dict[str, Any] = {}
 
@@ -72,11 +74,15 @@ class Engine:
                encoder: TextEncoder | None = None) -> "Engine":
         """Make a new store at `path` (absent or an empty directory)."""
         store = StoreDir(path, create=True)
-        eng = cls(store, config or Config(), encoder)
-        eng._manifest = {"created_at": int(time.time())}
-        if encoder is not None:
-            eng._init_state(encoder.dim)
-        eng._commit(initial=True)
+        try:
+            eng = cls(store, config or Config(), encoder)
+            eng._manifest = {"created_at": int(time.time())}
+            if encoder is not None:
+                eng._init_state(encoder.dim)
+            eng._commit(initial=True)
+        except BaseException:
+            store.release()
+            raise
         return eng
 
     @classmethod
@@ -84,14 +90,30 @@ class Engine:
         """Open an existing store: load the last snapshot and replay the event log after it."""
         store = StoreDir(path, read_only=read_only)
         try:
-            manifest = store.read_manifest()
-            store.verify(manifest)
-            eng = cls(store, Config.from_dict(manifest.get("config", {})), encoder)
-            eng._load(manifest)
+            return cls._open_snapshot(store, encoder)
         except BaseException:
             store.release()
             raise
-        return eng
+
+    @classmethod
+    def _open_snapshot(cls, store: StoreDir, encoder: TextEncoder | None, tries: int = 5) -> "Engine":
+        """Load the snapshot the manifest names and replay its log.
+
+        A read-only open races the writer's saves: the files of the snapshot it picked may be
+        deleted under it. It then retries with the newer manifest; real damage fails every time.
+        """
+        for attempt in range(tries):
+            manifest = store.read_manifest()
+            try:
+                store.verify(manifest)
+                eng = cls(store, Config.from_dict(manifest.get("config", {})), encoder)
+                eng._load(manifest)
+                return eng
+            except (StoreError, FileNotFoundError):
+                if (not store.read_only or attempt == tries - 1
+                        or store.manifest_generation() == manifest.get("generation")):
+                    raise
+        raise AssertionError("unreachable")
 
     def _init_state(self, d_text: int) -> None:
         self._items = ItemTable(d_text)
@@ -106,7 +128,7 @@ class Engine:
             self._items, self._users, models, index_path = read_generation(self._store, manifest, d_text)
             self._proj = self._ranker.load_models(models, d_text)
             if index_path is not None:
-                self._index = self._new_index(self._index_kind(len(self._items)), self._proj.d_out)
+                self._index = self._new_index(self._index_kind(len(self._items)), self._ranker.index_dim)
                 self._index.load(index_path, self._items.live_rows(), len(self._items))
             self._ranker.refresh_item_vectors(self._items, self._proj)
         self._replay(self._store.path / manifest["log"], manifest["next_seq"])
@@ -115,12 +137,13 @@ class Engine:
 
     def _replay(self, path: Path, next_seq: int) -> None:
         n = 0
-        for seq, rec in read_log(path, repair=not self._store.read_only):
+        for seq, rec in read_log(path, repair=not self._store.read_only, first_seq=next_seq):
             self._apply(rec)
             next_seq, n = seq + 1, n + 1
         if n:
             log.info("replayed %d logged mutations from %s", n, path.name)
             self._dirty = True
+        self._replayed_seq = next_seq  # a read-only engine has no log but can still count pending records
         if not self._store.read_only:
             self._log = EventLog(path, next_seq, fsync=self.config.fsync)
 
@@ -131,7 +154,33 @@ class Engine:
             self._commit()
 
     def _commit(self, initial: bool = False) -> None:
+        """Write the next generation and swap the manifest to it: all or nothing.
+
+        On failure the half-written generation is deleted and the in-memory state is reloaded
+        from the previous snapshot and the log, so memory never holds what the disk does not (an
+        ingest or fit that could not be saved is undone). If the manifest was swapped but the
+        directory fsync failed, the new generation is adopted (memory and disk agree) and the
+        error is raised all the same: the save is not known to be durable.
+        """
         gen = self._gen if initial else self._gen + 1
+        manifest = None
+        try:
+            manifest = self._write_snapshot(gen)
+            self._store.write_manifest(manifest)
+        except Exception as exc:
+            if manifest is not None and self._store.manifest_generation() == gen:
+                self._adopt(manifest)
+                raise StoreError(f"{self.path}: snapshot {gen} was written but is not known to be "
+                                 f"durable ({_reason(exc)})") from exc
+            self._store.cleanup(self._manifest)
+            if not initial:
+                self._restore()
+            raise StoreError(f"{self.path}: the snapshot was not saved and the previous one stands "
+                             f"({_reason(exc)})") from exc
+        self._adopt(manifest)
+
+    def _write_snapshot(self, gen: int) -> dict[str, Any]:
+        """Write every file of generation `gen` (fsynced) and return its manifest, not yet swapped in."""
         paths = []
         if self._items is not None:
             paths = write_generation(self._store, gen, self._items, self._users,
@@ -139,19 +188,34 @@ class Engine:
         log_path = self._store.file("events", gen, "log")
         log_path.touch()
         next_seq = self._log.next_seq if self._log else 0
-        manifest = {
+        return {
             "format": FORMAT, "format_version": FORMAT_VERSION, "kindling_version": __version__,
             "created_at": self._manifest.get("created_at", int(time.time())), "saved_at": int(time.time()),
             "generation": gen, "config": self.config.to_dict(), "libraries": _library_versions(),
             "model": self._model_meta(), "files": self._store.describe(paths), "log": log_path.name,
             "next_seq": next_seq, "counts": self._counts(),
         }
-        self._store.write_manifest(manifest)
+
+    def _adopt(self, manifest: dict[str, Any]) -> None:
+        """Switch to the generation `manifest` names: its log takes the next records."""
         if self._log:
             self._log.close()
-        self._log = EventLog(log_path, next_seq, fsync=self.config.fsync)
-        self._manifest, self._gen, self._dirty = manifest, gen, False
+        self._log = EventLog(self._store.path / manifest["log"], manifest["next_seq"], fsync=self.config.fsync)
+        self._manifest, self._gen, self._dirty = manifest, int(manifest["generation"]), False
         self._store.cleanup(manifest)
+
+    def _restore(self) -> None:
+        """Drop the in-memory state and reload the last snapshot plus the log (a failed commit)."""
+        if self._log:
+            self._log.close()
+        self._log, self._items, self._users, self._proj, self._index = None, None, None, None, None
+        self._ranker, self._dirty = Ranker(self.config), False
+        try:
+            self._load(self._store.read_manifest())
+        except BaseException:
+            self._closed = True  # neither the old nor the new state is in memory: refuse to go on
+            self._store.release()
+            raise
 
     def close(self, save: bool = True) -> None:
         """Release the store, saving a snapshot first when writable, changed and `save` is true.
@@ -219,8 +283,8 @@ class Engine:
     def _rebuild_index(self) -> None:
         """Rebuild FAISS from the live rows (compaction, a kind change, or a new projection)."""
         rows = self._items.live_rows()
-        self._index = self._new_index(self._index_kind(len(rows)), self._proj.d_out)
-        self._index.build(rows, self._ranker.item_vectors(rows))
+        self._index = self._new_index(self._index_kind(len(rows)), self._ranker.index_dim)
+        self._index.build(rows, self._ranker.index_vectors(rows))
 
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
         vecs = np.asarray(self.encoder.encode(list(texts)), dtype=np.float32)
@@ -386,13 +450,13 @@ class Engine:
         rows = np.array([self._items.append(Item(i, t, x, tuple(c)), vecs[j], rec["t"])
                          for j, (i, t, x, c) in enumerate(rec["items"])], dtype=np.int64)
         self._ranker.on_items_added(self._items, self._proj, rows)
-        if self._index is not None:
-            self._index.remove(rows)  # upserted rows: drop their old vectors first
+        # An upserted or revived row still has its old vector in FAISS under the same id: rebuild.
+        replaced = self._index is not None and bool(self._index.holds(rows).any())
         need_kind = self._index_kind(len(self._items.live_rows()))
-        if self._index is None or self._index.kind != need_kind or self._index.ntotal == 0:
+        if self._index is None or replaced or self._index.kind != need_kind or self._index.ntotal == 0:
             self._rebuild_index()
         else:
-            self._index.add(rows, self._ranker.item_vectors(rows))
+            self._index.add(rows, self._ranker.index_vectors(rows))
 
     def _apply_remove(self, ids: list[str]) -> None:
         rows = np.array([self._items.vocab.row(i) for i in ids], dtype=np.int64)
@@ -406,7 +470,7 @@ class Engine:
         row = self._items.vocab.row(rec["i"])
         user = self._users.get_or_create(rec["u"])
         self._ranker.on_event(user, row, rec["e"], rec["v"], rec["t"], self._items,
-                              learn=self.config.online_updates)
+                              learn=self.config.online_updates, index=self._index)
         if rec["e"] == "click":
             user.clicks.append(row)
         elif rec["e"] == "skip":
@@ -482,7 +546,7 @@ class Engine:
             row = None if self._items is None else self._items.live_row(item_id)
             if row is None:
                 raise UnknownItemError(f"unknown item id {item_id!r}")
-            q = self._ranker.item_vectors(np.array([row]))[0]
+            q = self._ranker.similar_query(row)
             rows, scores = self._index.search(q, k, exclude=np.array([row], np.int64))
             return [Recommendation(self._items.vocab.id(r), float(s), self._items.titles[r])
                     for r, s in zip(rows, scores)]
@@ -509,8 +573,10 @@ class Engine:
         """Counts, sizes and settings, for `kindling stats`."""
         with self._lock.read():
             counts = self._counts()
-            events = 0 if self._items is None else int(self._items.clicks.sum() + self._items.skips.sum()
-                                                        + self._items.impressions.sum())
+            # Counted per user: item statistics count a click as an impression too (and stay
+            # untouched when online_updates is off), so their sum is not the number of events.
+            events = 0 if self._users is None else sum(
+                len(u.clicks) + len(u.skips) + u.impressions for u in self._users.states)
             return {
                 "path": str(self.path), "generation": self._gen, **counts,
                 "removed_items": counts["items"] - counts["live_items"], "events": events,
@@ -518,7 +584,8 @@ class Engine:
                     "kind": self._index.kind, "dim": self._index.dim, "vectors": self._index.ntotal,
                     "tombstones": self._index.ntotal - self._index.n_live},
                 "model": self._model_meta(), "trained": self._ranker.trained,
-                "pending_log_records": (self._log.next_seq - self._manifest.get("next_seq", 0)) if self._log else 0,
+                "pending_log_records": (self._log.next_seq if self._log else self._replayed_seq)
+                - self._manifest.get("next_seq", 0),
             }
 
     # ---- training ----------------------------------------------------------------------------
@@ -535,13 +602,16 @@ class Engine:
             evs = [r for r in evs if self._items.live_row(r["i"]) is not None]
             for rec in evs:
                 self._apply_event_quiet(rec)
-            summary = self._ranker.fit(evs, self._items, self._users, progress=progress)
-            if summary.get("projection"):
+            show = progress if progress is not None else sys.stderr.isatty()
+            summary = {"events": len(evs), **fit_towers(self._ranker, self._items, self._users, show)}
+            if summary["projection"]:
                 self._proj = self._ranker.projection
                 self._ranker.refresh_item_vectors(self._items, self._proj)
+                self._users.dim = self._proj.d_out
                 self._rebuild_index()
                 for user in self._users.states:
                     self._rederive(user)
+            summary.update(fit_reranker(self._ranker, self._items, self._users, self._index, show))
             self._commit()
         return summary
 
@@ -564,6 +634,11 @@ def normalise_rows_checked(vecs: np.ndarray) -> np.ndarray:
     if (norms < 1e-12).any():
         raise InvalidInputError("vectors must not be all zeros")
     return (vecs / norms[:, None]).astype(np.float32)
+
+
+def _reason(exc: BaseException) -> str:
+    """The short cause of an I/O failure, e.g. 'No space left on device'."""
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 def _check_k(k: int) -> None:

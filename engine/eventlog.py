@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import CorruptStoreError, StoreError
+from .errors import CorruptStoreError, InvalidInputError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -33,40 +33,79 @@ def _crc(seq: int, payload: bytes) -> int:
     return zlib.crc32(payload, zlib.crc32(struct.pack("<Q", seq))) & 0xFFFFFFFF
 
 
-def read_log(path: str | Path, repair: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_log(path: str | Path, repair: bool = False,
+             first_seq: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (seq, record) in order.
 
-    A partial or torn record at the very end is dropped with a TornTailWarning (and cut off the
-    file when `repair`); a bad record followed by more data raises CorruptStoreError with its offset.
+    A damaged record counts as a torn tail (dropped with a TornTailWarning, and cut off the file
+    when `repair`) only when it could be the one append a crash interrupted: no intact record
+    follows it, and its header is incomplete, or its length runs to or past the end of the file, or
+    only zero bytes follow it. Any other damage raises CorruptStoreError giving the byte offset, and
+    so does a gap in the sequence numbers (which run on from `first_seq` when it is given).
     """
     p = Path(path)
+    if p.is_symlink():
+        raise CorruptStoreError(f"{p}: the event log must be a regular file, not a symbolic link")
     if not p.exists():
         return
     data = p.read_bytes()
-    off, end = 0, len(data)
+    off, end, expect = 0, len(data), first_seq
     while off < end:
-        if end - off < HEADER.size:
-            yield from _torn(p, off, end, repair)
-            return
-        length, crc, seq = HEADER.unpack_from(data, off)
-        stop = off + HEADER.size + length
-        if length > MAX_RECORD or stop > end:
-            if length > MAX_RECORD and stop <= end:
-                raise CorruptStoreError(f"{p}: corrupt record at byte offset {off} (length {length})")
-            yield from _torn(p, off, end, repair)
-            return
-        payload = data[off + HEADER.size: stop]
-        if _crc(seq, payload) != crc:
-            if stop == end:
+        problem = _record_problem(data, off)
+        if problem is not None:
+            if _could_be_torn_tail(data, off, expect):
                 yield from _torn(p, off, end, repair)
                 return
-            raise CorruptStoreError(f"{p}: checksum mismatch in the record at byte offset {off}")
+            raise CorruptStoreError(f"{p}: {problem} in the record at byte offset {off}")
+        length, _, seq = HEADER.unpack_from(data, off)
+        if expect is not None and seq != expect:
+            raise CorruptStoreError(f"{p}: the record at byte offset {off} has sequence number {seq} "
+                                    f"where {expect} was expected (a lost or foreign record)")
+        stop = off + HEADER.size + length
         try:
-            record = json.loads(payload.decode("utf-8"))
+            record = json.loads(data[off + HEADER.size: stop].decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CorruptStoreError(f"{p}: unreadable record at byte offset {off}") from exc
         yield seq, record
-        off = stop
+        off, expect = stop, seq + 1
+
+
+def _record_problem(data: bytes, off: int) -> str | None:
+    """What is wrong with the record starting at `off`, or None when it is intact."""
+    if len(data) - off < HEADER.size:
+        return "a truncated header"
+    length, crc, seq = HEADER.unpack_from(data, off)
+    stop = off + HEADER.size + length
+    if length > MAX_RECORD:
+        return f"an impossible length ({length:,} bytes)"
+    if stop > len(data):
+        return f"a length ({length:,} bytes) running past the end of the file"
+    if _crc(seq, data[off + HEADER.size: stop]) != crc:
+        return "a checksum mismatch"
+    return None
+
+
+def _could_be_torn_tail(data: bytes, off: int, expect: int | None) -> bool:
+    """True when the damaged record at `off` may be the last append, cut short by a crash."""
+    if len(data) - off < HEADER.size:
+        return True
+    length, _, seq = HEADER.unpack_from(data, off)
+    if _intact_record_after(data, off, seq if expect is None else expect):
+        return False  # acknowledged records follow: this is damage, not an interrupted append
+    stop = off + HEADER.size + length
+    return stop >= len(data) or not data[stop:].strip(b"\0")
+
+
+def _intact_record_after(data: bytes, off: int, expect: int) -> bool:
+    """Is there an intact record with one of the next few sequence numbers after offset `off`?"""
+    for seq in range(expect, expect + 8):
+        needle = struct.pack("<Q", seq)
+        pos = data.find(needle, off + 9)  # a header's seq field sits 8 bytes into it
+        while pos != -1:
+            if _record_problem(data, pos - 8) is None:
+                return True
+            pos = data.find(needle, pos + 1)
+    return False
 
 
 def _torn(path: Path, off: int, end: int, repair: bool) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -86,11 +125,27 @@ class EventLog:
         self.path = Path(path)
         self.next_seq = next_seq
         self.fsync = fsync
-        self._fh = open(self.path, "ab")
+        self._broken: str | None = None  # why appends are refused (a failed append left a tail)
+        self._fh = self._open()
+
+    def _open(self):
+        """Open for appending; never through a symbolic link (it could point at someone's file)."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot open the event log ({exc.strerror or exc}); "
+                             "it must be a regular file") from exc
+        return os.fdopen(fd, "ab")
 
     def append(self, record: dict[str, Any]) -> int:
         """Write one record durably and return its sequence number."""
+        if self._broken or self._fh.closed:
+            raise StoreError(f"{self.path}: the event was not recorded ({self._broken or 'the log is closed'})")
         payload = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        if len(payload) > MAX_RECORD:  # read_log would take it for corruption and refuse the store
+            raise InvalidInputError(f"a log record may hold at most {MAX_RECORD:,} bytes; this one has "
+                                    f"{len(payload):,} (add fewer items per call, or use ingest)")
         seq = self.next_seq
         blob = HEADER.pack(len(payload), _crc(seq, payload), seq) + payload
         start = self._fh.tell()
@@ -106,15 +161,25 @@ class EventLog:
         return seq
 
     def _rollback(self, start: int) -> None:
-        """Best effort: cut what a failed append may have left, so the log stays well-formed."""
+        """Cut what a failed append may have left, so the log stays well-formed.
+
+        If that fails too, later appends are refused until the store is reopened: a record written
+        behind a partial one would make the log read as corrupt in the middle.
+        """
         try:
-            self._fh.close()
-            with open(self.path, "r+b") as fh:
-                fh.truncate(start)
+            self._fh.close()  # may flush part of the failed record and raise again: cut below
         except OSError:
-            log.warning("could not trim %s after a failed append; the tail will be dropped on open",
-                        self.path)
-        self._fh = open(self.path, "ab")
+            pass
+        try:
+            fd = os.open(self.path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+            try:
+                os.ftruncate(fd, start)
+            finally:
+                os.close(fd)
+            self._fh = self._open()
+        except (OSError, StoreError) as exc:
+            self._broken = f"a failed append could not be rolled back ({exc}); reopen the store"
+            log.warning("%s: %s", self.path, self._broken)
 
     def close(self) -> None:
         if not self._fh.closed:

@@ -54,6 +54,7 @@ class VectorIndex:
         self.nlist, self.nprobe = nlist, nprobe
         self._faiss: faiss.Index | None = None
         self._live = np.zeros(0, dtype=np.uint8)  # bit r set <=> row r is in the index and not removed
+        self._held = np.zeros(0, dtype=np.uint8)  # bit r set <=> FAISS holds a vector of row r
         self._n_added = 0
         self._n_removed = 0
 
@@ -61,7 +62,9 @@ class VectorIndex:
     def _new_faiss(self, train: np.ndarray) -> faiss.Index:
         n = len(train)
         nlist = self.nlist or max(1, min(int(4 * np.sqrt(max(n, 1))), n // 39 or 1))
-        spec = FACTORY[self.kind].format(m=self.hnsw_m, nlist=nlist, pq=max(1, self.dim // 8))
+        spec = FACTORY[self.kind].format(m=self.hnsw_m, nlist=nlist, pq=_pq_subquantizers(self.dim))
+        if self.kind == "ivf-pq" and n < 256:  # 8-bit codes need 256 training points; use fewer bits
+            spec += f"x{max(1, int(np.log2(max(n // 39, 2))))}"
         inner = faiss.index_factory(self.dim, spec, faiss.METRIC_INNER_PRODUCT)
         if "HNSW" in spec:
             hnsw = faiss.downcast_index(inner) if not hasattr(inner, "hnsw") else inner
@@ -78,16 +81,30 @@ class VectorIndex:
         rows = np.asarray(rows, dtype=np.int64)
         self._faiss = self._new_faiss(vectors)
         self._live = np.zeros(0, dtype=np.uint8)
+        self._held = np.zeros(0, dtype=np.uint8)
         self._n_added = self._n_removed = 0
         if len(rows):
             self.add(rows, vectors)
 
     def add(self, rows: np.ndarray, vectors: np.ndarray) -> None:
-        """Index `vectors` (shape (n, dim), float32) under `rows`; rows must be new."""
+        """Index `vectors` (shape (n, dim), float32) under `rows`.
+
+        Rows must be new to this index: FAISS would keep a removed row's old vector under the same
+        id, so a row that comes back (an upsert, a revived id) needs `build` instead.
+
+        Raises:
+            InvalidInputError: wrong dtype, shape or values; negative, repeated or already held rows.
+        """
         vectors = check_vectors(vectors, self.dim)
         rows = np.asarray(rows, dtype=np.int64)
-        if len(rows) != len(vectors):
-            raise InvalidInputError(f"got {len(rows)} rows for {len(vectors)} vectors")
+        if rows.ndim != 1 or len(rows) != len(vectors):
+            raise InvalidInputError(f"got {rows.shape} rows for {len(vectors)} vectors; need one row each")
+        if len(rows) and (rows.min() < 0 or len(np.unique(rows)) != len(rows)):
+            raise InvalidInputError("rows must be distinct non-negative integers")
+        held = self.holds(rows)
+        if held.any():
+            raise InvalidInputError(f"row {int(rows[held][0])} is already in the index; "
+                                    "rebuild the index to replace a vector")
         if self._faiss is None:
             self._faiss = self._new_faiss(vectors)
         if len(rows) == 0:
@@ -95,6 +112,7 @@ class VectorIndex:
         self._grow(int(rows.max()) + 1)
         self._faiss.add_with_ids(vectors, rows)
         self._set_bits(rows, True)
+        self._set_bits(rows, True, self._held)
         self._n_added += len(rows)
 
     def remove(self, rows: Sequence[int] | np.ndarray) -> None:
@@ -108,25 +126,38 @@ class VectorIndex:
     def _grow(self, n_rows: int) -> None:
         need = (n_rows + 7) // 8
         if need > len(self._live):
-            grown = np.zeros(max(need, 2 * len(self._live)), dtype=np.uint8)
-            grown[: len(self._live)] = self._live
-            self._live = grown
+            size = max(need, 2 * len(self._live))
+            for name in ("_live", "_held"):
+                old = getattr(self, name)
+                grown = np.zeros(size, dtype=np.uint8)
+                grown[: len(old)] = old
+                setattr(self, name, grown)
 
-    def _set_bits(self, rows: np.ndarray, value: bool) -> None:
+    def _set_bits(self, rows: np.ndarray, value: bool, bitmap: np.ndarray | None = None) -> None:
+        bitmap = self._live if bitmap is None else bitmap
         byte, bit = rows >> 3, (rows & 7).astype(np.uint8)
         masks = np.left_shift(np.uint8(1), bit)
         if value:
-            np.bitwise_or.at(self._live, byte, masks)
+            np.bitwise_or.at(bitmap, byte, masks)
         else:
-            np.bitwise_and.at(self._live, byte, np.invert(masks))
+            np.bitwise_and.at(bitmap, byte, np.invert(masks))
 
-    def contains(self, rows: np.ndarray) -> np.ndarray:
-        rows = np.asarray(rows, dtype=np.int64)
-        ok = (rows >= 0) & (rows < len(self._live) * 8)
+    @staticmethod
+    def _test_bits(bitmap: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        ok = (rows >= 0) & (rows < len(bitmap) * 8)
         out = np.zeros(len(rows), dtype=bool)
         r = rows[ok]
-        out[ok] = (self._live[r >> 3] >> (r & 7).astype(np.uint8)) & 1 == 1
+        out[ok] = (bitmap[r >> 3] >> (r & 7).astype(np.uint8)) & 1 == 1
         return out
+
+    def contains(self, rows: np.ndarray) -> np.ndarray:
+        """Which rows are searchable (added and not removed)."""
+        return self._test_bits(self._live, rows)
+
+    def holds(self, rows: np.ndarray) -> np.ndarray:
+        """Which rows FAISS holds a vector for, removed ones included (they go at the next build)."""
+        return self._test_bits(self._held, rows)
 
     # ---- state ------------------------------------------------------------------------------
     @property
@@ -171,14 +202,31 @@ class VectorIndex:
         Returns:
             (rows int64, scores float32), best first, fewer than k when fewer rows qualify.
         """
-        q = check_vectors(np.asarray(query).reshape(1, -1), self.dim, "query")
+        if not isinstance(query, np.ndarray) or query.size != self.dim:
+            raise InvalidInputError(f"query must be a numpy array of shape ({self.dim},) or (1, {self.dim}); "
+                                    f"got {getattr(query, 'shape', type(query).__name__)}")
+        return self.search_batch(query.reshape(1, -1), k, exclude)[0]
+
+    def search_batch(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`search` for many queries at once (one FAISS call), the same `exclude` for all.
+
+        Args:
+            queries: shape (n, dim), float32.
+        Returns:
+            One (rows int64, scores float32) pair per query, exactly as `search` gives it.
+        """
+        q = check_vectors(queries, self.dim, "queries")
         if self._faiss is None or self.n_live == 0 or k <= 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+            return [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(q))]
         keep: list = []  # the selectors must outlive the search call
         params = self._params(exclude, keep)
         scores, rows = self._faiss.search(q, int(min(k, self.ntotal)), params=params)
-        ok = rows[0] >= 0
-        return rows[0][ok].astype(np.int64), scores[0][ok].astype(np.float32)
+        out = []
+        for r, s in zip(rows, scores):
+            ok = r >= 0
+            out.append((r[ok].astype(np.int64), s[ok].astype(np.float32)))
+        return out
 
     # ---- persistence ------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -194,8 +242,36 @@ class VectorIndex:
             raise CorruptStoreError(f"{path}: not a readable FAISS index ({exc})") from exc
         if self._faiss.d != self.dim:
             raise CorruptStoreError(f"{path}: index has dimension {self._faiss.d}, expected {self.dim}")
+        if not hasattr(self._faiss, "id_map"):
+            raise CorruptStoreError(f"{path}: not a Kindling index (no id map)")
+        self.kind = _kind_of(self._faiss)  # the file decides, whatever the config would pick now
+        held = faiss.vector_to_array(self._faiss.id_map).astype(np.int64)
         self._live = np.zeros(0, dtype=np.uint8)
-        self._grow(n_rows)
+        self._held = np.zeros(0, dtype=np.uint8)
+        self._grow(max(n_rows, int(held.max()) + 1 if len(held) else 0))
+        self._set_bits(held, True, self._held)
         self._set_bits(np.asarray(live_rows, dtype=np.int64), True)
         self._n_added = int(self._faiss.ntotal)
         self._n_removed = self._n_added - len(live_rows)
+
+
+def _pq_subquantizers(dim: int) -> int:
+    """The largest divisor of `dim` not above dim // 8 (FAISS's PQ needs one that divides dim)."""
+    m = max(1, dim // 8)
+    while dim % m:
+        m -= 1
+    return m
+
+
+def _kind_of(index: faiss.Index) -> str:
+    """The FACTORY kind of a FAISS index read from disk."""
+    inner = faiss.downcast_index(index.index)
+    if isinstance(inner, faiss.IndexHNSWSQ):
+        return "hnsw-sq8"
+    if isinstance(inner, faiss.IndexHNSW):
+        return "hnsw"
+    if isinstance(inner, faiss.IndexIVFPQ):
+        return "ivf-pq"
+    if isinstance(inner, faiss.IndexIVF):
+        return "ivf"
+    return "flat"

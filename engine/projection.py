@@ -1,4 +1,10 @@
-"""The item tower: raw text vector -> retrieval space. The identity until `fit` trains it."""
+"""The item tower at serving time: raw text vector -> retrieval vector and popularity bias.
+
+Untrained it is the identity with zero bias. Trained (see towers.py) it is
+`v = normalise(e W + r_item)` and `b = e . w + c + c_item`, where the per-item residuals r_item and
+c_item exist only for items that had clicks at training time (the Ranker keeps them by row), so a
+cold item is placed by its text alone.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +17,12 @@ def normalise_rows(x: np.ndarray) -> np.ndarray:
 
 
 class Projection:
-    """Maps text vectors (n, d_text) to unit retrieval vectors (n, d_out).
-
-    Untrained it is the identity. A trained one is `normalise(e @ W + r_item)`: a linear map of the
-    text vector (so a cold item lands where warm items with similar text live) plus, for warm
-    items only, a learned residual (their audience), which the engine supplies per row.
-    """
-
-    def __init__(self, d_in: int, weight: np.ndarray | None = None) -> None:
+    def __init__(self, d_in: int, weight: np.ndarray | None = None, bias_weight: np.ndarray | None = None,
+                 bias_const: float = 0.0, tau: float = 1.0) -> None:
         self.d_in = d_in
         self.weight = None if weight is None else np.ascontiguousarray(weight, np.float32)
+        self.bias_weight = None if bias_weight is None else np.ascontiguousarray(bias_weight, np.float32)
+        self.bias_const, self.tau = float(bias_const), float(tau)
 
     @property
     def trained(self) -> bool:
@@ -32,9 +34,30 @@ class Projection:
 
     def transform(self, raw: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         """Shape (n, d_in) float32 -> (n, d_out) float32, unit rows."""
+        raw = np.asarray(raw, np.float32)
         if self.weight is None:
-            return normalise_rows(np.asarray(raw, np.float32))
-        out = np.asarray(raw, np.float32) @ self.weight
+            return normalise_rows(raw)
+        out = raw @ self.weight
         if residual is not None:
             out = out + residual
         return normalise_rows(out)
+
+    def bias(self, raw: np.ndarray, item_bias: np.ndarray | None = None) -> np.ndarray:
+        """Popularity bias predicted from text, shape (n,)."""
+        if self.bias_weight is None:
+            return np.zeros(len(raw), np.float32)
+        b = np.asarray(raw, np.float32) @ self.bias_weight + self.bias_const
+        return (b if item_bias is None else b + item_bias).astype(np.float32)
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        if not self.trained:
+            return {}
+        return {"projection.weight": self.weight, "projection.bias_weight": self.bias_weight,
+                "projection.scalars": np.array([self.bias_const, self.tau], np.float32)}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, np.ndarray], d_in: int) -> "Projection":
+        if "projection.weight" not in t:
+            return cls(d_in)
+        const, tau = (float(x) for x in t["projection.scalars"])
+        return cls(d_in, t["projection.weight"], t["projection.bias_weight"], const, tau)

@@ -1,13 +1,15 @@
-"""Candidate generation and scoring: ANN neighbours of the user plus the popular items, then a score.
+"""Candidates, features, scores and online learning: everything between a user state and a list.
 
-The Ranker owns everything between a user state and a ranked list: the retrieval vectors of items
-(text vectors through the projection), the popularity prior, the per-event online update, and the
-scorer. Until a reranker is trained the score is a fixed blend of similarity and popularity whose
+The Ranker owns the retrieval space (item vectors and biases from the item tower), the popularity
+prior, the reranker and exploration. Candidates are the ANN neighbours of the user's query plus the
+most-clicked items; the reranker scores them; exploration adds a bounded bonus to items with little
+feedback. Until anything is trained the score is a fixed blend of similarity and popularity whose
 popularity weight fades as the user's history grows.
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import numpy as np
@@ -16,57 +18,102 @@ from .config import Config
 from .index import VectorIndex
 from .items import ItemTable
 from .projection import Projection
-from .users import UserState, apply_click, apply_skip
+from .rerank import N_FEATURES, Reranker
+from .users import UserState, apply_click, apply_skip, normalise
 
 POP_REFRESH_CLICKS = 64
+ONLINE_CANDIDATES = 100
 
 
 class Ranker:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.projection: Projection | None = None
-        self._item_vecs: np.ndarray | None = None  # retrieval vectors when they differ from raw ones
         self._items: ItemTable | None = None
+        self._vecs: np.ndarray | None = None      # retrieval vectors when trained (else the raw ones)
+        self._bias = np.zeros(0, np.float32)
+        self._residual: np.ndarray | None = None  # warm items' learned residuals, by row
+        self._item_bias: np.ndarray | None = None
         self._pop_cache: np.ndarray | None = None
         self._pop_stale = 0
+        self.reranker = Reranker(config.rerank_hidden, config.online_lr, config.replay_size,
+                                 config.replay_batch, config.seed)
 
-    # ---- item vectors ------------------------------------------------------------------------
+    # ---- retrieval space ---------------------------------------------------------------------
     @property
     def trained(self) -> bool:
         return self.projection is not None and self.projection.trained
 
-    def refresh_item_vectors(self, items: ItemTable, proj: Projection) -> None:
-        self._items, self.projection = items, proj
-        self._item_vecs = proj.transform(items.vectors) if proj.trained else None
-        self._pop_cache = None
+    @property
+    def index_dim(self) -> int:
+        return self.projection.d_out + 1
 
-    def item_vectors(self, rows: np.ndarray) -> np.ndarray:
-        """Retrieval vectors of `rows`: shape (len(rows), d_out), float32."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if self._item_vecs is None:
-            return np.ascontiguousarray(self._items.vectors[rows])
-        return np.ascontiguousarray(self._item_vecs[rows])
+    def _rows_capacity(self, n: int) -> None:
+        for name in ("_residual", "_item_bias", "_vecs"):
+            arr = getattr(self, name)
+            if arr is not None and len(arr) < n:
+                grown = np.zeros((max(n, 2 * len(arr)),) + arr.shape[1:], np.float32)
+                grown[: len(arr)] = arr
+                setattr(self, name, grown)
+        if len(self._bias) < n:
+            grown = np.zeros(max(n, 2 * len(self._bias)), np.float32)
+            grown[: len(self._bias)] = self._bias
+            self._bias = grown
+
+    def refresh_item_vectors(self, items: ItemTable, proj: Projection) -> None:
+        """Recompute every item's retrieval vector and bias (after open or training)."""
+        self._items, self.projection = items, proj
+        n = len(items)
+        self._rows_capacity(n)
+        if proj.trained:
+            res = None if self._residual is None else self._residual[:n]
+            ib = None if self._item_bias is None else self._item_bias[:n]
+            self._vecs = proj.transform(items.vectors, res)
+            self._bias = proj.bias(items.vectors, ib)
+        else:
+            self._vecs, self._bias = None, np.zeros(n, np.float32)
+        self._pop_cache = None
 
     def on_items_added(self, items: ItemTable, proj: Projection, rows: np.ndarray) -> None:
         self._items, self.projection = items, proj
-        if self._item_vecs is not None:
-            need = len(items)
-            if len(self._item_vecs) < need:
-                grown = np.zeros((max(need, 2 * len(self._item_vecs)), proj.d_out), np.float32)
-                grown[: len(self._item_vecs)] = self._item_vecs
-                self._item_vecs = grown
-            self._item_vecs[rows] = proj.transform(items.vectors[rows])
+        self._rows_capacity(len(items))
+        if self._residual is not None:  # a new (or replaced) item has no audience yet
+            self._residual[rows] = 0.0
+            self._item_bias[rows] = 0.0
+        if self._vecs is not None:
+            self._vecs[rows] = proj.transform(items.vectors[rows])
+        self._bias[rows] = proj.bias(items.vectors[rows])
         self._pop_cache = None
 
     def on_items_removed(self, rows: np.ndarray) -> None:
         self._pop_cache = None
 
+    def item_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Unit retrieval vectors of `rows`: shape (len(rows), d_out), float32."""
+        rows = np.asarray(rows, dtype=np.int64)
+        src = self._items.vectors if self._vecs is None else self._vecs
+        return np.ascontiguousarray(src[rows])
+
+    def index_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """What FAISS stores: [tau * v, b], so <[u, 1], .> = tau <u, v> + b (the tower score)."""
+        tau = self.projection.tau
+        return np.ascontiguousarray(np.hstack([tau * self.item_vectors(rows), self._bias[rows, None]]),
+                                    dtype=np.float32)
+
+    def query(self, u: np.ndarray) -> np.ndarray:
+        return np.append(u, np.float32(1.0)).astype(np.float32)
+
+    def similar_query(self, row: int) -> np.ndarray:
+        return np.append(self.item_vectors(np.array([row]))[0], np.float32(0.0)).astype(np.float32)
+
     # ---- online learning ---------------------------------------------------------------------
     def on_event(self, user: UserState, row: int, kind: str, value: float, t: int, items: ItemTable,
-                 learn: bool = True, sgd: bool = True) -> None:
-        """Apply one event to the user's vector and the item's statistics."""
+                 learn: bool = True, sgd: bool = True, index: VectorIndex | None = None) -> None:
+        """Apply one event: a reranker step (clicks), then the user's vector and the item's stats."""
         if not learn:
             return
+        if kind == "click" and sgd and index is not None and self.reranker.trained:
+            self._online_step(user, row, index)
         vec = self.item_vectors(np.array([row]))[0]
         if kind == "click":
             apply_click(user, vec, self.config.user_min_step)
@@ -82,23 +129,33 @@ class Ranker:
         else:
             items.impressions[row] += 1.0
 
-    # ---- candidates and scores ---------------------------------------------------------------
+    def _online_step(self, user: UserState, row: int, index: VectorIndex) -> None:
+        """theta <- theta - alpha * grad J on this click (among the user's current candidates)."""
+        banned = np.fromiter(user.seen(), np.int64, len(user.seen()))
+        cand = self.candidates(user, index, banned)
+        if len(cand) > ONLINE_CANDIDATES:
+            cand = cand[np.argsort(-self.score(user, cand), kind="stable")[:ONLINE_CANDIDATES]]
+        cand = np.union1d(cand, [row])
+        label = np.flatnonzero(cand == row)
+        self.reranker.partial_fit(self.features(user, cand), label)
+
+    # ---- candidates, features, scores --------------------------------------------------------
     def popular(self, n: int) -> np.ndarray:
         """The n most-clicked live rows (cached, refreshed every few dozen clicks)."""
         items = self._items
         if self._pop_cache is None or len(self._pop_cache) < n:
             live = items.live_rows()
             m = min(len(live), max(4 * n, 256))
-            clicks = items.clicks[live]
-            top = np.argpartition(-clicks, m - 1)[:m] if m < len(live) else np.arange(len(live))
-            order = top[np.lexsort((live[top], -clicks[top]))]
+            score = items.clicks[live] + 1e-3 * self._bias[live]  # the learned prior breaks ties
+            top = np.argpartition(-score, m - 1)[:m] if m < len(live) else np.arange(len(live))
+            order = top[np.lexsort((live[top], -score[top]))]
             self._pop_cache, self._pop_stale = live[order], 0
         return self._pop_cache
 
     def candidates(self, user: UserState, index: VectorIndex, banned: np.ndarray) -> np.ndarray:
         parts = []
-        if user.vector.any():
-            rows, _ = index.search(user.vector, self.config.retrieve, exclude=banned)
+        if user.vector.any() or self.trained:
+            rows, _ = index.search(self.query(user.vector), self.config.retrieve, exclude=banned)
             parts.append(rows)
         if self.config.popular_candidates:
             pop = self.popular(self.config.popular_candidates + len(banned))
@@ -110,13 +167,53 @@ class Ranker:
             return np.zeros(0, np.int64)
         return np.unique(np.concatenate(parts))
 
+    def features(self, user: UserState, rows: np.ndarray, own_clicks: np.ndarray | None = None) -> np.ndarray:
+        """Shape (len(rows), N_FEATURES) float32; see rerank.FEATURES for the columns."""
+        items = self._items
+        v = self.item_vectors(rows)
+        f = np.zeros((len(rows), N_FEATURES), np.float32)
+        f[:, 0] = self.projection.tau * (v @ user.vector)
+        f[:, 1] = self._bias[rows]
+        clicks = items.clicks[rows] if own_clicks is None else np.maximum(items.clicks[rows] - own_clicks, 0)
+        f[:, 2] = np.log1p(clicks)
+        f[:, 3] = (clicks + 1.0) / (np.maximum(items.impressions[rows], clicks) + 2.0)
+        f[:, 4] = np.log1p(user.count)
+        recent = user.recent(self.config.recent_window)
+        if recent:
+            f[:, 5] = (v @ self.item_vectors(np.array(recent)).T).max(axis=1)
+        if user.profile_vec is not None:
+            f[:, 6] = items.vectors[rows] @ user.profile_vec
+        f[:, 7] = clicks == 0
+        f[:, 8] = float(user.vector.any())
+        return f
+
     def score(self, user: UserState, rows: np.ndarray) -> np.ndarray:
+        if self.trained or self.reranker.trained:
+            return self.reranker.score(self.features(user, rows))
         items = self._items
         sim = self.item_vectors(rows) @ user.vector
         top = max(float(items.clicks.max()) if len(items) else 0.0, 1.0)
         pop = np.log1p(items.clicks[rows]) / np.log1p(top)
-        weight = 1.0 / (1.0 + user.count + user.prior)
-        return (sim + weight * pop).astype(np.float32)
+        return (sim + pop / (1.0 + user.count + user.prior)).astype(np.float32)
+
+    def explore_bonus(self, user: UserState, rows: np.ndarray, scores: np.ndarray, user_key: str) -> np.ndarray:
+        """Thompson sampling on each item's Beta CTR posterior, as a bounded bonus.
+
+        The bonus is w * spread * clip((theta - mean) / sd_prior, -2, 2): large for items with no
+        feedback, vanishing as impressions accumulate. The draw is seeded by the engine's seed, the
+        user and the user's event count, so a given state always gives the same list.
+        """
+        items = self._items
+        seed = [self.config.seed, zlib.crc32(user_key.encode("utf-8", "surrogatepass")),
+                user.count, len(user.skips), user.impressions]
+        rng = np.random.default_rng(seed)
+        clicks = items.clicks[rows]
+        a = 1.0 + clicks
+        b = 1.0 + np.maximum(items.impressions[rows] - clicks, 0.0)
+        theta = rng.beta(a, b)
+        z = np.clip((theta - a / (a + b)) / np.sqrt(1.0 / 12.0), -2.0, 2.0)
+        spread = float(scores.std()) if len(scores) > 1 else 1.0
+        return (self.config.explore_weight * spread * z).astype(np.float32)
 
     def rank(self, user: UserState, items: ItemTable, index: VectorIndex, k: int, banned: np.ndarray,
              cand_rows: np.ndarray | None, user_key: str = "") -> tuple[np.ndarray, np.ndarray]:
@@ -125,18 +222,41 @@ class Ranker:
         if len(rows) == 0:
             return rows, np.zeros(0, np.float32)
         scores = self.score(user, rows)
+        if self.config.explore and self.config.explore_weight > 0:
+            scores = scores + self.explore_bonus(user, rows, scores, user_key)
         top = np.argsort(-scores, kind="stable")[:k]
         return rows[top], scores[top]
 
-    # ---- training and persistence ------------------------------------------------------------
-    def fit(self, events: list[dict[str, Any]], items: ItemTable, users, progress: bool | None = None
-            ) -> dict[str, Any]:
-        self._items = items
-        self._pop_cache = None
-        return {"events": len(events), "projection": False, "reranker": False}
-
+    # ---- persistence -------------------------------------------------------------------------
     def model_tensors(self, proj: Projection) -> dict[str, np.ndarray]:
-        return {} if not proj.trained else {"projection.weight": proj.weight}
+        out = dict(proj.tensors())
+        n = len(self._items) if self._items is not None else 0
+        if self._residual is not None:
+            out["tower.residual"] = self._residual[:n]
+            out["tower.item_bias"] = self._item_bias[:n]
+        out.update(self.reranker.tensors())
+        return out
 
     def load_models(self, tensors: dict[str, np.ndarray], d_text: int) -> Projection:
-        return Projection(d_text, tensors.get("projection.weight"))
+        proj = Projection.from_tensors(tensors, d_text)
+        if "tower.residual" in tensors:
+            self._residual = tensors["tower.residual"].astype(np.float32).copy()
+            self._item_bias = tensors["tower.item_bias"].astype(np.float32).copy()
+        self.reranker.load(tensors)
+        self.projection = proj
+        return proj
+
+    def set_towers(self, proj: Projection, residual: np.ndarray, item_bias: np.ndarray) -> None:
+        self.projection, self._residual, self._item_bias = proj, residual.copy(), item_bias.copy()
+
+
+def user_from_clicks(rows: list[int], vecs: np.ndarray, profile: np.ndarray | None, min_step: float) -> UserState:
+    """A user state built click by click with the online rule (for training examples)."""
+    u = UserState(vector=np.zeros(vecs.shape[1], np.float32) if profile is None else normalise(profile))
+    for r, v in zip(rows, vecs):
+        apply_click(u, v, min_step)
+        u.clicks.append(int(r))
+    return u
+
+
+__all__ = ["Ranker", "user_from_clicks", "apply_skip"]

@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from .errors import CorruptStoreError
-from .items import ItemTable
+from .items import ITEM_SCHEMA, ItemTable
 from .store import StoreDir, atomic_write
 from .users import UserState, UserTable
 
@@ -67,7 +67,7 @@ def write_tensors(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, st
 def read_parquet(path: Path) -> pa.Table:
     try:
         return pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowException, OSError) as exc:
         raise CorruptStoreError(f"{path}: unreadable Parquet table ({exc})") from exc
 
 
@@ -97,23 +97,63 @@ def write_generation(store: StoreDir, gen: int, items: ItemTable, users: UserTab
 
 def read_generation(store: StoreDir, manifest: dict[str, Any], d_text: int
                     ) -> tuple[ItemTable, UserTable, dict[str, np.ndarray], Path | None]:
+    """Read generation G's files; anything not shaped as this module writes it is CorruptStoreError.
+
+    The checksums catch damage; these checks catch a file that is intact but wrong (written by a
+    buggy or foreign writer), so that such a store fails naming the file instead of crashing later.
+    """
     gen = int(manifest["generation"])
     files = manifest["files"]
-    tensors = read_tensors(store.file("vectors", gen, "safetensors"))
+    vec_path = store.file("vectors", gen, "safetensors")
+    tensors = read_tensors(vec_path)
     item_vecs = tensors.get("item_text", np.zeros((0, d_text), np.float32))
     if item_vecs.ndim != 2 or (len(item_vecs) and item_vecs.shape[1] != d_text):
-        raise CorruptStoreError(f"{store.file('vectors', gen, 'safetensors')}: item vectors of shape "
-                                f"{item_vecs.shape}, expected (n, {d_text})")
-    items_table = read_parquet(store.file("items", gen, "parquet"))
+        raise CorruptStoreError(f"{vec_path}: item vectors of shape {item_vecs.shape}, expected (n, {d_text})")
+    for key in ("user_vectors", "user_profiles"):
+        if key not in tensors or tensors[key].ndim != 2:
+            raise CorruptStoreError(f"{vec_path}: no 2-d tensor {key!r}; not a Kindling vectors file")
+    items_path = store.file("items", gen, "parquet")
+    items_table = _with_schema(read_parquet(items_path), ITEM_SCHEMA, items_path)
     if items_table.num_rows != len(item_vecs):
-        raise CorruptStoreError(f"{store.path}: {items_table.num_rows} items but {len(item_vecs)} vectors")
-    items = ItemTable.from_arrow(items_table, item_vecs.reshape(-1, d_text))
-    users = users_from_arrow(read_parquet(store.file("users", gen, "parquet")),
-                             tensors["user_vectors"], tensors["user_profiles"])
+        raise CorruptStoreError(f"{items_path}: {items_table.num_rows} items but {len(item_vecs)} vectors "
+                                f"in {vec_path.name}")
+    items = _parsed(items_path, lambda: ItemTable.from_arrow(items_table, item_vecs.reshape(-1, d_text)))
+    users_path = store.file("users", gen, "parquet")
+    users_table = _with_schema(read_parquet(users_path), USER_SCHEMA, users_path)
+    if users_table.num_rows != len(tensors["user_vectors"]):
+        raise CorruptStoreError(f"{users_path}: {users_table.num_rows} users but "
+                                f"{len(tensors['user_vectors'])} user vectors in {vec_path.name}")
+    _check_rows(users_table, len(items), users_path)
+    users = _parsed(users_path, lambda: users_from_arrow(users_table, tensors["user_vectors"],
+                                                         tensors["user_profiles"]))
     model_name = store.file("models", gen, "safetensors").name
     models = read_tensors(store.path / model_name) if model_name in files else {}
     index_name = store.file("index", gen, "faiss").name
     return items, users, models, (store.path / index_name if index_name in files else None)
+
+
+def _with_schema(table: pa.Table, schema: pa.Schema, path: Path) -> pa.Table:
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise CorruptStoreError(f"{path}: missing column(s) {', '.join(missing)}; not a Kindling table")
+    return table
+
+
+def _check_rows(users: pa.Table, n_items: int, path: Path) -> None:
+    """Histories may only name item rows that exist."""
+    import pyarrow.compute as pc
+
+    for col in ("clicks", "skips"):
+        flat = pc.list_flatten(users.column(col))
+        if len(flat) and (pc.min(flat).as_py() < 0 or pc.max(flat).as_py() >= n_items):
+            raise CorruptStoreError(f"{path}: column {col!r} names item rows outside 0..{n_items - 1}")
+
+
+def _parsed(path: Path, build):
+    try:
+        return build()
+    except (KeyError, ValueError, TypeError, IndexError, pa.ArrowException) as exc:
+        raise CorruptStoreError(f"{path}: does not hold what a Kindling store needs ({exc})") from exc
 
 
 def new_user_state(dim: int) -> UserState:

@@ -1,7 +1,8 @@
 """The on-disk layout: a directory with a manifest, checksummed files, a lock and the event log.
 
     STORE/
-      manifest.json            format, version, config, generation, files with sha256, log name
+      manifest.json            format, version, config, generation, files with sha256, log name,
+                               and a sha256 of itself (every damage to it is detected)
       items-G.parquet          the catalog, tombstones and item statistics
       users-G.parquet          users' histories and profiles
       vectors-G.safetensors    item text vectors, user vectors, profile vectors
@@ -41,6 +42,16 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest without its own `checksum` field, in a canonical JSON form.
+
+    It makes every bit flip in manifest.json an error: a flip that still parses as JSON (a digit of
+    next_seq, a config value) would otherwise load a silently different store.
+    """
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 def fsync_dir(path: Path) -> None:
@@ -89,12 +100,20 @@ class StoreDir:
     def __init__(self, path: str | Path, create: bool = False, read_only: bool = False) -> None:
         self.path = check_store_path(Path(path), must_exist=not create)
         if create:
-            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"{self.path}: cannot create the store directory ({exc.strerror or exc})") from exc
         self.read_only = read_only
         self._lock_fh = None if read_only else self._lock()
 
     def _lock(self):
-        fh = open(self.path / LOCK, "a+")
+        try:  # never through a symbolic link: truncating it would damage whatever it points at
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            raise StoreError(f"{self.path / LOCK}: cannot open the lock file ({exc.strerror or exc}); "
+                             "it must be a regular file the writer may write") from exc
+        fh = os.fdopen(fd, "r+")
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -123,31 +142,50 @@ class StoreDir:
 
     def read_manifest(self) -> dict[str, Any]:
         p = self.path / MANIFEST
+        if p.is_symlink():
+            raise CorruptStoreError(f"{p}: a store file must not be a symbolic link")
         try:
             manifest = json.loads(p.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CorruptStoreError(f"{p}: unreadable manifest ({exc})") from exc
+        except OSError as exc:
+            raise StoreError(f"{p}: cannot read the manifest ({exc.strerror or exc})") from exc
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise CorruptStoreError(f"{p}: not a Kindling manifest")
+        if manifest.get("checksum") != manifest_digest(manifest):
+            raise CorruptStoreError(f"{p}: checksum mismatch; the manifest is damaged")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{p}: format version {manifest.get('format_version')} is not supported "
                              f"(this Kindling reads version {FORMAT_VERSION})")
         return manifest
 
     def verify(self, manifest: dict[str, Any]) -> None:
-        """Check every file the manifest names against its size and sha256."""
+        """Check every file the manifest names against its size and sha256 (and the log's kind)."""
+        log = self.path / str(manifest.get("log"))
+        if log.is_symlink():
+            raise CorruptStoreError(f"{log}: a store file must not be a symbolic link")
         for name, meta in manifest.get("files", {}).items():
             p = self.path / name
+            if p.is_symlink():
+                raise CorruptStoreError(f"{p}: a store file must not be a symbolic link")
             if not p.is_file():
                 raise CorruptStoreError(f"{p}: missing (named by the manifest)")
-            if p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
+            if p.stat().st_size != meta.get("bytes") or sha256_file(p) != meta.get("sha256"):
                 raise CorruptStoreError(f"{p}: checksum mismatch; the file is damaged")
+
+    def manifest_generation(self) -> int | None:
+        """The generation of the manifest now on disk; None when it is missing or unreadable."""
+        try:
+            return int(json.loads((self.path / MANIFEST).read_text(encoding="utf-8"))["generation"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def describe(self, paths: list[Path]) -> dict[str, dict[str, Any]]:
         return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths}
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        data = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
+        signed = {**manifest, "checksum": manifest_digest(manifest)}
+        data = json.dumps(signed, indent=1, sort_keys=True).encode("utf-8")
         atomic_write(self.path / MANIFEST, lambda tmp: tmp.write_bytes(data))
         fsync_dir(self.path)
 

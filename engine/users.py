@@ -73,7 +73,7 @@ def rederive(user: UserState, item_vecs: np.ndarray, profile_vec: np.ndarray | N
     events are replayed in click order with skips last (their relative order was not kept).
     """
     clicks, skips = list(user.clicks), list(user.skips)
-    dim = item_vecs.shape[1] if len(item_vecs) else user.vector.shape[0]
+    dim = item_vecs.shape[1]
     fresh = UserState(vector=np.zeros(dim, np.float32) if profile_vec is None else normalise(profile_vec),
                       profile=user.profile, profile_vec=user.profile_vec)
     for j, row in enumerate(clicks):
