@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-long bench bench-quick eval clean
+.PHONY: demo test test-long bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -19,6 +19,7 @@ from .vocab import check_id
 MAX_TITLE_CHARS = 2_000
 MAX_TEXT_CHARS = 100_000
 MAX_CATEGORIES = 100
+MAX_CATEGORY_CHARS = 200
 SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
 
 
@@ -32,25 +33,37 @@ def item_text(item: Item) -> str:
     return " ".join(parts)
 
 
+def check_text(value: object, what: str, max_chars: int = MAX_TEXT_CHARS, empty_ok: bool = False) -> str:
+    """Return `value` if it is storable text, else raise InvalidInputError naming the rule.
+
+    The rule: a str of at most `max_chars` characters, not blank unless `empty_ok`, with no NUL and
+    no lone surrogate (what undecodable bytes become; it cannot be written as UTF-8).
+    """
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{what} must be a string; got {type(value).__name__}")
+    if not empty_ok and not value.strip():
+        raise InvalidInputError(f"{what} must be a non-empty string")
+    if len(value) > max_chars:
+        raise InvalidInputError(f"{what} must be at most {max_chars:,} characters; got {len(value):,}")
+    if "\x00" in value:
+        raise InvalidInputError(f"{what} must not contain NUL characters")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInputError(f"{what} must be valid Unicode (no lone surrogate code points)") from None
+    return value
+
+
 def validate_item(item: Item, where: str = "item") -> Item:
     """Check one item against the catalog rules; raise InvalidInputError naming the rule."""
     check_id(item.item_id, f"{where}: item_id")
-    if not isinstance(item.title, str) or not item.title.strip():
-        raise InvalidInputError(f"{where}: title must be a non-empty string")
-    if not isinstance(item.text, str):
-        raise InvalidInputError(f"{where}: text must be a string; got {type(item.text).__name__}")
-    if len(item.title) > MAX_TITLE_CHARS:
-        raise InvalidInputError(f"{where}: title must be at most {MAX_TITLE_CHARS:,} characters")
-    if len(item.text) > MAX_TEXT_CHARS:
-        raise InvalidInputError(
-            f"{where}: text must be at most {MAX_TEXT_CHARS:,} characters; got {len(item.text):,}")
-    if "\x00" in item.title or "\x00" in item.text:
-        raise InvalidInputError(f"{where}: title and text must not contain NUL characters")
+    check_text(item.title, f"{where}: title", MAX_TITLE_CHARS)
+    check_text(item.text, f"{where}: text", MAX_TEXT_CHARS, empty_ok=True)
     if len(item.categories) > MAX_CATEGORIES:
         raise InvalidInputError(f"{where}: at most {MAX_CATEGORIES} categories")
     for c in item.categories:
-        if not isinstance(c, str) or not c.strip() or "\x00" in c:
-            raise InvalidInputError(f"{where}: categories must be non-empty strings without NUL")
+        check_text(c, f"{where}: each category", MAX_CATEGORY_CHARS)
     return item
 
 

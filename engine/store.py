@@ -25,7 +25,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import CorruptStoreError, StoreError, StoreLockedError
 
@@ -37,10 +37,16 @@ _GEN_FILE = re.compile(r"^(items|users|vectors|models|index|events)-(\d+)\.(parq
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
+        return sha256_stream(fh)
+
+
+def sha256_stream(fh: BinaryIO) -> str:
+    """sha256 of an open file from its start (the handle is left at its end)."""
+    fh.seek(0)
+    h = hashlib.sha256()
+    for chunk in iter(lambda: fh.read(1 << 20), b""):
+        h.update(chunk)
     return h.hexdigest()
 
 
@@ -159,18 +165,52 @@ class StoreDir:
                              f"(this Kindling reads version {FORMAT_VERSION})")
         return manifest
 
-    def verify(self, manifest: dict[str, Any]) -> None:
-        """Check every file the manifest names against its size and sha256 (and the log's kind)."""
+    def pin(self, manifest: dict[str, Any]) -> dict[str, BinaryIO]:
+        """Open every file of the manifest's generation, its log included.
+
+        A reader that holds them open keeps reading the generation it picked even when the writer
+        saves the next one and deletes these names meanwhile. The caller closes the handles.
+        """
+        handles: dict[str, BinaryIO] = {}
+        try:
+            for name in [*manifest.get("files", {}), manifest.get("log")]:
+                if not isinstance(name, str) or name in handles:
+                    continue
+                p = self.path / name
+                try:
+                    handles[name] = os.fdopen(os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb")
+                except FileNotFoundError:
+                    if name != manifest.get("log"):  # an absent log just holds no records
+                        raise CorruptStoreError(f"{p}: missing (named by the manifest)") from None
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP:
+                        raise CorruptStoreError(f"{p}: a store file must not be a symbolic link") from None
+                    raise StoreError(f"{p}: cannot be read ({exc.strerror or exc})") from exc
+        except BaseException:
+            for fh in handles.values():
+                fh.close()
+            raise
+        return handles
+
+    def verify(self, manifest: dict[str, Any], handles: dict[str, BinaryIO] | None = None) -> None:
+        """Check every file the manifest names against its size and sha256 (and the log's kind).
+
+        With `handles` (from `pin`) the pinned files are checked, not whatever the names hold now.
+        """
         log = self.path / str(manifest.get("log"))
         if log.is_symlink():
             raise CorruptStoreError(f"{log}: a store file must not be a symbolic link")
         for name, meta in manifest.get("files", {}).items():
-            p = self.path / name
-            if p.is_symlink():
+            p, fh = self.path / name, (handles or {}).get(name)
+            if fh is not None:
+                size, digest = os.fstat(fh.fileno()).st_size, sha256_stream(fh)
+            elif p.is_symlink():
                 raise CorruptStoreError(f"{p}: a store file must not be a symbolic link")
-            if not p.is_file():
+            elif not p.is_file():
                 raise CorruptStoreError(f"{p}: missing (named by the manifest)")
-            if p.stat().st_size != meta.get("bytes") or sha256_file(p) != meta.get("sha256"):
+            else:
+                size, digest = p.stat().st_size, sha256_file(p)
+            if size != meta.get("bytes") or digest != meta.get("sha256"):
                 raise CorruptStoreError(f"{p}: checksum mismatch; the file is damaged")
 
     def manifest_generation(self) -> int | None:
