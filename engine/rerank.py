@@ -37,6 +37,8 @@ class RerankNet(nn.Module):
             self.linear.bias.zero_()
             self.linear.weight[0, 0] = 1.0  # tower
             self.linear.weight[0, 1] = 1.0  # bias
+            # raw text similarity to a profile; logs without profiles never move this weight
+            self.linear.weight[0, 6] = 10.0
             self.mlp[-1].weight.mul_(0.01)
             self.mlp[-1].bias.zero_()
         self.register_buffer("mean", torch.zeros(N_FEATURES))
@@ -103,7 +105,9 @@ class Reranker:
         allf = np.concatenate([f for f, _ in examples])
         with torch.no_grad():
             self.net.mean.copy_(torch.from_numpy(allf.mean(0)))
-            self.net.std.copy_(torch.from_numpy(np.maximum(allf.std(0), 1e-3)))
+            std = allf.std(0)
+            # a feature constant in the logs carries nothing the MLP could learn: silence it there
+            self.net.std.copy_(torch.from_numpy(np.where(std < 1e-4, 1e6, std).astype(np.float32)))
         opt = torch.optim.Adam(self.net.parameters(), lr=3e-3)
         losses = []
         for _ in tqdm(range(epochs), desc="reranker", disable=not progress):
