@@ -1,0 +1,95 @@
+"""The engine under evaluation, driven only through its public API, as an application would."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from engine import Config, Engine, Event
+from engine.encoder import TextEncoder
+
+from .baselines.base import Query, TrainSet
+
+
+def engine_config(seed: int, **overrides: object) -> Config:
+    """The evaluated settings: the defaults, seeded; no fsync per event (the store is throwaway)."""
+    return Config(seed=seed, fsync=False, **overrides)
+
+
+def click_events(train: TrainSet) -> list[Event]:
+    """Training positives as the click events an application would have logged, in time order."""
+    ev = train.events
+    return [Event(str(train.user_ids[u]), str(train.items[i].item_id), "click", 1.0, int(t))
+            for u, i, t in zip(ev.user, ev.item, ev.timestamp)]
+
+
+def open_engine(path: Path, train: TrainSet, encoder: TextEncoder, config: Config) -> Engine:
+    """A new store holding the whole catalog and fitted on the training positives."""
+    eng = Engine.create(path, config=config, encoder=encoder)
+    eng.add_items(train.items)
+    eng.fit(click_events(train), progress=False)
+    return eng
+
+
+class KindlingMethod:
+    """`fit` builds a fresh store under `workdir`; `recommend` asks the engine.
+
+    A query for a user training never saw (user == -1) is an application's new user: the items of
+    their history that the engine has not been told about yet are recorded as clicks first, so a
+    user whose history grows from query to query (reveal 0, 1, 3, 5) is told each click once.
+    """
+
+    name = "kindling"
+
+    def __init__(self, workdir: str | Path, encoder: TextEncoder, seed: int = 0,
+                 config: Config | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.encoder = encoder
+        self.config = config or engine_config(seed)
+        self._engine: Engine | None = None
+        self._fits = 0
+
+    def fit(self, train: TrainSet) -> None:
+        self.close()
+        self._fits += 1
+        path = self.workdir / f"{self.name}-{self._fits}"
+        self._engine = open_engine(path, train, self.encoder, self.config)
+        self._item_ids = [it.item_id for it in train.items]
+        self._row_of = {item_id: row for row, item_id in enumerate(self._item_ids)}
+        self._told: dict[str, list[int]] = {}
+
+    def recommend(self, queries: Sequence[Query], k: int, candidates: np.ndarray | None = None,
+                  exclude_history: bool = True) -> list[np.ndarray]:
+        if self._engine is None:
+            raise ValueError(f"{self.name}: fit must be called before recommend")
+        cand = None if candidates is None else [self._item_ids[r] for r in candidates]
+        out = []
+        for q in queries:
+            if not q.name:
+                raise ValueError(f"{self.name}: every query needs the user's external id in `name`")
+            if q.user < 0:
+                self._tell(q)
+            recs = self._engine.recommend(q.name, k=k, profile=q.profile, exclude_seen=exclude_history,
+                                          candidates=cand)
+            out.append(np.array([self._row_of[r.item_id] for r in recs], dtype=np.int64))
+        return out
+
+    def _tell(self, q: Query) -> None:
+        told = self._told.setdefault(q.name, [])
+        history = [int(r) for r in q.history]
+        if history[:len(told)] != told:
+            raise ValueError(f"{self.name}: user {q.name!r} must only gain history between queries; "
+                             "use a new user id for a different history")
+        times = q.times if q.times is not None else [None] * len(history)
+        for row, ts in zip(history[len(told):], times[len(told):]):
+            self._engine.record(q.name, self._item_ids[row], "click",
+                                timestamp=None if ts is None else int(ts))
+        told[:] = history
+
+    def close(self) -> None:
+        """Close the current store (its directory stays under `workdir`)."""
+        if self._engine is not None:
+            self._engine.close(save=False)
+            self._engine = None

@@ -1,0 +1,109 @@
+"""The three cold-start splits, exactly as the protocols define them, each from a seeded Generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .datasets import EventTable, first_occurrences
+
+COLD_FRACTION = 0.2
+MIN_USER_POSITIVES = 6
+REVEALS: tuple[int, ...] = (0, 1, 3, 5)
+REPLAY_QUANTILE = 0.8
+
+
+@dataclass(frozen=True)
+class ItemColdSplit:
+    """`train` holds no positive of a cold item; `targets[u]` are user u's cold positives (item rows)."""
+
+    train: EventTable
+    cold_items: np.ndarray
+    test_users: np.ndarray
+    targets: dict[int, np.ndarray]
+    n_items_with_positives: int
+
+
+@dataclass(frozen=True)
+class UserColdSplit:
+    """`train` holds no event of a test user; `history[u]` are u's distinct positives in time order
+    and `times[u]` their timestamps."""
+
+    train: EventTable
+    test_users: np.ndarray
+    history: dict[int, np.ndarray]
+    times: dict[int, np.ndarray]
+    n_eligible: int
+
+    def reveal(self, user: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(revealed, their timestamps, targets): the first n positives, then the rest."""
+        items = self.history[user]
+        return items[:n], self.times[user][:n], items[n:]
+
+
+@dataclass(frozen=True)
+class ReplaySplit:
+    """Events strictly before the cut time train; the rest (time order) are replayed."""
+
+    cut: int
+    train: EventTable
+    stream: EventTable
+
+
+def _choose(pool: np.ndarray, rng: np.random.Generator, fraction: float) -> np.ndarray:
+    """A sorted uniform sample without replacement of round(fraction * len(pool)) rows of pool."""
+    size = int(np.floor(fraction * len(pool) + 0.5))
+    return np.sort(rng.choice(pool, size=size, replace=False)) if size else pool[:0]
+
+
+def item_cold_split(pos: EventTable, rng: np.random.Generator,
+                    fraction: float = COLD_FRACTION) -> ItemColdSplit:
+    """20% of the items with a positive become cold and all their positives leave training.
+
+    Test users keep at least one positive in training and have at least one on a cold item.
+    """
+    pos = first_occurrences(pos)
+    pool = np.unique(pos.item)
+    cold = _choose(pool, rng, fraction)
+    is_cold = np.isin(pos.item, cold)
+    train = pos.take(~is_cold)
+    test_pos = pos.take(is_cold)
+    users = np.intersect1d(np.unique(train.user), np.unique(test_pos.user))
+    targets = _group(test_pos, users)
+    return ItemColdSplit(train, cold, users, targets, int(len(pool)))
+
+
+def user_cold_split(pos: EventTable, rng: np.random.Generator, fraction: float = COLD_FRACTION,
+                    min_positives: int = MIN_USER_POSITIVES) -> UserColdSplit:
+    """Users with >= min_positives distinct positives are eligible; `fraction` of them are test users."""
+    pos = first_occurrences(pos)
+    users, counts = np.unique(pos.user, return_counts=True)
+    eligible = users[counts >= min_positives]
+    test = _choose(eligible, rng, fraction)
+    train = pos.take(~np.isin(pos.user, test))
+    test_pos = pos.take(np.isin(pos.user, test))
+    return UserColdSplit(train, test, _group(test_pos, test), _group(test_pos, test, "timestamp"),
+                         int(len(eligible)))
+
+
+def replay_split(events: EventTable, quantile: float = REPLAY_QUANTILE) -> ReplaySplit:
+    """Cut at the `quantile` of event times; `events` must already be in time order."""
+    if len(events) == 0:
+        raise ValueError("replay needs at least one event; got none")
+    if np.any(np.diff(events.timestamp) < 0):
+        raise ValueError("replay needs events in time order")
+    cut = int(np.quantile(events.timestamp, quantile))
+    before = events.timestamp < cut
+    return ReplaySplit(cut, events.take(before), events.take(~before))
+
+
+def _group(events: EventTable, users: np.ndarray, column: str = "item") -> dict[int, np.ndarray]:
+    """One column (item rows by default) per user, in the (time) order of `events`."""
+    keep = np.isin(events.user, users)
+    user, item = events.user[keep], getattr(events, column)[keep]
+    order = np.argsort(user, kind="stable")
+    user, item = user[order], item[order]
+    starts = np.searchsorted(user, users)
+    ends = np.searchsorted(user, users, side="right")
+    return {int(u): item[s:e] for u, s, e in zip(users, starts, ends)}
