@@ -133,3 +133,19 @@ def test_language_model_profile_beats_random_on_cold_items(small: EvalDataset, r
                         min_value=MIN_VALUE, k=10)
     recall = {m: r["recall@10"] for m, r in out["results"].items()}
     assert recall["lm-profile"] > recall["random"] + 0.05, recall
+
+
+def test_profiles_from_users_table_reach_the_methods(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = write_sample(BUNDLED, tmp_path / "with-users", n_users=40, max_items=300)
+    users = pq.read_table(path / "events.parquet").column("user_id").unique().to_pylist()
+    profiles = ["I love animated films for children, Pixar and Disney" if i % 2 else
+                "Dark war dramas and crime thrillers" for i in range(len(users))]
+    pq.write_table(pa.table({"user_id": users, "profile": profiles}), path / "users.parquet")
+    ds = load_dataset(path)
+    assert ds.profile(0) in profiles
+    out = run_user_cold(ds, _build(["popularity", "tfidf"], "user-cold"), min_value=MIN_VALUE, reveals=(0,))
+    at0 = out["results"]["reveal=0"]
+    assert at0["tfidf"] != at0["popularity"], "with a profile, TF-IDF ranks before any click"

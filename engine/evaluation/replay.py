@@ -41,13 +41,13 @@ class EnginePlayer(Player):
     """The engine through its public API: recommend(exclude_seen) then record(click)."""
 
     def __init__(self, name: str, engine: Engine, ds: EvalDataset) -> None:
-        self.name, self._engine = name, engine
+        self.name, self._engine, self._ds = name, engine, ds
         self._items, self._users = ds.item_ids, ds.user_ids
         self._row_of = {item_id: row for row, item_id in enumerate(ds.item_ids)}
 
     def recommend(self, user: int, k: int, consumed: set[int], disliked: set[int]) -> np.ndarray:
-        recs = self._engine.recommend(self._users[user], k=k, exclude_seen=True,
-                                      exclude=[self._items[r] for r in disliked])
+        recs = self._engine.recommend(self._users[user], k=k, profile=self._ds.profile(user),
+                                      exclude_seen=True, exclude=[self._items[r] for r in disliked])
         return np.array([self._row_of[r.item_id] for r in recs], dtype=np.int64)
 
     def record(self, user: int, item: int, timestamp: int) -> None:
