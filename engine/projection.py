@@ -18,11 +18,25 @@ def normalise_rows(x: np.ndarray) -> np.ndarray:
 
 class Projection:
     def __init__(self, d_in: int, weight: np.ndarray | None = None, bias_weight: np.ndarray | None = None,
-                 bias_const: float = 0.0, tau: float = 1.0) -> None:
+                 bias_const: float = 0.0, taus: np.ndarray | None = None) -> None:
         self.d_in = d_in
         self.weight = None if weight is None else np.ascontiguousarray(weight, np.float32)
         self.bias_weight = None if bias_weight is None else np.ascontiguousarray(bias_weight, np.float32)
-        self.bias_const, self.tau = float(bias_const), float(tau)
+        self.bias_const = float(bias_const)
+        self.taus = np.ones(1, np.float32) if taus is None else np.asarray(taus, np.float32).reshape(-1)
+
+    @property
+    def tau(self) -> float:
+        """The reference temperature baked into the index (the largest one)."""
+        return float(self.taus.max())
+
+    def tau_for(self, n: int) -> float:
+        """The temperature for a user whose history weighs `n` clicks."""
+        if len(self.taus) == 1:
+            return float(self.taus[0])
+        from .towers import tau_bucket
+
+        return float(self.taus[int(tau_bucket(n))])
 
     @property
     def trained(self) -> bool:
@@ -53,11 +67,11 @@ class Projection:
         if not self.trained:
             return {}
         return {"projection.weight": self.weight, "projection.bias_weight": self.bias_weight,
-                "projection.scalars": np.array([self.bias_const, self.tau], np.float32)}
+                "projection.scalars": np.array([self.bias_const], np.float32), "projection.taus": self.taus}
 
     @classmethod
     def from_tensors(cls, t: dict[str, np.ndarray], d_in: int) -> "Projection":
         if "projection.weight" not in t:
             return cls(d_in)
-        const, tau = (float(x) for x in t["projection.scalars"])
-        return cls(d_in, t["projection.weight"], t["projection.bias_weight"], const, tau)
+        return cls(d_in, t["projection.weight"], t["projection.bias_weight"],
+                   float(t["projection.scalars"][0]), t["projection.taus"])

@@ -103,8 +103,10 @@ class Ranker:
         return np.ascontiguousarray(np.hstack([tau * self.item_vectors(rows), self._bias[rows, None]]),
                                     dtype=np.float32)
 
-    def query(self, u: np.ndarray) -> np.ndarray:
-        return np.append(u, np.float32(1.0)).astype(np.float32)
+    def query(self, u: np.ndarray, n: int = 0) -> np.ndarray:
+        """[u * tau(n) / tau_ref, 1]: the index holds tau_ref * v, the user's history sets tau(n)."""
+        scale = self.projection.tau_for(n) / self.projection.tau
+        return np.append(scale * u, np.float32(1.0)).astype(np.float32)
 
     def similar_query(self, row: int) -> np.ndarray:
         return np.append(self.item_vectors(np.array([row]))[0], np.float32(0.0)).astype(np.float32)
@@ -158,7 +160,8 @@ class Ranker:
     def candidates(self, user: UserState, index: VectorIndex, banned: np.ndarray) -> np.ndarray:
         parts = []
         if user.vector.any() or self.trained:
-            rows, _ = index.search(self.query(user.vector), self.config.retrieve, exclude=banned)
+            rows, _ = index.search(self.query(user.vector, user.count + user.prior), self.config.retrieve,
+                                   exclude=banned)
             parts.append(rows)
         if self.config.popular_candidates:
             pop = self.popular(self.config.popular_candidates + len(banned))
@@ -175,7 +178,7 @@ class Ranker:
         items = self._items
         v = self.item_vectors(rows)
         f = np.zeros((len(rows), N_FEATURES), np.float32)
-        f[:, 0] = self.projection.tau * (v @ user.vector)
+        f[:, 0] = self.projection.tau_for(user.count + user.prior) * (v @ user.vector)
         f[:, 1] = self._bias[rows]
         clicks = items.clicks[rows] if own_clicks is None else np.maximum(items.clicks[rows] - own_clicks, 0)
         f[:, 2] = np.log1p(clicks)

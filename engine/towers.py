@@ -24,6 +24,17 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+#: History lengths where the temperature changes: one learned tau per bucket [edge_i, edge_i+1).
+#: A single click says less than twenty, so the similarity term earns less weight against the bias.
+TAU_EDGES = np.array([0, 1, 2, 3, 4, 6, 10, 20])
+
+
+def tau_bucket(n):
+    """Bucket of history length(s) `n` (numpy or torch)."""
+    if isinstance(n, torch.Tensor):
+        return torch.searchsorted(torch.from_numpy(TAU_EDGES), n, right=True) - 1
+    return np.searchsorted(TAU_EDGES, n, side="right") - 1
+
 
 @dataclass
 class TowerWeights:
@@ -34,7 +45,7 @@ class TowerWeights:
     bias_const: float
     residual: np.ndarray      # (n_items, d_out), zero for items without clicks
     item_bias: np.ndarray     # (n_items,), zero for items without clicks
-    tau: float
+    tau: np.ndarray           # (N_BUCKETS,), the temperature by history length
 
 
 class ItemTower(nn.Module):
@@ -47,7 +58,7 @@ class ItemTower(nn.Module):
         self.bias_const = nn.Parameter(torch.zeros(()))
         self.residual = nn.Parameter(torch.zeros(n, d_out))
         self.item_bias = nn.Parameter(torch.zeros(n))
-        self.log_tau = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.log_tau = nn.Parameter(torch.full((len(TAU_EDGES),), math.log(10.0)))
 
     def forward(self, rows: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit vectors (len(rows), d_out) and biases (len(rows),); `keep` masks the residuals."""
@@ -148,7 +159,8 @@ def _step(model: ItemTower, opt, target, hist, lens, live, warm, keep_p: float, 
     v_pool, b_pool = v_rows[at_pool], b_rows[at_pool]
     hv = v_rows[_positions(rows, flat)].reshape(*hist.shape, -1) * mask[..., None]
     u = nn.functional.normalize(hv.sum(1), dim=1)  # zero history -> zero vector
-    logits = model.log_tau.exp() * (u @ v_pool.T) + b_pool
+    tau = model.log_tau.exp()[tau_bucket(lens)]
+    logits = tau[:, None] * (u @ v_pool.T) + b_pool
     pos = _positions(pool, target)
     # the user's history is excluded at serving time, so it is left out of the softmax too
     hpos = _positions(pool, flat).reshape(hist.shape)
@@ -180,4 +192,5 @@ def _export(model: ItemTower, warm: np.ndarray) -> TowerWeights:
         return TowerWeights(weight=model.weight.numpy().astype(np.float32).copy(),
                             bias_weight=model.bias_weight.numpy().astype(np.float32).copy(),
                             bias_const=float(model.bias_const), residual=residual.astype(np.float32),
-                            item_bias=item_bias.astype(np.float32), tau=float(model.log_tau.exp()))
+                            item_bias=item_bias.astype(np.float32),
+                            tau=model.log_tau.exp().numpy().astype(np.float32).copy())
