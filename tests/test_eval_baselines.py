@@ -114,7 +114,8 @@ def test_kindling_adapter_tells_each_revealed_click_once(small: EvalDataset, fak
         for user in split.test_users:
             told = eng.user_history(f"{small.user_ids[user]}@new")
             assert told == [small.item_ids[r] for r in split.history[int(user)][:5]]
-    method.fit(TrainSet(split.train, small.items, small.n_users, small.user_ids))
+    few = split.train.take(np.arange(3))  # the rule under test needs no training worth the name
+    method.fit(TrainSet(few, small.items, small.n_users, small.user_ids))
     method.recommend([Query(-1, np.array([1, 2]), name="u")], 5)
     with pytest.raises(ValueError, match="only gain history"):
         method.recommend([Query(-1, np.array([2]), name="u")], 5)
