@@ -173,16 +173,28 @@ class Ranker:
             return np.zeros(0, np.int64)
         return np.unique(np.concatenate(parts))
 
-    def features(self, user: UserState, rows: np.ndarray, own_clicks: np.ndarray | None = None) -> np.ndarray:
-        """Shape (len(rows), N_FEATURES) float32; see rerank.FEATURES for the columns."""
+    def features(self, user: UserState, rows: np.ndarray, own_clicks: np.ndarray | None = None,
+                 as_cold: bool = False) -> np.ndarray:
+        """Shape (len(rows), N_FEATURES) float32; see rerank.FEATURES for the columns.
+
+        `as_cold` shows the items as if they had just been added (text-only vector and bias, no
+        clicks): training uses it so the reranker also learns to rank items without feedback.
+        """
         items = self._items
-        v = self.item_vectors(rows)
+        if as_cold and self.trained:
+            v = self.projection.transform(items.vectors[rows])
+            bias = self.projection.bias(items.vectors[rows])
+        else:
+            v, bias = self.item_vectors(rows), self._bias[rows]
         f = np.zeros((len(rows), N_FEATURES), np.float32)
         f[:, 0] = self.projection.tau_for(user.count + user.prior) * (v @ user.vector)
-        f[:, 1] = self._bias[rows]
+        f[:, 1] = bias
         clicks = items.clicks[rows] if own_clicks is None else np.maximum(items.clicks[rows] - own_clicks, 0)
+        if as_cold:
+            clicks = np.zeros(len(rows))
         f[:, 2] = np.log1p(clicks)
-        f[:, 3] = (clicks + 1.0) / (np.maximum(items.impressions[rows], clicks) + 2.0)
+        impressions = np.zeros(len(rows)) if as_cold else np.maximum(items.impressions[rows], clicks)
+        f[:, 3] = (clicks + 1.0) / (impressions + 2.0)
         f[:, 4] = np.log1p(user.count)
         recent = user.recent(self.config.recent_window)
         if recent:

@@ -60,9 +60,12 @@ class ItemTower(nn.Module):
         self.item_bias = nn.Parameter(torch.zeros(n))
         self.log_tau = nn.Parameter(torch.full((len(TAU_EDGES),), math.log(10.0)))
 
-    def forward(self, rows: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, rows: torch.Tensor, keep: torch.Tensor | None, dropout: float = 0.0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit vectors (len(rows), d_out) and biases (len(rows),); `keep` masks the residuals."""
         e = self.text[rows]
+        if dropout > 0.0:
+            e = nn.functional.dropout(e, dropout)
         r, c = self.residual[rows], self.item_bias[rows]
         if keep is not None:
             r, c = r * keep[:, None], c * keep
@@ -103,7 +106,8 @@ def _examples(histories: list[np.ndarray], rng: np.random.Generator, max_hist: i
 
 def train_towers(text: np.ndarray, histories: list[np.ndarray], live: np.ndarray, d_out: int,
                  epochs: int, seed: int, batch: int = 512, max_hist: int = 30, max_softmax: int = 16384,
-                 residual_keep: float = 0.5, progress: bool = False) -> tuple[TowerWeights, list[float]]:
+                 residual_keep: float = 0.5, weight_decay: float = 0.0, input_dropout: float = 0.0,
+                 progress: bool = False) -> tuple[TowerWeights, list[float]]:
     """Fit the item tower.
 
     Args:
@@ -124,9 +128,9 @@ def train_towers(text: np.ndarray, histories: list[np.ndarray], live: np.ndarray
     for h in histories:
         warm[h] = True
     warm_t = torch.from_numpy(warm.astype(np.float32))
-    opt = torch.optim.Adam([
-        {"params": [model.weight, model.bias_weight, model.bias_const, model.log_tau], "weight_decay": 0.0},
-        {"params": [model.residual, model.item_bias], "weight_decay": 0.0},
+    opt = torch.optim.AdamW([
+        {"params": [model.weight, model.bias_weight], "weight_decay": weight_decay},
+        {"params": [model.bias_const, model.log_tau, model.residual, model.item_bias], "weight_decay": 0.0},
     ], lr=0.01)
     live_t = torch.from_numpy(np.asarray(live, np.int64))
     losses = []
@@ -136,14 +140,16 @@ def train_towers(text: np.ndarray, histories: list[np.ndarray], live: np.ndarray
         total, steps = 0.0, 0
         for s in range(0, len(targets), batch):
             loss = _step(model, opt, torch.from_numpy(targets[s:s + batch]), torch.from_numpy(hists[s:s + batch]),
-                         torch.from_numpy(lens[s:s + batch]), live_t, warm_t, residual_keep, max_softmax)
+                         torch.from_numpy(lens[s:s + batch]), live_t, warm_t, residual_keep, max_softmax,
+                         input_dropout)
             total, steps = total + loss, steps + 1
         losses.append(total / max(steps, 1))
         log.info("item tower epoch %d: loss %.4f", epoch + 1, losses[-1])
     return _export(model, warm), losses
 
 
-def _step(model: ItemTower, opt, target, hist, lens, live, warm, keep_p: float, max_softmax: int) -> float:
+def _step(model: ItemTower, opt, target, hist, lens, live, warm, keep_p: float, max_softmax: int,
+          input_dropout: float = 0.0) -> float:
     mask = hist >= 0
     flat = hist.clamp(min=0).reshape(-1)
     if len(live) > max_softmax:
@@ -154,7 +160,7 @@ def _step(model: ItemTower, opt, target, hist, lens, live, warm, keep_p: float, 
     # one forward pass over every row the step touches: the softmax pool and the histories
     rows = torch.unique(torch.cat([pool, flat]))
     keep = (torch.rand(len(rows)) < keep_p).float() * warm[rows]
-    v_rows, b_rows = model(rows, keep)
+    v_rows, b_rows = model(rows, keep, input_dropout)
     at_pool = _positions(rows, pool)
     v_pool, b_pool = v_rows[at_pool], b_rows[at_pool]
     hv = v_rows[_positions(rows, flat)].reshape(*hist.shape, -1) * mask[..., None]

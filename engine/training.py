@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 MIN_TRAIN_USERS = 2
 CUTS = (0, 1, 2, 3, 5, 10)
 MAX_RERANK_EXAMPLES = 6000
+#: Share of training examples whose candidates are shown as brand-new items (no clicks, text-only
+#: vectors): the reranker must also rank what has no feedback yet.
+COLD_SHARE = 0.3
 
 
 def click_histories(users: UserTable, items: ItemTable) -> list[np.ndarray]:
@@ -65,7 +68,7 @@ def fit_reranker(ranker: Ranker, items: ItemTable, users: UserTable, index: Vect
         clicks = [r for r in clicks if not items.removed[r]]
         cuts = sorted({c for c in CUTS if c < len(clicks)} | {int(rng.integers(0, len(clicks)))})
         for p in rng.permutation(cuts)[:per_user]:
-            ex = _example(ranker, items, index, u, clicks, int(p))
+            ex = _example(ranker, items, index, u, clicks, int(p), as_cold=rng.random() < COLD_SHARE)
             if ex is not None:
                 examples.append(ex)
     if not examples:
@@ -76,7 +79,8 @@ def fit_reranker(ranker: Ranker, items: ItemTable, users: UserTable, index: Vect
             "reranker_seconds": round(time.perf_counter() - t0, 1)}
 
 
-def _example(ranker: Ranker, items: ItemTable, index: VectorIndex, u, clicks: list[int], p: int):
+def _example(ranker: Ranker, items: ItemTable, index: VectorIndex, u, clicks: list[int], p: int,
+             as_cold: bool = False):
     prefix = clicks[:p]
     prof = None if u.profile_vec is None else ranker.projection.transform(u.profile_vec[None])[0]
     state = user_from_clicks(prefix, ranker.item_vectors(np.array(prefix, np.int64)), prof,
@@ -88,4 +92,4 @@ def _example(ranker: Ranker, items: ItemTable, index: VectorIndex, u, clicks: li
     if len(labels) == 0 or len(labels) == len(cand):
         return None
     own = np.isin(cand, future).astype(np.float64)  # leave this user's own clicks out of popularity
-    return ranker.features(state, cand, own_clicks=own), labels
+    return ranker.features(state, cand, own_clicks=own, as_cold=as_cold), labels

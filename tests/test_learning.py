@@ -1,0 +1,166 @@
+"""The learning pieces: item tower, reranker online step, exploration, model round-trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from engine import Config, Engine, Event, Item
+from engine.rerank import N_FEATURES, Reranker
+from engine.towers import tau_bucket
+
+from conftest import FakeEncoder
+
+TOPICS = 4
+SYNONYMS = 12
+NOISE = [f"noise{i}" for i in range(100)]
+
+
+def topic_catalog(rng: np.random.Generator, n: int = 240) -> list[Item]:
+    """Items whose topic shows only as one of 12 synonyms, among three random noise words.
+
+    In the raw text space two items of one topic rarely share a word; only the audiences say
+    which words go together, so only a learned tower can place a cold item by its topic.
+    """
+    items = []
+    for i in range(n):
+        t = i % TOPICS
+        words = [f"t{t}syn{int(rng.integers(SYNONYMS))}"] + list(rng.choice(NOISE, size=3, replace=False))
+        items.append(Item(f"it{i}", f"item {i}", " ".join(words)))
+    return items
+
+
+def topic_of(item: Item) -> int:
+    return int(item.item_id[2:]) % TOPICS
+
+
+def topic_clicks(rng: np.random.Generator, warm: list[Item], users: int = 60, per_user: int = 6) -> list[Event]:
+    """User u likes topic u % TOPICS and clicks only items of it."""
+    by_topic = {t: [it.item_id for it in warm if topic_of(it) == t] for t in range(TOPICS)}
+    events, ts = [], 0
+    for u in range(users):
+        for item_id in rng.choice(by_topic[u % TOPICS], size=per_user, replace=False):
+            ts += 1
+            events.append(Event(f"u{u}", str(item_id), "click", 1.0, ts))
+    return events
+
+
+def cold_precision(eng: Engine, cold: list[Item], users: int = 60) -> float:
+    """Share of each user's top 5 among the cold items that is of the user's topic."""
+    ids = [it.item_id for it in cold]
+    topic = {it.item_id: topic_of(it) for it in cold}
+    hits = []
+    for u in range(users):
+        recs = eng.recommend(f"u{u}", k=5, candidates=ids, exclude_seen=False)
+        hits += [topic[r.item_id] == u % TOPICS for r in recs]
+    return float(np.mean(hits))
+
+
+def build(tmp_path: Path, name: str, config: Config, seed: int = 7, users: int = 60,
+          per_user: int = 6) -> tuple[Engine, list[Item]]:
+    rng = np.random.default_rng(seed)
+    items = topic_catalog(rng)
+    warm, cold = items[:180], items[180:]
+    eng = Engine.create(tmp_path / name, config, encoder=FakeEncoder(dim=512))
+    eng.add_items(items)
+    eng.fit(topic_clicks(rng, warm, users, per_user), progress=False)
+    return eng, cold
+
+
+def test_item_tower_places_cold_items_by_their_audience_like_words(tmp_path: Path) -> None:
+    base = Config(explore=False, rerank_epochs=0, fsync=False)
+    plain, cold = build(tmp_path, "plain", base.replace(proj_epochs=0), users=200, per_user=8)
+    tower, _ = build(tmp_path, "tower", base.replace(proj_epochs=60, proj_dim=32), users=200, per_user=8)
+    p_plain, p_tower = cold_precision(plain, cold, 200), cold_precision(tower, cold, 200)
+    assert tower.stats()["trained"] and not plain.stats()["trained"]
+    # chance is 1/4. Measured here: about 0.46 in the raw space, 0.56 with the tower (1,000 lists
+    # each, so a 0.05 margin is several standard errors); the tower must keep that lead.
+    assert p_tower > p_plain + 0.05, (p_plain, p_tower)
+    plain.close(save=False)
+    tower.close(save=False)
+
+
+def test_online_step_raises_the_clicked_candidates_probability() -> None:
+    rng = np.random.default_rng(0)
+    rr = Reranker(hidden=16, lr=0.05, replay_size=64, replay_batch=8, seed=0)
+    feats = rng.normal(size=(30, N_FEATURES)).astype(np.float32)
+    before = rr.score(feats)
+    p_before = np.exp(before[5]) / np.exp(before).sum()
+    for _ in range(5):
+        rr.partial_fit(feats, np.array([5]))
+    after = rr.score(feats)
+    p_after = np.exp(after[5]) / np.exp(after).sum()
+    assert p_after > p_before
+    assert len(rr.buffer) == 5
+
+
+def test_record_changes_the_next_recommendation_after_fit(tmp_path: Path) -> None:
+    eng, cold = build(tmp_path, "s", Config(explore=False, proj_epochs=5, proj_dim=16, rerank_epochs=2,
+                                            fsync=False))
+    before = eng.recommend("newbie", k=10)
+    target = cold[0].item_id
+    eng.record("newbie", target, "click")
+    after = eng.recommend("newbie", k=10)
+    assert [r.item_id for r in after] != [r.item_id for r in before]
+    assert target not in [r.item_id for r in after]  # seen items are left out
+    eng.close(save=False)
+
+
+def explore_lists(tmp_path: Path, name: str, seed: int, explore: bool) -> list[list[str]]:
+    eng = Engine.create(tmp_path / name, Config(seed=seed, explore=explore, explore_weight=0.5, fsync=False),
+                        encoder=FakeEncoder(dim=512))
+    eng.add_items(topic_catalog(np.random.default_rng(3), n=80))
+    out = []
+    for u in range(5):
+        eng.record(f"u{u}", f"it{u}", "click")
+        out.append([r.item_id for r in eng.recommend(f"u{u}", k=10)])
+    eng.close(save=False)
+    return out
+
+
+def test_exploration_is_deterministic_under_a_seed_and_can_be_switched_off(tmp_path: Path) -> None:
+    a = explore_lists(tmp_path, "a", seed=1, explore=True)
+    b = explore_lists(tmp_path, "b", seed=1, explore=True)
+    c = explore_lists(tmp_path, "c", seed=2, explore=True)
+    off = explore_lists(tmp_path, "d", seed=1, explore=False)
+    assert a == b
+    assert a != c
+    assert a != off
+
+
+def test_exploration_bonus_is_bounded_and_fades_with_feedback(engine: Engine) -> None:
+    ranker = engine._ranker
+    user = engine._users.get_or_create("x")
+    rows = engine._items.live_rows()
+    scores = np.linspace(0, 1, len(rows)).astype(np.float32)
+    bonus_new = ranker.explore_bonus(user, rows, scores, "x")
+    cap = 2 * engine.config.explore_weight * float(scores.std())
+    assert np.all(np.abs(bonus_new) <= cap + 1e-6)
+    engine._items.impressions[rows] = 10_000.0
+    engine._items.clicks[rows] = 100.0
+    bonus_old = ranker.explore_bonus(user, rows, scores, "x")
+    assert np.abs(bonus_old).mean() < 0.2 * np.abs(bonus_new).mean()
+
+
+def test_trained_models_round_trip_through_safetensors(tmp_path: Path) -> None:
+    eng, _ = build(tmp_path, "rt", Config(explore=True, proj_epochs=3, proj_dim=16, rerank_epochs=1, fsync=False))
+    eng.record("u1", "it3", "click")  # an online step on top of the fitted weights
+    expected = [r.item_id for r in eng.recommend("u1", k=10)]
+    eng.close()
+    models = sorted((tmp_path / "rt").glob("models-*.safetensors"))
+    assert len(models) == 1
+    assert models[0].read_bytes()[8:9] == b"{"  # a safetensors header, not a pickle
+    tensors = load_file(str(models[0]))
+    assert {"projection.weight", "projection.taus", "tower.residual", "rerank.linear.weight"} <= set(tensors)
+    again = Engine.open(tmp_path / "rt", encoder=FakeEncoder(dim=512))
+    assert [r.item_id for r in again.recommend("u1", k=10)] == expected
+    assert again.stats()["trained"]
+    again.close(save=False)
+
+
+@pytest.mark.parametrize("n,bucket", [(0, 0), (1, 1), (3, 3), (5, 4), (9, 5), (15, 6), (400, 7)])
+def test_temperature_bucket_of_a_history_length(n: int, bucket: int) -> None:
+    assert int(tau_bucket(n)) == bucket
