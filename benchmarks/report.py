@@ -73,7 +73,8 @@ def mutations_table(res: dict[str, Any]) -> list[str]:
                         f"{_pair(adds.get('torch'))} | {_pair(adds.get('onnx-int8'))} |")
         if size.get("trained"):
             for mode, f in size["trained"]["feedback_to_effect"].items():
-                rows.append(f"| {int(n):,} after fit() | {mode} | {_pair(f)} | {_pair(f.get('record'))} | – | – | – |")
+                rows.append(f"| {int(n):,} after fit() | {mode} | {_pair(f)} | {_pair(f.get('record'))} "
+                            "| – | – | – |")
     rows += ["", "| items | removal p50 / p99 ms | fit() s (exact / ann) |", "|---:|---|---|"]
     for n, size in res.get("sizes", {}).items():
         t = size.get("trained") or {}
@@ -160,7 +161,9 @@ def table(res: dict[str, Any]) -> str:
     m = res["machine"]
     head = (f"{res['mode']} run {res['started']}, {res.get('wall_s', '?')} s; {m['cores']} cores {m['cpu']}, "
             f"load {res['load_start']} -> {res.get('load_end')}; faiss {m['libraries']['faiss']}, "
-            f"torch {m['libraries']['torch']}, onnxruntime {m['libraries'].get('onnxruntime', '-')}")
+            f"torch {m['libraries']['torch']}, onnxruntime {m['libraries'].get('onnxruntime', '-')}; "
+            f"commit {res.get('git', {}).get('commit', '?')}"
+            f"{' + uncommitted engine/ changes' if res.get('git', {}).get('engine_dirty') else ''}")
     parts = [head, "", *build_table(res), "", *latency_table(res), "", *mutations_table(res)]
     if res.get("encoder"):
         parts += ["", *encoder_table(res)]

@@ -35,7 +35,8 @@ PLANS: dict[str, dict[str, Any]] = {
               "ingest": 256, "rounds": 1, "agree": 256, "single": 8, "trained": [], "nofsync": [10_000],
               "compressed": {10_000: ["hnsw-sq8"]}},
     "full": {"sizes": [10_000, 100_000, 1_000_000], "queries": 500, "f2e": 300, "adds": 30, "removals": 50,
-             "ingest": 1024, "rounds": 2, "agree": 1024, "single": 30, "trained": [10_000], "nofsync": [10_000, 100_000],
+             "ingest": 1024, "rounds": 2, "agree": 1024, "single": 30, "trained": [10_000],
+             "nofsync": [10_000, 100_000],
              "compressed": {10_000: ["hnsw-sq8"], 100_000: ["hnsw-sq8", "ivf-pq"], 1_000_000: ["ivf-pq"]}},
 }
 # Per-request threading: as shipped (FAISS and torch use every core for each call), and one thread
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = "quick" if args.quick else "full"
     plan = dict(PLANS[mode], sizes=args.sizes or PLANS[mode]["sizes"])
     result: dict[str, Any] = {"mode": mode, "started": dt.datetime.now().isoformat(timespec="seconds"),
-                              "machine": bt.machine(), "load_start": bt.load(), "plan": _jsonable(plan),
+                              "machine": bt.machine(), "git": _git(), "load_start": bt.load(),
+                              "plan": _jsonable(plan),
                               "config": Config().to_dict(), "ann_1m": args.ann_1m,
                               "ef_construction": args.ef_construction}
     t0 = time.perf_counter()
@@ -143,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     from engine.encoder import Encoder
 
     fallback = Encoder(show_progress=False)
-    int8 = Encoder(backend="onnx-int8", show_progress=False) if "onnx-int8" in bench_encoder.available_backends() else None
+    int8 = None
+    if "onnx-int8" in bench_encoder.available_backends():
+        int8 = Encoder(backend="onnx-int8", show_progress=False)
     result["sizes"] = {}
     for n in plan["sizes"]:
         result["sizes"][str(n)] = measure_size(n, plan, args, centres, fallback, int8)
@@ -151,6 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     _write(result, args.out or mode, t0)
     print(report.table(result))
     return 0
+
+
+def _git() -> dict[str, Any]:
+    """The commit measured, and whether engine/ had uncommitted changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "--short", "HEAD"), "engine_dirty": bool(git("status", "--porcelain", "engine"))}
 
 
 def _jsonable(plan: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 #: Above this many texts an encode call shows a progress bar (when stderr is a terminal).
 PROGRESS_THRESHOLD = 256
+#: "torch" (sentence-transformers), or ONNX Runtime on a locally exported graph, optionally int8.
+EncoderBackend = Literal["torch", "onnx", "onnx-int8"]
 #: Characters kept before tokenising; far above any model's token limit, it bounds tokenizer work.
 MAX_ENCODE_CHARS = 20_000
 
@@ -98,6 +100,12 @@ def _has_key(data: object, key: str) -> bool:
 class Encoder:
     """A sentence-transformers model behind `encode`, batched, normalised, cached by text hash.
 
+    Args:
+        backend: "torch" (the default), or the opt-in "onnx" / "onnx-int8" (ONNX Runtime on a
+            graph exported locally from the same model, see encoder_onnx.py; needs the onnx extra).
+            "onnx-int8" embeds several times faster on a CPU at cosine ~0.99 to "torch".
+        cache_dir: where exported ONNX files are kept (default: $KINDLING_CACHE or ~/.cache/kindling).
+
     Example:
         >>> enc = Encoder()                       # the bundled all-MiniLM-L6-v2
         >>> enc.encode(["a film about robots"]).shape
@@ -105,8 +113,14 @@ class Encoder:
     """
 
     def __init__(self, model_path: str | None = None, batch_size: int = 64,
-                 show_progress: bool | None = None, cache_size: int = 200_000) -> None:
+                 show_progress: bool | None = None, cache_size: int = 200_000,
+                 backend: EncoderBackend = "torch", cache_dir: str | Path | None = None) -> None:
+        from .encoder_onnx import BACKENDS, OnnxTransformer
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
         self.model_path = model_path or default_model_path()
+        self.backend = backend
         self.name = Path(self.model_path).name if model_path else "all-MiniLM-L6-v2"
         self.batch_size = batch_size
         self.show_progress = show_progress
@@ -115,6 +129,10 @@ class Encoder:
         self._model = self._load(self.model_path)
         self.dim = int(self._model.get_embedding_dimension())
         self.max_seq_length = int(self._model.max_seq_length)
+        self._onnx = None
+        if backend != "torch":  # the torch model stays loaded: it exports the graph and tokenises
+            self._onnx = OnnxTransformer(self._model, Path(self.model_path), backend == "onnx-int8",
+                                         None if cache_dir is None else Path(cache_dir))
 
     @staticmethod
     def _load(path: str):
@@ -153,14 +171,18 @@ class Encoder:
             if k in self._cache:
                 out[i] = self._cache[k]
         if todo:
-            fresh = self._model.encode([texts[i][:MAX_ENCODE_CHARS] for i in todo],
-                                       batch_size=self.batch_size, convert_to_numpy=True,
-                                       normalize_embeddings=True, show_progress_bar=self._progress(len(todo)))
-            fresh = np.ascontiguousarray(fresh, dtype=np.float32)
+            fresh = np.ascontiguousarray(self._embed([texts[i][:MAX_ENCODE_CHARS] for i in todo]),
+                                         dtype=np.float32)
             for j, i in enumerate(todo):
                 out[i] = fresh[j]
                 self._remember(keys[i], fresh[j])
         return out
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        if self._onnx is not None:
+            return self._onnx.encode(texts, self.batch_size)
+        return self._model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+                                  normalize_embeddings=True, show_progress_bar=self._progress(len(texts)))
 
     def _remember(self, key: bytes, vec: np.ndarray) -> None:
         if self._cache_size <= 0:

@@ -275,7 +275,7 @@ class Engine:
         """The language model, loaded on first use."""
         if self._encoder is None:
             self._encoder = Encoder(self.config.model_path, batch_size=self.config.batch_size,
-                                    show_progress=False)
+                                    show_progress=False, backend=self.config.encoder_backend)
         return self._encoder
 
     def _model_meta(self) -> dict[str, Any]:
