@@ -28,6 +28,11 @@ class Config:
         skip_step: how far a skip pushes the user vector away from the item, relative to a click.
         online_updates: False freezes learning: record() is still logged and still marks the
             item as seen, but no vector, statistic or weight changes.
+        search_threads: OpenMP threads of one request's FAISS search (0: FAISS's default, every
+            core). 1 keeps single queries fast on a busy host; builds always use every core.
+        online_lr: the step of the reranker's online SGD (one step per click, on a replay batch
+            of `replay_batch` examples from the last `replay_size`; the gradient's norm is clipped
+            at 1). 0.01 drifted the reranker over a few hundred clicks (docs/results.md).
         fsync: fsync the event log on every record (survives power loss, not only a crash).
         encoder_backend: "torch" (default), or the opt-in "onnx" / "onnx-int8": ONNX Runtime on a
             graph exported locally from the same model (the `onnx` extra); "onnx-int8" embeds
@@ -43,6 +48,7 @@ class Config:
     hnsw_ef_search: int = 128
     ivf_nlist: int = 0  # 0: 4 * sqrt(n) at build time
     ivf_nprobe: int = 32
+    search_threads: int = 1
     compact_ratio: float = 0.25
     retrieve: int = 200
     popular_candidates: int = 100
@@ -57,10 +63,10 @@ class Config:
     encoder_backend: EncoderBackendName = "torch"
     # Learning (see engine/rerank.py and engine/projection.py).
     proj_dim: int = 128
-    proj_epochs: int = 5
+    proj_epochs: int = 2
     rerank_hidden: int = 32
-    rerank_epochs: int = 3
-    online_lr: float = 0.01
+    rerank_epochs: int = 20
+    online_lr: float = 0.001
     replay_size: int = 2048
     replay_batch: int = 32
 
@@ -74,7 +80,7 @@ class Config:
                      "ivf_nprobe", "recent_window", "proj_dim", "rerank_hidden", "replay_batch"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
-        for name in ("popular_candidates", "exact_threshold", "ivf_nlist", "proj_epochs",
+        for name in ("search_threads", "popular_candidates", "exact_threshold", "ivf_nlist", "proj_epochs",
                      "rerank_epochs", "replay_size"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")

@@ -32,7 +32,7 @@ from .locks import RWLock
 from .projection import Projection
 from .ranking import Ranker
 from .snapshot import read_generation, write_generation
-from .training import fit_reranker, fit_towers
+from .training import fit_reranker, fit_towers, holdout_users
 from .store import FORMAT, FORMAT_VERSION, StoreDir
 from .types import EVENT_KINDS, Event, Item, Recommendation
 from .users import UserState, UserTable, apply_click, apply_skip, normalise, rederive
@@ -142,6 +142,7 @@ class Engine:
                 self._index.load(index_path, self._items.live_rows(), len(self._items),
                                  (handles or {}).get(index_path.name))
             self._ranker.refresh_item_vectors(self._items, self._proj)
+            self._ranker.rebuild_coclicks(self._users)
             self._check_models(models)
         log_fh = (handles or {}).get(manifest["log"])
         self._replay(self._store.path / manifest["log"], manifest["next_seq"],
@@ -304,7 +305,8 @@ class Engine:
     def _new_index(self, kind: str, dim: int) -> VectorIndex:
         c = self.config
         return VectorIndex(dim, kind, hnsw_m=c.hnsw_m, ef_construction=c.hnsw_ef_construction,
-                           ef_search=c.hnsw_ef_search, nlist=c.ivf_nlist, nprobe=c.ivf_nprobe)
+                           ef_search=c.hnsw_ef_search, nlist=c.ivf_nlist, nprobe=c.ivf_nprobe,
+                           search_threads=c.search_threads)
 
     def _rebuild_index(self) -> None:
         """Rebuild FAISS from the live rows (compaction, a kind change, or a new projection)."""
@@ -633,7 +635,10 @@ class Engine:
             for rec in evs:
                 self._apply_event_quiet(rec)
             show = progress if progress is not None else sys.stderr.isatty()
-            summary = {"events": len(evs), **fit_towers(self._ranker, self._items, self._users, show)}
+            self._ranker.rebuild_coclicks(self._users)
+            holdout = holdout_users(self._users, self.config)
+            summary = {"events": len(evs), "reranker_users": len(holdout),
+                       **fit_towers(self._ranker, self._items, self._users, show, holdout)}
             if summary["projection"]:
                 self._proj = self._ranker.projection
                 self._ranker.refresh_item_vectors(self._items, self._proj)
@@ -641,7 +646,7 @@ class Engine:
                 self._rebuild_index()
                 for user in self._users.states:
                     self._rederive(user)
-            summary.update(fit_reranker(self._ranker, self._items, self._users, self._index, show))
+            summary.update(fit_reranker(self._ranker, self._items, self._users, self._index, show, holdout))
             self._commit()
         return summary
 

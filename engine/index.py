@@ -37,6 +37,10 @@ def check_vectors(x: np.ndarray, dim: int, what: str = "vectors") -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+#: Batches up to this many queries search with `search_threads` threads; larger ones use all cores.
+SMALL_BATCH = 16
+
+
 class VectorIndex:
     """Inner-product search over rows, with tombstones and per-query exclusions.
 
@@ -46,12 +50,13 @@ class VectorIndex:
     """
 
     def __init__(self, dim: int, kind: str = "flat", *, hnsw_m: int = 32, ef_construction: int = 100,
-                 ef_search: int = 128, nlist: int = 0, nprobe: int = 32) -> None:
+                 ef_search: int = 128, nlist: int = 0, nprobe: int = 32, search_threads: int = 1) -> None:
         if kind not in FACTORY:
             raise ValueError(f"index kind must be one of {', '.join(FACTORY)}; got {kind!r}")
         self.dim, self.kind = int(dim), kind
         self.hnsw_m, self.ef_construction, self.ef_search = hnsw_m, ef_construction, ef_search
         self.nlist, self.nprobe = nlist, nprobe
+        self.search_threads = int(search_threads)
         self._faiss: faiss.Index | None = None
         self._live = np.zeros(0, dtype=np.uint8)  # bit r set <=> row r is in the index and not removed
         self._held = np.zeros(0, dtype=np.uint8)  # bit r set <=> FAISS holds a vector of row r
@@ -221,12 +226,29 @@ class VectorIndex:
             return [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(q))]
         keep: list = []  # the selectors must outlive the search call
         params = self._params(exclude, keep)
-        scores, rows = self._faiss.search(q, int(min(k, self.ntotal)), params=params)
+        scores, rows = self._search(q, int(min(k, self.ntotal)), params)
         out = []
         for r, s in zip(rows, scores):
             ok = r >= 0
             out.append((r[ok].astype(np.int64), s[ok].astype(np.float32)))
         return out
+
+    def _search(self, q: np.ndarray, k: int, params) -> tuple[np.ndarray, np.ndarray]:
+        """One FAISS search with `search_threads` OpenMP threads for small batches.
+
+        OpenMP's thread count belongs to the calling thread, so a request thread searching with
+        one thread leaves index builds on other threads (and on this one, after) their cores. On
+        a busy host a single query split over two threads waits for the second core: 10x slower
+        at the tail in benchmarks/README.md (finding 1).
+        """
+        if self.search_threads <= 0 or len(q) > SMALL_BATCH:
+            return self._faiss.search(q, k, params=params)
+        before = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(self.search_threads)
+        try:
+            return self._faiss.search(q, k, params=params)
+        finally:
+            faiss.omp_set_num_threads(before)
 
     # ---- persistence ------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:

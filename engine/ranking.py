@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from .coclick import CoClicks
 from .config import Config
 from .index import VectorIndex
 from .items import ItemTable
 from .projection import Projection
 from .rerank import N_FEATURES, Reranker
-from .users import UserState, apply_click, apply_skip, normalise
+from .users import UserState, UserTable, apply_click, apply_skip, normalise
 
 POP_REFRESH_CLICKS = 64
 ONLINE_CANDIDATES = 100
@@ -36,6 +37,7 @@ class Ranker:
         self._item_bias: np.ndarray | None = None
         self._pop_cache: np.ndarray | None = None
         self._pop_stale = 0
+        self.coclicks = CoClicks()
         self.reranker = Reranker(config.rerank_hidden, config.online_lr, config.replay_size,
                                  config.replay_batch, config.seed)
 
@@ -121,6 +123,7 @@ class Ranker:
             self._online_step(user, row, index)
         vec = self.item_vectors(np.array([row]))[0]
         if kind == "click":
+            self.coclicks.add_click(user.clicks, row)
             apply_click(user, vec, self.config.user_min_step)
             items.clicks[row] += 1.0
             items.impressions[row] += 1.0
@@ -173,12 +176,18 @@ class Ranker:
             return np.zeros(0, np.int64)
         return np.unique(np.concatenate(parts))
 
+    def rebuild_coclicks(self, users: UserTable) -> None:
+        """Co-click counts from every stored click history (on open and after fit)."""
+        self.coclicks.build([u.clicks for u in users.states], len(self._items) if self._items else 0)
+
     def features(self, user: UserState, rows: np.ndarray, own_clicks: np.ndarray | None = None,
-                 as_cold: bool = False) -> np.ndarray:
+                 as_cold: bool = False, own_coclicks: np.ndarray | None = None) -> np.ndarray:
         """Shape (len(rows), N_FEATURES) float32; see rerank.FEATURES for the columns.
 
         `as_cold` shows the items as if they had just been added (text-only vector and bias, no
         clicks): training uses it so the reranker also learns to rank items without feedback.
+        `own_clicks` / `own_coclicks` are what the user's own later clicks added to the click and
+        co-click counts; training subtracts them, so that a feature never reveals its label.
         """
         items = self._items
         if as_cold and self.trained:
@@ -203,6 +212,11 @@ class Ranker:
             f[:, 6] = items.vectors[rows] @ user.profile_vec
         f[:, 7] = clicks == 0
         f[:, 8] = float(user.vector.any())
+        if recent and not as_cold:
+            co = self.coclicks.scores(list(dict.fromkeys(recent)), rows)
+            if own_coclicks is not None:
+                co = np.maximum(co - own_coclicks, 0.0)
+            f[:, 9] = np.log1p(co)
         return f
 
     def score(self, user: UserState, rows: np.ndarray) -> np.ndarray:

@@ -10,6 +10,8 @@ Features of (user, candidate item), in order (FEATURES):
   profile    cosine between the item's text vector and the user's profile text vector
   fresh      1 when the item has no click yet
   has_user   1 when the user has a vector (a profile or a click)
+  coclick    log(1 + how often other users clicked the item within a few clicks of the user's
+             recent clicks), see coclick.py
 The network is `linear(x) + mlp(x)`: the linear part starts at tower + bias, so an untrained
 reranker ranks like the two-tower model and training only has to learn corrections.
 """
@@ -22,8 +24,16 @@ import numpy as np
 import torch
 from torch import nn
 
-FEATURES = ("tower", "bias", "clicks", "ctr", "user_n", "recent", "profile", "fresh", "has_user")
+FEATURES = ("tower", "bias", "clicks", "ctr", "user_n", "recent", "profile", "fresh", "has_user", "coclick")
 N_FEATURES = len(FEATURES)
+#: Features the MLP does not see: they enter the score through the linear part alone, so the
+#: network can re-weight the content scores but cannot bend the order they give to items that
+#: share every other feature (brand-new items among themselves).
+LINEAR_ONLY: tuple[str, ...] = ("tower", "bias")
+
+
+#: The online step's gradient norm is clipped here: one odd click must not move the network far.
+ONLINE_CLIP = 1.0
 
 
 class RerankNet(nn.Module):
@@ -68,6 +78,60 @@ def listwise_loss(net: RerankNet, batch: list[tuple[np.ndarray, np.ndarray]]) ->
     return -(logp * torch.from_numpy(target)).sum(1).mean()
 
 
+def listwise_grads(p: dict[str, np.ndarray], batch: list[tuple[np.ndarray, np.ndarray]]
+                   ) -> tuple[float, dict[str, np.ndarray]]:
+    """`listwise_loss` and its gradients for the numpy weights `p` (RerankNet's state_dict names).
+
+    The candidates of all examples are stacked (no padding); softmaxes run per example segment.
+    """
+    x = np.concatenate([f for f, _ in batch]).astype(np.float64)
+    sizes = np.array([len(f) for f, _ in batch])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    target = np.zeros(len(x))
+    for s0, (_, labels) in zip(starts, batch):
+        target[s0 + labels] = 1.0 / len(labels)
+    seg = np.repeat(np.arange(len(batch)), sizes)
+    w0, b0 = p["mlp.0.weight"], p["mlp.0.bias"]
+    w2, b2 = p["mlp.2.weight"], p["mlp.2.bias"]
+    w4 = p["mlp.4.weight"][0]
+    z = (x - p["mean"]) / p["std"]
+    a1 = z @ w0.T + b0
+    h1 = np.maximum(a1, 0.0)
+    a2 = h1 @ w2.T + b2
+    h2 = np.maximum(a2, 0.0)
+    s = x @ p["linear.weight"][0] + p["linear.bias"][0] + h2 @ w4 + p["mlp.4.bias"][0]
+    e = np.exp(s - np.maximum.reduceat(s, starts)[seg])
+    total = np.add.reduceat(e, starts)
+    logp = np.log(e) - np.log(total)[seg]
+    loss = float(-(target * logp).sum() / len(batch))
+    ds = (e / total[seg] - target) / len(batch)
+    da2 = ds[:, None] * w4 * (a2 > 0)
+    da1 = (da2 @ w2) * (a1 > 0)
+    grads = {"linear.weight": (x.T @ ds)[None], "linear.bias": np.array([ds.sum()]),
+             "mlp.4.weight": (h2.T @ ds)[None], "mlp.4.bias": np.array([ds.sum()]),
+             "mlp.2.weight": da2.T @ h1, "mlp.2.bias": da2.sum(0),
+             "mlp.0.weight": da1.T @ z, "mlp.0.bias": da1.sum(0)}
+    return loss, {k: g.astype(np.float32) for k, g in grads.items()}
+
+
+#: Early stopping of `Reranker.fit`: share of users held out, epochs without progress, and the
+#: fewest examples worth holding any out.
+VALID_SHARE = 0.2
+PATIENCE = 3
+MIN_VALID = 200
+
+
+def _split(n: int, groups: np.ndarray | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(train, valid) example positions; whole groups go to one side."""
+    if n < MIN_VALID:
+        return np.arange(n), np.zeros(0, np.int64)
+    groups = np.arange(n) if groups is None else np.asarray(groups)
+    uniq = np.unique(groups)
+    held = rng.permutation(uniq)[: max(1, int(round(VALID_SHARE * len(uniq))))]
+    mask = np.isin(groups, held)
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
 class Reranker:
     """Holds the network, its optimiser for online steps and the replay buffer."""
 
@@ -77,8 +141,9 @@ class Reranker:
         self.lr, self.replay_batch = lr, replay_batch
         self.buffer: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=max(replay_size, 1))
         self._rng = np.random.default_rng(seed)
-        self._opt = torch.optim.SGD(self.net.parameters(), lr=lr)
         self.trained = False
+        self.valid_recall: float | None = None
+        self._torch_stale = False
         self._sync()
 
     def _sync(self) -> None:
@@ -96,22 +161,35 @@ class Reranker:
         return (lin + h @ p["mlp.4.weight"][0] + p["mlp.4.bias"][0]).astype(np.float32)
 
     def fit(self, examples: list[tuple[np.ndarray, np.ndarray]], epochs: int, batch: int = 64,
-            progress: bool = False) -> list[float]:
-        """Offline training on (features, positive indices) examples; returns the epoch losses."""
+            progress: bool = False, groups: np.ndarray | None = None) -> list[float]:
+        """Offline training on (features, positive indices) examples; returns the epoch losses.
+
+        `epochs` is a ceiling: the examples of a seeded VALID_SHARE of the `groups` (users; each
+        example its own group when None) are held out, and training stops once their recall@20
+        has not improved for PATIENCE epochs, keeping the best weights (the listwise loss kept
+        falling on held-out users while their recall fell). Below MIN_VALID examples
+        every epoch runs on everything.
+        """
         from tqdm.auto import tqdm
 
         if not examples:
             return []
-        allf = np.concatenate([f for f, _ in examples])
+        self._load_np_into_net()
+        train, valid = _split(len(examples), groups, self._rng)
+        allf = np.concatenate([examples[i][0] for i in train])
         with torch.no_grad():
             self.net.mean.copy_(torch.from_numpy(allf.mean(0)))
             std = allf.std(0)
             # a feature constant in the logs carries nothing the MLP could learn: silence it there
-            self.net.std.copy_(torch.from_numpy(np.where(std < 1e-4, 1e6, std).astype(np.float32)))
+            std = np.where(std < 1e-4, 1e6, std)
+            # the content scores enter linearly only (see LINEAR_ONLY)
+            std[[FEATURES.index(name) for name in LINEAR_ONLY]] = 1e6
+            self.net.std.copy_(torch.from_numpy(std.astype(np.float32)))
         opt = torch.optim.Adam(self.net.parameters(), lr=3e-3)
-        losses = []
+        losses: list[float] = []
+        best, best_state, stale = np.inf, None, 0
         for _ in tqdm(range(epochs), desc="reranker", disable=not progress):
-            order = self._rng.permutation(len(examples))
+            order = train[self._rng.permutation(len(train))]
             total = 0.0
             for s in range(0, len(order), batch):
                 loss = listwise_loss(self.net, [examples[i] for i in order[s:s + batch]])
@@ -119,24 +197,57 @@ class Reranker:
                 loss.backward()
                 opt.step()
                 total += float(loss.detach()) * len(order[s:s + batch])
-            losses.append(total / len(examples))
+            losses.append(total / len(train))
+            if len(valid):
+                v = -self._valid_recall([examples[i] for i in valid])
+                if v < best - 1e-4:
+                    best, stale = v, 0
+                    best_state = {k: t.clone() for k, t in self.net.state_dict().items()}
+                else:
+                    stale += 1
+                    if stale >= PATIENCE:
+                        break
+        if best_state is not None:
+            self.net.load_state_dict(best_state)
         self.trained = True
+        self.valid_recall = None if best == np.inf else -best
         self._sync()
         self.buffer.extend(examples[-self.buffer.maxlen:])
         return losses
 
+    def _valid_recall(self, examples: list[tuple[np.ndarray, np.ndarray]], k: int = 20) -> float:
+        """Mean recall@k of the positives among each example's candidates: the quantity that the
+        evaluation reports, so early stopping follows it rather than the loss."""
+        self._sync()
+        out = []
+        for feats, labels in examples:
+            top = np.argsort(-self.score(feats), kind="stable")[:k]
+            out.append(np.isin(top, labels).sum() / min(k, len(labels)))
+        return float(np.mean(out))
+
     def partial_fit(self, feats: np.ndarray, labels: np.ndarray) -> float:
-        """One online step: remember the example, then SGD on a small batch from the buffer."""
+        """One online step: remember the example, then SGD on a small batch from the buffer.
+
+        The step runs in numpy with hand-written gradients of `listwise_loss` (tests check them
+        against autograd): for a network this small, torch's per-call overhead would cost more than
+        the arithmetic, and this runs inside `record()`.
+        """
         self.buffer.append((feats.astype(np.float32), labels.astype(np.int64)))
         n = min(self.replay_batch, len(self.buffer))
-        picks = self._rng.choice(len(self.buffer), size=n - 1, replace=False) if n > 1 else []
-        batch = [self.buffer[-1]] + [self.buffer[i] for i in picks if i != len(self.buffer) - 1]
-        loss = listwise_loss(self.net, batch)
-        self._opt.zero_grad()
-        loss.backward()
-        self._opt.step()
-        self._sync()
-        return float(loss.detach())
+        picks = self._rng.choice(len(self.buffer) - 1, size=n - 1, replace=False) if n > 1 else []
+        batch = [self.buffer[-1]] + [self.buffer[int(i)] for i in picks]
+        loss, grads = listwise_grads(self._np, batch)
+        norm = float(np.sqrt(sum(float((g * g).sum()) for g in grads.values())))
+        step = self.lr * min(1.0, ONLINE_CLIP / max(norm, 1e-12))
+        for name, g in grads.items():
+            self._np[name] -= step * g
+        self._torch_stale = True
+        return loss
+
+    def _load_np_into_net(self) -> None:
+        if self._torch_stale:
+            self.net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in self._np.items()})
+            self._torch_stale = False
 
     # ---- persistence --------------------------------------------------------------------------
     def tensors(self) -> dict[str, np.ndarray]:
@@ -154,6 +265,7 @@ class Reranker:
               if k.startswith("rerank.") and k != "rerank.trained"}
         if sd:
             self.net.load_state_dict(sd)
+        self._torch_stale = False
         self.trained = bool(tensors.get("rerank.trained", np.zeros(1))[0])
         if "replay.features" in tensors:
             f_ends = np.cumsum(tensors["replay.sizes"])

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from .coclick import own_pairs
+from .config import Config
 from .index import VectorIndex
 from .items import ItemTable
 from .projection import Projection
@@ -22,6 +24,11 @@ MAX_RERANK_EXAMPLES = 6000
 #: Share of training examples whose candidates are shown as brand-new items (no clicks, text-only
 #: vectors): the reranker must also rank what has no feedback yet.
 COLD_SHARE = 0.3
+LONG_CUTS = 8
+#: Share of users whose clicks train the reranker and not the item tower (see holdout_users).
+HOLDOUT_SHARE = 0.2
+MIN_HOLDOUT_USERS = 20
+RANDOM_NEGATIVES = 64
 
 
 def click_histories(users: UserTable, items: ItemTable) -> list[np.ndarray]:
@@ -35,12 +42,33 @@ def click_histories(users: UserTable, items: ItemTable) -> list[np.ndarray]:
     return out
 
 
-def fit_towers(ranker: Ranker, items: ItemTable, users: UserTable, progress: bool) -> dict[str, Any]:
-    """Train the item tower on every user's clicks; installs it in the ranker."""
+def holdout_users(users: UserTable, config: Config) -> np.ndarray:
+    """Positions (in users.states) of the users kept out of the item tower for the reranker.
+
+    The reranker must learn how far to trust the tower on users the tower has not seen, which is
+    what every new user is: trained on the tower's own training users, it would learn a tower that
+    knows their future (its item residuals were fit on it) and over-trust it. With fewer than
+    MIN_HOLDOUT_USERS eligible users, or no reranker to train, everyone trains the tower.
+    """
+    if config.rerank_epochs == 0 or config.proj_epochs == 0:
+        return np.zeros(0, np.int64)
+    eligible = np.array([i for i, u in enumerate(users.states) if len(set(u.clicks)) >= 2], np.int64)
+    n = int(round(HOLDOUT_SHARE * len(eligible)))
+    if n < MIN_HOLDOUT_USERS:
+        return np.zeros(0, np.int64)
+    return np.sort(np.random.default_rng(config.seed + 2).permutation(eligible)[:n])
+
+
+def fit_towers(ranker: Ranker, items: ItemTable, users: UserTable, progress: bool,
+               holdout: np.ndarray | None = None) -> dict[str, Any]:
+    """Train the item tower on the clicks of every user not in `holdout`; installs it in the ranker."""
     from .towers import train_towers
 
     cfg = ranker.config
-    hist = click_histories(users, items)
+    kept = UserTable(users.dim)
+    skip = set() if holdout is None else set(holdout.tolist())
+    kept.states = [u for i, u in enumerate(users.states) if i not in skip]
+    hist = click_histories(kept, items)
     if cfg.proj_epochs == 0 or sum(len(h) >= 2 for h in hist) < MIN_TRAIN_USERS:
         return {"projection": False}
     t0 = time.perf_counter()
@@ -53,43 +81,65 @@ def fit_towers(ranker: Ranker, items: ItemTable, users: UserTable, progress: boo
 
 
 def fit_reranker(ranker: Ranker, items: ItemTable, users: UserTable, index: VectorIndex,
-                 progress: bool) -> dict[str, Any]:
-    """Train the reranker listwise on (history prefix -> later clicks) examples from the logs."""
+                 progress: bool, holdout: np.ndarray | None = None) -> dict[str, Any]:
+    """Train the reranker listwise on (history prefix -> later clicks) examples of the `holdout`
+    users (all users when it is empty or None)."""
     cfg = ranker.config
     if cfg.rerank_epochs == 0:
         return {"reranker": False}
     t0 = time.perf_counter()
     rng = np.random.default_rng(cfg.seed + 1)
-    examples = []
-    states = [u for u in users.states if len(set(u.clicks)) >= 2]
+    examples, groups = [], []
+    pool = users.states if holdout is None or not len(holdout) else [users.states[i] for i in holdout]
+    states = [u for u in pool if len(set(u.clicks)) >= 2]
     per_user = max(1, MAX_RERANK_EXAMPLES // max(len(states), 1))
-    for u in states:
+    for g, u in enumerate(states):
         clicks = list(dict.fromkeys(u.clicks))
         clicks = [r for r in clicks if not items.removed[r]]
-        cuts = sorted({c for c in CUTS if c < len(clicks)} | {int(rng.integers(0, len(clicks)))})
-        for p in rng.permutation(cuts)[:per_user]:
-            ex = _example(ranker, items, index, u, clicks, int(p), as_cold=rng.random() < COLD_SHARE)
+        for p in rng.permutation(history_cuts(len(clicks), rng))[:per_user]:
+            ex = _example(ranker, items, index, u, clicks, int(p), rng, as_cold=rng.random() < COLD_SHARE)
             if ex is not None:
                 examples.append(ex)
+                groups.append(g)
     if not examples:
         return {"reranker": False}
-    losses = ranker.reranker.fit(examples, cfg.rerank_epochs, progress=progress)
+    losses = ranker.reranker.fit(examples, cfg.rerank_epochs, progress=progress, groups=np.array(groups))
     return {"reranker": True, "reranker_examples": len(examples),
             "reranker_loss": [round(x, 4) for x in losses],
+            "reranker_valid_recall": (None if ranker.reranker.valid_recall is None
+                                      else round(ranker.reranker.valid_recall, 4)),
             "reranker_seconds": round(time.perf_counter() - t0, 1)}
 
 
+def history_cuts(n: int, rng: np.random.Generator) -> list[int]:
+    """Prefix lengths to train on for a user with n clicks: the short ones (CUTS) where cold-start
+    lives, plus LONG_CUTS drawn log-uniformly over [1, n) so that long histories, which serving
+    meets too, are inside the range the network was trained on."""
+    cuts = {c for c in CUTS if c < n}
+    if n > 2:
+        cuts |= {int(c) for c in np.exp(rng.uniform(0.0, np.log(n - 1), LONG_CUTS))}
+    return sorted(cuts)
+
+
 def _example(ranker: Ranker, items: ItemTable, index: VectorIndex, u, clicks: list[int], p: int,
-             as_cold: bool = False):
+             rng: np.random.Generator, as_cold: bool = False):
     prefix = clicks[:p]
     prof = None if u.profile_vec is None else ranker.projection.transform(u.profile_vec[None])[0]
     state = user_from_clicks(prefix, ranker.item_vectors(np.array(prefix, np.int64)), prof,
                              ranker.config.user_min_step)
     state.profile, state.profile_vec = u.profile, u.profile_vec
     cand = ranker.candidates(state, index, np.array(prefix, np.int64))
+    if RANDOM_NEGATIVES:
+        # a few items from anywhere in the catalog: an application may hand `recommend` any
+        # candidates, and the network must not extrapolate where retrieval never led it
+        live = items.live_rows()
+        extra = live[rng.integers(0, len(live), RANDOM_NEGATIVES)]
+        cand = np.union1d(cand, extra[~np.isin(extra, prefix)])
     future = np.array(clicks[p:], np.int64)
     labels = np.flatnonzero(np.isin(cand, future))
     if len(labels) == 0 or len(labels) == len(cand):
         return None
     own = np.isin(cand, future).astype(np.float64)  # leave this user's own clicks out of popularity
-    return ranker.features(state, cand, own_clicks=own, as_cold=as_cold), labels
+    recent = list(dict.fromkeys(state.recent(ranker.config.recent_window)))
+    own_co = own_pairs(u.clicks, len(u.clicks), ranker.coclicks.window, recent, cand)
+    return ranker.features(state, cand, own_clicks=own, as_cold=as_cold, own_coclicks=own_co), labels

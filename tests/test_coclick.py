@@ -1,0 +1,73 @@
+"""Co-click counts: offline build, online growth, the training-time subtraction, and restarts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from engine import Config, Engine, Item
+from engine.coclick import CoClicks, own_pairs
+
+from conftest import FakeEncoder
+
+
+def brute_force(histories: list[list[int]], window: int, n: int) -> np.ndarray:
+    c = np.zeros((n, n))
+    for h in histories:
+        for b in range(len(h)):
+            for a in range(max(0, b - window), b):
+                if h[a] != h[b]:
+                    c[h[a], h[b]] += 1
+                    c[h[b], h[a]] += 1
+    return c
+
+
+def test_build_and_online_clicks_count_the_same_pairs() -> None:
+    rng = np.random.default_rng(0)
+    histories = [list(rng.integers(0, 12, size=int(rng.integers(1, 15)))) for _ in range(20)]
+    ref = brute_force(histories, 3, 12)
+    built = CoClicks(window=3)
+    built.build(histories, 12)
+    online = CoClicks(window=3)
+    online.build([], 12)
+    for h in histories:
+        for t, row in enumerate(h):
+            online.add_click(h[:t], row)
+    rows = np.arange(12)
+    for j in range(12):
+        np.testing.assert_array_equal(built.scores([j], rows), ref[j])
+        np.testing.assert_array_equal(online.scores([j], rows), ref[j])
+    np.testing.assert_array_equal(built.scores([0, 5], rows[::-1]), (ref[0] + ref[5])[::-1])
+
+
+def test_own_pairs_is_what_the_user_added() -> None:
+    rng = np.random.default_rng(1)
+    others = [list(rng.integers(0, 10, size=8)) for _ in range(5)]
+    mine = [1, 2, 3, 4, 5, 6, 7]
+    with_me, without_me = CoClicks(window=2), CoClicks(window=2)
+    with_me.build(others + [mine], 10)
+    without_me.build(others, 10)
+    rows = np.array([4, 5, 6, 7, 8, 9])
+    sources = [2, 3]
+    diff = with_me.scores(sources, rows) - without_me.scores(sources, rows)
+    np.testing.assert_array_equal(own_pairs(mine, len(mine), 2, sources, rows), diff)
+
+
+def test_counts_survive_a_restart_and_the_log(tmp_path: Path) -> None:
+    items = [Item(f"it{i}", f"item {i}") for i in range(6)]
+    eng = Engine.create(tmp_path / "s", Config(fsync=False), encoder=FakeEncoder(dim=16))
+    eng.add_items(items)
+    for user, seq in {"a": [0, 1, 2], "b": [1, 2], "c": [2, 3]}.items():
+        for i in seq:
+            eng.record(user, f"it{i}", "click")
+    rows = np.arange(6)
+    before = eng._ranker.coclicks.scores([2], rows)
+    np.testing.assert_array_equal(before, [1, 2, 0, 1, 0, 0])
+    eng.close(save=False)  # the clicks are only in the event log
+    again = Engine.open(tmp_path / "s", encoder=FakeEncoder(dim=16))
+    np.testing.assert_array_equal(again._ranker.coclicks.scores([2], rows), before)
+    again.close()  # now they are in the snapshot's click histories
+    third = Engine.open(tmp_path / "s", encoder=FakeEncoder(dim=16))
+    np.testing.assert_array_equal(third._ranker.coclicks.scores([2], rows), before)
+    third.close()
