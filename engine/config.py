@@ -68,7 +68,7 @@ class Config:
     rerank_epochs: int = 20
     online_lr: float = 0.001
     replay_size: int = 2048
-    replay_batch: int = 32
+    replay_batch: int = 16
 
     def __post_init__(self) -> None:
         if self.index not in _INDEX_KINDS:
