@@ -35,6 +35,7 @@ def test_means_and_ratios_against_the_named_rivals() -> None:
     assert s["replay"]["ratio_online_to_frozen"]["hit_rate@20"] == pytest.approx(1.1)
     text = markdown(s)
     assert "kindling / lightfm: 1.600x (target 1.20x): met" in text
+    assert "kindling / lm-profile: no ratio" in text  # no lm-profile in these runs
     assert "hit_rate@20: online / frozen: 1.100x (target 1.15x): not met" in text
 
 
