@@ -24,10 +24,12 @@ MAX_RERANK_EXAMPLES = 6000
 #: Share of training examples whose candidates are shown as brand-new items (no clicks, text-only
 #: vectors): the reranker must also rank what has no feedback yet.
 COLD_SHARE = 0.3
+#: Long prefixes drawn per user besides CUTS (see history_cuts).
 LONG_CUTS = 8
 #: Share of users whose clicks train the reranker and not the item tower (see holdout_users).
 HOLDOUT_SHARE = 0.2
 MIN_HOLDOUT_USERS = 20
+#: Random catalog items added to each example's candidates (see _example).
 RANDOM_NEGATIVES = 64
 
 
