@@ -155,8 +155,9 @@ class Engine:
         loader skipped would otherwise leave a default-initialised model, silently."""
         if not models:
             return
+        aside = ("rerank.", "replay.") if self._ranker.reranker.set_aside else ()
         bad = [k for k, v in self._ranker.model_tensors(self._proj).items()
-               if k not in models or models[k].shape != np.shape(v)]
+               if not k.startswith(aside) and (k not in models or models[k].shape != np.shape(v))]
         if bad:
             raise CorruptStoreError(f"{self._store.file('models', self._gen, 'safetensors')}: missing or "
                                     f"misshapen tensor(s) {', '.join(sorted(bad)[:5])}")

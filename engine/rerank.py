@@ -158,6 +158,7 @@ class Reranker:
         self._rng = np.random.default_rng(seed)
         self.trained = False
         self.valid_recall: float | None = None
+        self.set_aside = False  # a stored reranker of another feature set was not loaded
         self._torch_stale = False
         self._sync()
 
@@ -277,6 +278,17 @@ class Reranker:
         return out
 
     def load(self, tensors: dict[str, np.ndarray]) -> None:
+        """Load saved weights. A reranker saved with another feature set (an older Kindling) is set
+        aside with a warning: the engine ranks with the untrained reranker until the next fit."""
+        saved = tensors.get("rerank.linear.weight")
+        if saved is not None and saved.shape[-1] != N_FEATURES:
+            import warnings
+
+            warnings.warn(f"the stored reranker was trained on {saved.shape[-1]} features and this version "
+                          f"uses {N_FEATURES} ({', '.join(FEATURES)}); it is set aside until the next fit",
+                          stacklevel=2)
+            self.set_aside = True
+            return
         sd = {k[len("rerank."):]: torch.from_numpy(v.copy()) for k, v in tensors.items()
               if k.startswith("rerank.") and k != "rerank.trained"}
         if sd:

@@ -212,3 +212,13 @@ def test_trained_models_round_trip_through_safetensors(tmp_path: Path) -> None:
 @pytest.mark.parametrize("n,bucket", [(0, 0), (1, 1), (3, 3), (5, 4), (9, 5), (15, 6), (400, 7)])
 def test_temperature_bucket_of_a_history_length(n: int, bucket: int) -> None:
     assert int(tau_bucket(n)) == bucket
+
+
+def test_a_reranker_saved_with_other_features_is_set_aside() -> None:
+    old = Reranker(hidden=8, lr=0.01, replay_size=8, replay_batch=2, seed=0).tensors()
+    old["rerank.linear.weight"] = old["rerank.linear.weight"][:, :-1]  # one feature fewer
+    old["rerank.trained"] = np.array([1], np.int64)
+    rr = Reranker(hidden=8, lr=0.01, replay_size=8, replay_batch=2, seed=0)
+    with pytest.warns(UserWarning, match="set aside until the next fit"):
+        rr.load(old)
+    assert rr.set_aside and not rr.trained
