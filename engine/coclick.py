@@ -6,7 +6,9 @@ it). A click pairs with each of the user's previous `window` clicks, in both dir
 counts are rebuilt from the stored click histories when a store opens (so they need no file of
 their own and the event log restores them after a crash) and grow online with every click.
 
-Memory is one int per pair occurrence: at most clicks x window.
+Counts live in a CSR matrix plus a small overlay of the pairs counted since it was built; the
+overlay is folded into the matrix once it holds FOLD_AT pairs, so a lookup on the request path
+never walks a dictionary that grows with uptime. Memory is bounded by clicks x window pairs.
 """
 
 from __future__ import annotations
@@ -18,15 +20,19 @@ import numpy as np
 
 #: A click pairs with this many of the user's previous clicks.
 WINDOW = 20
+#: Overlay pairs (new since the matrix was built) at which they are folded into the matrix.
+FOLD_AT = 20_000
 
 
 class CoClicks:
     def __init__(self, window: int = WINDOW) -> None:
         self.window = window
-        self._indptr = np.zeros(1, np.int64)
+        self._indptr = np.zeros(2, np.int64)  # an empty 1 x 1 matrix
         self._indices = np.zeros(0, np.int64)
         self._counts = np.zeros(0, np.float32)
+        self._n = 1
         self._extra: defaultdict[int, defaultdict[int, float]] = defaultdict(lambda: defaultdict(float))
+        self._extra_pairs = 0
 
     def build(self, histories: Sequence[Sequence[int]], n_items: int) -> None:
         """Count every pair of clicks at most `window` apart in each history (in click order)."""
@@ -40,7 +46,7 @@ class CoClicks:
                 keep = a != b
                 src += [a[keep], b[keep]]
                 dst += [b[keep], a[keep]]
-        n = max(n_items, 1)
+        n = self._n = max(n_items, 1)
         if src:
             rows, cols = np.concatenate(src), np.concatenate(dst)
             m = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n, n))
@@ -51,13 +57,35 @@ class CoClicks:
             self._indptr, self._indices = np.zeros(n + 1, np.int64), np.zeros(0, np.int64)
             self._counts = np.zeros(0, np.float32)
         self._extra.clear()
+        self._extra_pairs = 0
 
     def add_click(self, previous: Sequence[int], row: int) -> None:
         """Pair a new click on `row` with the user's previous clicks (oldest first)."""
         for j in previous[-self.window:]:
             if j != row:
+                self._extra_pairs += (row not in self._extra[j]) + (j not in self._extra[row])
                 self._extra[j][row] += 1.0
                 self._extra[row][j] += 1.0
+        if self._extra_pairs >= FOLD_AT:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Add the overlay into the CSR matrix (growing it for rows added since) and empty it."""
+        import scipy.sparse as sp
+
+        rows = [j for j, d in self._extra.items() for _ in d]
+        cols = [i for d in self._extra.values() for i in d]
+        vals = [c for d in self._extra.values() for c in d.values()]
+        n = max(self._n, max(rows) + 1, max(cols) + 1) if rows else self._n
+        base = sp.csr_matrix((self._counts, self._indices, self._indptr), shape=(self._n, self._n))
+        base.resize((n, n))
+        m = (base + sp.csr_matrix((np.asarray(vals, np.float32), (rows, cols)), shape=(n, n))).tocsr()
+        m.sum_duplicates()
+        self._n = n
+        self._indptr, self._indices = m.indptr.astype(np.int64), m.indices.astype(np.int64)
+        self._counts = m.data.astype(np.float32)
+        self._extra.clear()
+        self._extra_pairs = 0
 
     def scores(self, sources: Sequence[int], rows: np.ndarray) -> np.ndarray:
         """For each of `rows`, the summed co-click count with the items in `sources`."""

@@ -8,8 +8,9 @@ from typing import Any, Literal
 
 IndexKind = Literal["auto", "flat", "hnsw", "ivf", "hnsw-sq8", "ivf-pq"]
 _INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "hnsw-sq8", "ivf-pq")
-EncoderBackendName = Literal["torch", "onnx", "onnx-int8"]
-_ENCODER_BACKENDS = ("torch", "onnx", "onnx-int8")
+#: "torch" (sentence-transformers), or ONNX Runtime on a locally exported graph, optionally int8.
+EncoderBackend = Literal["torch", "onnx", "onnx-int8"]
+ENCODER_BACKENDS: tuple[str, ...] = ("torch", "onnx", "onnx-int8")
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class Config:
     explore_weight: float = 0.05
     seed: int = 0
     fsync: bool = True
-    encoder_backend: EncoderBackendName = "torch"
+    encoder_backend: EncoderBackend = "torch"
     # Learning (see engine/rerank.py and engine/projection.py).
     proj_dim: int = 128
     proj_epochs: int = 2
@@ -73,8 +74,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.index not in _INDEX_KINDS:
             raise ValueError(f"index must be one of {', '.join(_INDEX_KINDS)}; got {self.index!r}")
-        if self.encoder_backend not in _ENCODER_BACKENDS:
-            raise ValueError(f"encoder_backend must be one of {', '.join(_ENCODER_BACKENDS)}; "
+        if self.encoder_backend not in ENCODER_BACKENDS:
+            raise ValueError(f"encoder_backend must be one of {', '.join(ENCODER_BACKENDS)}; "
                              f"got {self.encoder_backend!r}")
         for name in ("batch_size", "retrieve", "hnsw_m", "hnsw_ef_search", "hnsw_ef_construction",
                      "ivf_nprobe", "recent_window", "proj_dim", "rerank_hidden", "replay_batch"):

@@ -10,18 +10,17 @@ import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 
+from .config import ENCODER_BACKENDS, EncoderBackend
 from .errors import InvalidInputError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
 #: Above this many texts an encode call shows a progress bar (when stderr is a terminal).
 PROGRESS_THRESHOLD = 256
-#: "torch" (sentence-transformers), or ONNX Runtime on a locally exported graph, optionally int8.
-EncoderBackend = Literal["torch", "onnx", "onnx-int8"]
 #: Characters kept before tokenising; far above any model's token limit, it bounds tokenizer work.
 MAX_ENCODE_CHARS = 20_000
 
@@ -115,10 +114,10 @@ class Encoder:
     def __init__(self, model_path: str | None = None, batch_size: int = 64,
                  show_progress: bool | None = None, cache_size: int = 200_000,
                  backend: EncoderBackend = "torch", cache_dir: str | Path | None = None) -> None:
-        from .encoder_onnx import BACKENDS, OnnxTransformer
+        from .encoder_onnx import OnnxTransformer
 
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        if backend not in ENCODER_BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(ENCODER_BACKENDS)}; got {backend!r}")
         self.model_path = model_path or default_model_path()
         self.backend = backend
         self.name = Path(self.model_path).name if model_path else "all-MiniLM-L6-v2"

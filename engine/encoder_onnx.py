@@ -24,7 +24,6 @@ import numpy as np
 
 from .errors import ModelLoadError
 
-BACKENDS = ("torch", "onnx", "onnx-int8")
 ONNX_OPSET = 17
 #: ONNX Runtime on a CPU runs fastest at about this many texts per call (measured on MiniLM);
 #: a larger configured batch_size is split, a smaller one kept.

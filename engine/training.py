@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ from .index import VectorIndex
 from .items import ItemTable
 from .projection import Projection
 from .ranking import Ranker, user_from_clicks
-from .users import UserTable
+from .users import UserState, UserTable
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,10 @@ MIN_HOLDOUT_USERS = 20
 RANDOM_NEGATIVES = 64
 
 
-def click_histories(users: UserTable, items: ItemTable) -> list[np.ndarray]:
+def click_histories(states: Sequence[UserState], items: ItemTable) -> list[np.ndarray]:
     """Per user, the live item rows clicked, de-duplicated in first-click order."""
     out = []
-    for u in users.states:
+    for u in states:
         rows = np.array(list(dict.fromkeys(u.clicks)), dtype=np.int64)
         rows = rows[~items.removed[rows]] if len(rows) else rows
         if len(rows):
@@ -67,10 +68,8 @@ def fit_towers(ranker: Ranker, items: ItemTable, users: UserTable, progress: boo
     from .towers import train_towers
 
     cfg = ranker.config
-    kept = UserTable(users.dim)
     skip = set() if holdout is None else set(holdout.tolist())
-    kept.states = [u for i, u in enumerate(users.states) if i not in skip]
-    hist = click_histories(kept, items)
+    hist = click_histories([u for i, u in enumerate(users.states) if i not in skip], items)
     if cfg.proj_epochs == 0 or sum(len(h) >= 2 for h in hist) < MIN_TRAIN_USERS:
         return {"projection": False}
     t0 = time.perf_counter()

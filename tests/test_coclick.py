@@ -71,3 +71,21 @@ def test_counts_survive_a_restart_and_the_log(tmp_path: Path) -> None:
     third = Engine.open(tmp_path / "s", encoder=FakeEncoder(dim=16))
     np.testing.assert_array_equal(third._ranker.coclicks.scores([2], rows), before)
     third.close()
+
+
+def test_folding_the_overlay_keeps_every_count(monkeypatch) -> None:
+    import engine.coclick as cc
+
+    rng = np.random.default_rng(2)
+    histories = [list(rng.integers(0, 15, size=int(rng.integers(2, 12)))) for _ in range(25)]
+    ref = brute_force(histories, 3, 15)
+    monkeypatch.setattr(cc, "FOLD_AT", 7)  # fold many times, also before rows 10-14 exist
+    folded = CoClicks(window=3)
+    folded.build([], 10)
+    for h in histories:
+        for t, row in enumerate(h):
+            folded.add_click(h[:t], row)
+    assert folded._extra_pairs < 7
+    rows = np.arange(15)
+    for j in range(15):
+        np.testing.assert_array_equal(folded.scores([j], rows), ref[j])
