@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,13 +25,38 @@ MAX_CATEGORY_CHARS = 200
 SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
 
 
+#: Markup that seller text carries over from web pages: comments (which often wrap CSS), style and
+#: script elements, bare CSS rules (".class {prop: value; ...}") and any remaining tag.
+_MARKUP = re.compile(
+    r"<!--.*?(?:-->|$)|<(style|script)\b.*?(?:</\1\s*>|$)|(?:[#.][\w-]+[\w\s,.#:>-]{0,80})?\{[^{}]*:[^{}]*\}|<[^<>]{0,500}>"
+    r"|<[a-z/][^<>]*$|\bbr\s*/?>",
+    re.IGNORECASE | re.DOTALL)
+#: Entities whose leading "&" was lost or doubly escaped ("amp;quot;", "&amp;nbsp;").
+_BROKEN_ENTITY = re.compile(r"&?(?:amp;)+(?=#?\w+;)|(?<![&\w])amp;", re.IGNORECASE)
+
+
+def clean_text(text: str) -> str:
+    """Seller or editor text as a person reads it: markup, CSS and entities gone, spaces collapsed.
+
+    Used for what is embedded (`item_text`) and for bag-of-words baselines alike, so leftover web
+    markup weighs in neither.
+    """
+    if "<" in text or "{" in text:
+        text = _MARKUP.sub(" ", text)
+    if "&" in text or "amp;" in text:
+        text = html.unescape(_BROKEN_ENTITY.sub("&", text))
+    return " ".join(text.split())
+
+
 def item_text(item: Item) -> str:
-    """The string the language model embeds for `item`: title, categories, then free text."""
-    parts = [item.title.strip()]
+    """The string the language model embeds for `item`: title, categories, then free text
+    (cleaned by `clean_text`)."""
+    parts = [clean_text(item.title)]
     if item.categories:
         parts.append("Categories: " + ", ".join(item.categories) + ".")
-    if item.text.strip():
-        parts.append(item.text.strip())
+    text = clean_text(item.text)
+    if text:
+        parts.append(text)
     return " ".join(parts)
 
 

@@ -523,8 +523,8 @@ class Engine:
 
     # ---- queries -----------------------------------------------------------------------------
     def recommend(self, user_id: str, k: int = 10, profile: str | None = None, exclude_seen: bool = True,
-                  candidates: Sequence[str] | None = None, exclude: Iterable[str] | None = None
-                  ) -> list[Recommendation]:
+                  candidates: Sequence[str] | None = None, exclude: Iterable[str] | None = None,
+                  history: Sequence[str] | None = None) -> list[Recommendation]:
         """Top-k items for a user, new or known.
 
         Args:
@@ -533,11 +533,20 @@ class Engine:
             exclude_seen: leave out what the user clicked or skipped.
             candidates: rank only these item ids (unknown or removed ones are ignored).
             exclude: more item ids to leave out.
+            history: a stateless request: rank for a user whose clicks are these item ids
+                (oldest first), built with the online rule from the model as it stands. Nothing
+                is recorded or saved and the stored user `user_id` (if any) is not consulted;
+                `profile`, when given, seeds that transient user only.
+
+        Raises:
+            UnknownItemError: an id in `history` is not a live item.
         """
         check_id(user_id, "user_id")
         _check_k(k)
         if profile is not None:
             check_text(profile, "profile")
+        if history is not None:
+            return self._recommend_stateless(user_id, k, profile, exclude_seen, candidates, exclude, history)
         if profile is not None and not self._store.read_only:
             user = self._users.get(user_id) if self._users is not None else None
             if user is None or user.profile != profile:
@@ -557,6 +566,31 @@ class Engine:
                                              user_key=user_id)
             return [Recommendation(self._items.vocab.id(r), float(s), self._items.titles[r])
                     for r, s in zip(rows, scores)]
+
+    def _recommend_stateless(self, user_id: str, k: int, profile: str | None, exclude_seen: bool,
+                             candidates: Sequence[str] | None, exclude: Iterable[str] | None,
+                             history: Sequence[str]) -> list[Recommendation]:
+        if isinstance(history, str):
+            raise TypeError("history must be a sequence of item ids, not one string")
+        for item_id in history:
+            check_id(item_id, "history item_id")
+        profile_vec = None if profile is None else self._encode([profile])[0]
+        with self._lock.read():
+            if self._items is None or self._index is None:
+                return []
+            rows = []
+            for item_id in history:
+                row = self._items.live_row(item_id)
+                if row is None:
+                    raise UnknownItemError(f"history names item {item_id!r}, which is not a live item")
+                rows.append(row)
+            user = self._ranker.transient_user(rows, profile, profile_vec)
+            banned = self._banned(user, exclude_seen, exclude)
+            cand_rows = None if candidates is None else self._candidate_rows(candidates, banned)
+            out, scores = self._ranker.rank(user, self._items, self._index, k, banned, cand_rows,
+                                            user_key=user_id)
+            return [Recommendation(self._items.vocab.id(r), float(s), self._items.titles[r])
+                    for r, s in zip(out, scores)]
 
     def _banned(self, user: UserState, exclude_seen: bool, exclude: Iterable[str] | None) -> np.ndarray:
         rows = set(user.seen()) if exclude_seen else set()

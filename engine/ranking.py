@@ -176,6 +176,16 @@ class Ranker:
             return np.zeros(0, np.int64)
         return np.unique(np.concatenate(parts))
 
+    def transient_user(self, rows: list[int], profile: str | None, profile_vec: np.ndarray | None) -> UserState:
+        """A user built from `rows` (clicked item rows, oldest first) with the online rule, held by
+        the caller only: the shared state (items, co-clicks, reranker) is not touched."""
+        prof = None if profile_vec is None else self.projection.transform(profile_vec[None])[0]
+        rows = list(dict.fromkeys(int(r) for r in rows))
+        state = user_from_clicks(rows, self.item_vectors(np.array(rows, np.int64)), prof,
+                                 self.config.user_min_step)
+        state.profile, state.profile_vec = profile, profile_vec
+        return state
+
     def rebuild_coclicks(self, users: UserTable) -> None:
         """Co-click counts from every stored click history (on open and after fit)."""
         self.coclicks.build([u.clicks for u in users.states], len(self._items) if self._items else 0)

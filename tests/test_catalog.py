@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine import Engine, InvalidInputError, Item
-from engine.catalog import item_text, read_events, read_items, validate_items
+from engine.catalog import clean_text, item_text, read_events, read_items, validate_items
 
 ROWS = [
     {"item_id": "a", "title": "Alpha", "text": "first item", "categories": ["x", "y"]},
@@ -251,3 +251,20 @@ def test_csv_that_is_not_utf8_is_refused_cleanly(tmp_path):
     path.write_bytes(b"item_id,title\na,\xff\xfe\n")
     with pytest.raises(InvalidInputError, match=str(path)):
         read_items(path)
+
+
+@pytest.mark.parametrize("raw, clean", [
+    ("Black.  <!-- .headerM {color:#000;font-size:24px;} .sub {font-weight: bold; } --> Next", "Black. Next"),
+    ("<p>Hello <b>world</b></p><style>.a{b:c}</style> done", "Hello world done"),
+    ("Max: 1amp;quot; Sheet, Tom &amp; Jerry &quot;x&quot;", 'Max: 1" Sheet, Tom & Jerry "x"'),
+    ("uses <2W), AT&T and iPrint&Scan", "uses <2W), AT&T and iPrint&Scan"),
+    ("templates. Br><br", "templates."),
+    ("a set {of braces} stays,\n\t spaces   collapse", "a set {of braces} stays, spaces collapse"),
+])
+def test_clean_text_strips_markup_and_keeps_prose(raw, clean):
+    assert clean_text(raw) == clean
+
+
+def test_item_text_is_cleaned():
+    item = Item("p1", "Pen <b>Set</b>", "Blue ink.<br/>Fine &amp; smooth.", ("Office",))
+    assert item_text(item) == "Pen Set Categories: Office. Blue ink. Fine & smooth."

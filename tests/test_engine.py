@@ -176,6 +176,31 @@ def test_exclude(engine):
     assert not {"ball-0", "ball-1"} & set(got) and len(got) == 10
 
 
+def test_stateless_history_matches_recording_and_changes_nothing(engine):
+    for n in range(3):
+        engine.record(f"fan-{n}", "ball-1", "click")
+    before = engine.stats()
+    got = engine.recommend("twin", k=5, history=["space-0", "space-1"])
+    assert engine.stats() == before
+    with pytest.raises(UnknownUserError):
+        engine.user_history("twin")
+    assert not {"space-0", "space-1"} & set(ids(got)) and topics(got[:2]) == {"space"}
+    engine.record("twin", "space-0", "click")
+    engine.record("twin", "space-1", "click")
+    assert ids(engine.recommend("twin", k=5)) == ids(got)
+    assert "space-0" in ids(engine.recommend("ghost", k=12, history=["space-0"], exclude_seen=False))
+
+
+def test_stateless_history_rules(engine):
+    with pytest.raises(UnknownItemError, match="'nope'"):
+        engine.recommend("ghost", k=3, history=["space-0", "nope"])
+    with pytest.raises(TypeError, match="sequence of item ids"):
+        engine.recommend("ghost", k=3, history="space-0")
+    with pytest.raises(InvalidInputError):
+        engine.recommend("ghost", k=3, history=[""])
+    assert engine.stats()["users"] == 0
+
+
 def test_k_bounds_the_list(engine):
     assert len(engine.recommend("u", k=3, profile="goal")) == 3
     assert len(engine.recommend("u", k=50)) == 12

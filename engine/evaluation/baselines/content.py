@@ -8,7 +8,7 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from sklearn.preprocessing import normalize
 
-from engine.catalog import item_text
+from engine.catalog import clean_text, item_text
 from engine.types import Item
 
 from .base import Query, ScoringMethod, TrainSet, history_matrix
@@ -17,10 +17,10 @@ Encode = Callable[[list[str]], np.ndarray]
 
 
 def item_document(item: Item) -> str:
-    """Title, text and one token per category ("cat_Sci_Fi"), for bag-of-words models: a category
-    stays one symbol instead of splitting into common words."""
+    """Title, text (both cleaned of markup) and one token per category ("cat_Sci_Fi"), for
+    bag-of-words models: a category stays one symbol instead of splitting into common words."""
     cats = ("cat_" + "".join(ch if ch.isalnum() else "_" for ch in c) for c in item.categories)
-    return " ".join([item.title, item.text, *cats])
+    return " ".join([clean_text(item.title), clean_text(item.text), *cats])
 
 
 def _profile_scores(queries: Sequence[Query], item_vectors, profile_vectors) -> np.ndarray:
