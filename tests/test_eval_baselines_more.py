@@ -1,11 +1,12 @@
-"""LightFM's user split, on hand-made data with answers worked out here."""
+"""EASE and LightFM's user split on hand-made data with answers worked out here."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from engine.evaluation.baselines.base import TrainSet
+from engine.evaluation.baselines.base import Query, TrainSet
+from engine.evaluation.baselines.ease import EASEMethod, ease_weights
 from engine.evaluation.baselines.hybrid import LightFMMethod, split_history
 from engine.evaluation.datasets import EventTable
 from engine.types import Item
@@ -60,3 +61,79 @@ def test_lightfm_trains_no_user_on_an_item_in_its_features(monkeypatch: pytest.M
         trained, featured = set(interactions[u].indices), set(users[u].indices)
         assert not trained & featured, (u, trained, featured)
         assert trained | featured == set(history) and len(featured) == len(history) // 2
+
+
+def _q(*history: int, profile: str | None = None) -> Query:
+    return Query(-1, np.array(history, dtype=np.int64), profile)
+
+
+# 4 users, 5 items; item 4 has no positive.
+TINY = [[0, 1], [0, 1, 2], [1, 2], [3]]
+
+
+def test_ease_with_a_fixed_lambda_is_the_closed_form() -> None:
+    lam = 2.0
+    x = np.array([[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 1]], dtype=np.float64)  # TINY
+    p = np.linalg.inv(x.T @ x + lam * np.eye(4))
+    b = -p / np.diag(p)[None, :]
+    np.fill_diagonal(b, 0.0)
+    method = EASEMethod(lambdas=(lam,))
+    method.fit(_train(TINY, 5))
+    assert method.lam == lam and method.validation == {}
+    got = method.scores([_q(0), _q(1, 2), _q()])
+    expected = np.vstack([b[0], b[1] + b[2], np.zeros(4)])
+    np.testing.assert_allclose(got[:, :4], expected, atol=1e-6)
+    assert not got[:, 4].any(), "an item without a training positive scores 0"
+    np.testing.assert_allclose(ease_weights(x.T @ x, lam), b, atol=1e-6)
+
+
+def test_ease_weights_fall_back_to_float64_and_reject_what_is_not_positive_definite() -> None:
+    # eigenvalues 2e8 + 1e-3 and 1e-3: float32 cannot factor it, float64 can
+    gram = np.array([[1e8, 1e8], [1e8, 1e8]])
+    b = ease_weights(gram, 1e-3)
+    np.testing.assert_allclose(b, [[0.0, 1.0], [1.0, 0.0]], atol=1e-4)
+    with pytest.raises(ValueError, match="positive definite"):
+        ease_weights(np.array([[-5.0, 0.0], [0.0, 1.0]]), 1.0)
+
+
+def _lambda_world() -> tuple[list[list[int]], int, int, list[int], list[int]]:
+    """Z=0 and X=1 always together; pairs (A_b, T_b). Per b, three users liked [A_b, T_b]; four
+    users liked [Z, X, A_0 .. A_5]. So X co-occurs with every A_b four times and T_b three times."""
+    z, x, blocks = 0, 1, 6
+    a = [2 + 2 * b for b in range(blocks)]
+    t = [3 + 2 * b for b in range(blocks)]
+    histories = [[a[b], t[b]] for b in range(blocks) for _ in range(3)] + [[z, x, *a]] * 4
+    return histories, z, x, a, t
+
+
+def test_ease_picks_the_lambda_that_wins_on_held_out_users() -> None:
+    """A huge lam makes B ~ G / lam, i.e. co-occurrence counts: from A_b it ranks X, Z and the other
+    A's (4 each) over T_b (3).
+    A small lam regresses: X is explained by Z, so A_b predicts T_b. A held-out [A_b, T_b] user
+    shows A_b and hides T_b, so the small lam is right; a held-out [Z, X, A...] user is a hit either
+    way. With ties going to the larger lam, only a strict win picks the small one."""
+    histories, z, x, a, t = _lambda_world()
+    train = _train(histories, 2 + 2 * len(a))
+    for grid in [(1.0, 1e4), (1e4, 1.0)]:
+        method = EASEMethod(seed=0, lambdas=grid, k=1)
+        method.fit(train)
+        assert method.lam == 1.0, method.validation
+        assert method.validation[1.0] > method.validation[1e4], method.validation
+    assert method.recommend([_q(a[0])], 1)[0].tolist() == [t[0]]
+    cooc_like = EASEMethod(lambdas=(1e4,))
+    cooc_like.fit(train)
+    scores = cooc_like.scores([_q(a[0])])[0]
+    assert min(scores[z], scores[x], scores[a[1]]) > scores[t[0]] > 0
+
+
+def test_ease_without_users_to_hold_out_takes_the_middle_of_the_grid() -> None:
+    method = EASEMethod(lambdas=(300.0, 10.0, 30.0))
+    method.fit(_train([[0, 1], [2]], 3))  # one eligible user: 10% of it rounds to nobody
+    assert method.lam == 30.0 and method.validation == {}
+
+
+@pytest.mark.parametrize("kwargs, rule", [({"lambdas": ()}, "lambdas"), ({"lambdas": (10.0, -1.0)}, "lambdas"),
+                                          ({"holdout": 1.0}, "holdout"), ({"k": 0}, "k must")])
+def test_ease_rejects_bad_settings(kwargs: dict, rule: str) -> None:
+    with pytest.raises(ValueError, match=rule):
+        EASEMethod(**kwargs)
