@@ -1,11 +1,15 @@
-"""EASE and LightFM's user split on hand-made data with answers worked out here."""
+"""EASE, co-occurrence, BM25 and LightFM's user split on hand-made data with answers worked out here."""
 
 from __future__ import annotations
+
+from math import log
 
 import numpy as np
 import pytest
 
 from engine.evaluation.baselines.base import Query, TrainSet
+from engine.evaluation.baselines.bm25 import BM25Method, bm25_weights
+from engine.evaluation.baselines.cooccurrence import CooccurrenceMethod
 from engine.evaluation.baselines.ease import EASEMethod, ease_weights
 from engine.evaluation.baselines.hybrid import LightFMMethod, split_history
 from engine.evaluation.datasets import EventTable
@@ -137,3 +141,54 @@ def test_ease_without_users_to_hold_out_takes_the_middle_of_the_grid() -> None:
 def test_ease_rejects_bad_settings(kwargs: dict, rule: str) -> None:
     with pytest.raises(ValueError, match=rule):
         EASEMethod(**kwargs)
+
+
+def test_cooc_scores_are_log_counts_plus_log_popularity() -> None:
+    # popularity 2, 3, 2, 1, 0; users who liked both: C01 = 2, C02 = 1, C12 = 2, item 3 with nobody
+    method = CooccurrenceMethod()
+    method.fit(_train(TINY, 5))
+    got = method.scores([_q(0), _q(0, 2), _q()])
+    expected = [[log(3), log(3) + log(4), log(2) + log(3), log(2), 0.0],
+                [log(2) + log(3), log(5) + log(4), log(2) + log(3), log(2), 0.0],
+                [log(3), log(4), log(3), log(2), 0.0]]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert method.recommend([_q(0, 2)], 3)[0].tolist() == [1, 3, 4]
+    assert method.recommend([_q()], 2)[0][0] == 1, "no history: the most popular item"
+
+
+# Three short documents: N = 3, lengths 2, 3, 4 (avgdl 3); df apple 2, banana 2, cherry 2, date 1.
+DOCS = ["apple banana", "apple apple cherry", "banana cherry cherry date"]
+
+
+def _bm25(tf: float, length: int, df: int, k1: float = 1.2, b: float = 0.75) -> float:
+    idf = log(1 + (3 - df + 0.5) / (df + 0.5))
+    return idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * length / 3))
+
+
+def test_bm25_weights_follow_the_formula() -> None:
+    counts = np.array([[1, 1, 0, 0], [2, 0, 1, 0], [0, 1, 2, 1]], dtype=np.float64)  # apple banana cherry date
+    got = bm25_weights(counts).toarray()
+    expected = [[_bm25(1, 2, 2), _bm25(1, 2, 2), 0, 0], [_bm25(2, 3, 2), 0, _bm25(1, 3, 2), 0],
+                [0, _bm25(1, 4, 2), _bm25(2, 4, 2), _bm25(1, 4, 1)]]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_bm25_ranks_by_the_words_of_the_history_and_profile() -> None:
+    method = BM25Method(stop_words=None)
+    method.fit(_train([[0], [1], [2]], 3, DOCS))
+    # history doc 0 = {apple: 1, banana: 1}: doc 1 through apple (tf 2), doc 2 through banana (tf 1)
+    got = method.scores([_q(0), _q(profile="cherry"), _q(1, profile="date")])
+    np.testing.assert_allclose(got[0], [2 * _bm25(1, 2, 2), _bm25(2, 3, 2), _bm25(1, 4, 2)], rtol=1e-9)
+    assert method.recommend([_q(0)], 2)[0].tolist() == [1, 2]
+    # "cherry" once in 3 words vs twice in 4: tf saturates, the longer document still wins
+    assert method.recommend([_q(profile="cherry")], 3)[0].tolist()[:2] == [2, 1]
+    assert got[1][0] == 0.0 and got[1][2] > got[1][1] > 0
+    # query {apple: 2, cherry: 1} from doc 1, plus "date" from the profile
+    np.testing.assert_allclose(got[2][2], _bm25(2, 4, 2) + _bm25(1, 4, 1), rtol=1e-9)
+    np.testing.assert_allclose(got[2][0], 2 * _bm25(1, 2, 2), rtol=1e-9)
+
+
+def test_bm25_drops_english_stop_words_by_default() -> None:
+    method = BM25Method()
+    method.fit(_train([[0], [1], [2]], 3, ["the apple", "the banana", "the cherry"]))
+    assert not method.scores([_q(0)])[0][1:].any(), "'the' joins no documents"
