@@ -13,6 +13,7 @@ from engine.evaluation.baselines.cooccurrence import CooccurrenceMethod
 from engine.evaluation.baselines.ease import EASEMethod, ease_weights
 from engine.evaluation.baselines.hybrid import LightFMMethod, split_history
 from engine.evaluation.datasets import EventTable
+from engine.evaluation.methods import BASELINES, build_methods
 from engine.types import Item
 
 
@@ -192,3 +193,11 @@ def test_bm25_drops_english_stop_words_by_default() -> None:
     method = BM25Method()
     method.fit(_train([[0], [1], [2]], 3, ["the apple", "the banana", "the cherry"]))
     assert not method.scores([_q(0)])[0][1:].any(), "'the' joins no documents"
+
+
+@pytest.mark.parametrize("protocol", ["item-cold", "user-cold"])
+def test_new_baselines_are_registered(protocol: str) -> None:
+    names = ["cooc", "bm25", "ease"]
+    assert set(names) <= set(BASELINES)
+    built = build_methods(names, protocol, 0, lambda: None, None)
+    assert [m.name for m in built] == names

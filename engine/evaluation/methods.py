@@ -8,13 +8,17 @@ from pathlib import Path
 from engine.encoder import TextEncoder
 
 from .baselines.base import Method
+from .baselines.bm25 import BM25Method
 from .baselines.collaborative import ALSMethod, ItemKNNMethod
+from .baselines.cooccurrence import CooccurrenceMethod
 from .baselines.content import LMProfileMethod, TfidfProfileMethod
+from .baselines.ease import EASEMethod
 from .baselines.hybrid import LightFMMethod
 from .baselines.simple import PopularityMethod, RandomMethod
 from .kindling_method import KindlingMethod
 
-BASELINES: tuple[str, ...] = ("random", "popularity", "tfidf", "itemknn", "als", "lightfm", "lm-profile")
+BASELINES: tuple[str, ...] = ("random", "popularity", "cooc", "tfidf", "bm25", "itemknn", "ease", "als",
+                              "lightfm", "lm-profile")
 METHODS: tuple[str, ...] = BASELINES + ("kindling",)
 #: Methods that need the language model.
 NEEDS_ENCODER = frozenset({"lm-profile", "kindling"})
@@ -45,8 +49,11 @@ def build_methods(names: Sequence[str], protocol: str, seed: int, encoder: Calla
     makers: dict[str, Callable[[], Method]] = {
         "random": lambda: RandomMethod(seed),
         "popularity": lambda: PopularityMethod(seed),
+        "cooc": lambda: CooccurrenceMethod(seed),
         "tfidf": lambda: TfidfProfileMethod(seed),
+        "bm25": lambda: BM25Method(seed),
         "itemknn": lambda: ItemKNNMethod(seed),
+        "ease": lambda: EASEMethod(seed),
         "als": lambda: ALSMethod(seed),
         "lightfm": lambda: LightFMMethod(seed, user_features="ids" if protocol == "item-cold" else "history"),
         "lm-profile": lambda: LMProfileMethod(encoder().encode, seed),
