@@ -87,22 +87,44 @@ class CoClicks:
         self._extra.clear()
         self._extra_pairs = 0
 
-    def scores(self, sources: Sequence[int], rows: np.ndarray) -> np.ndarray:
-        """For each of `rows`, the summed co-click count with the items in `sources`."""
+    def scores(self, sources: Sequence[int], rows: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        """For each of `rows`, the co-click count with the items in `sources`, summed (each
+        source's counts times its weight in `weights`, aligned with `sources`, when given)."""
         out = np.zeros(len(rows), np.float32)
         if not len(sources) or not len(rows):
             return out
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
-        for j in sources:
-            if j + 1 < len(self._indptr):
-                lo, hi = self._indptr[j], self._indptr[j + 1]
-                self._add(out, order, sorted_rows, self._indices[lo:hi], self._counts[lo:hi])
-            extra = self._extra.get(j)
-            if extra:
-                self._add(out, order, sorted_rows, np.fromiter(extra.keys(), np.int64, len(extra)),
-                          np.fromiter(extra.values(), np.float32, len(extra)))
+        for n, j in enumerate(sources):
+            w = 1.0 if weights is None else float(weights[n])
+            for cols, counts in self._row(j):
+                self._add(out, order, sorted_rows, cols, w * counts)
         return out
+
+    def _row(self, j: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Row j's (columns, counts): the matrix part and the overlay part."""
+        parts = []
+        if j + 1 < len(self._indptr):
+            lo, hi = self._indptr[j], self._indptr[j + 1]
+            parts.append((self._indices[lo:hi], self._counts[lo:hi]))
+        extra = self._extra.get(j)
+        if extra:
+            parts.append((np.fromiter(extra.keys(), np.int64, len(extra)),
+                          np.fromiter(extra.values(), np.float32, len(extra))))
+        return parts
+
+    def neighbours(self, sources: Sequence[int], n: int) -> np.ndarray:
+        """Up to n rows most co-clicked with `sources` (summed counts; ties to the lower row)."""
+        parts = [p for j in sources for p in self._row(int(j))]
+        if not parts or n <= 0:
+            return np.zeros(0, np.int64)
+        cols = np.concatenate([c for c, _ in parts])
+        uniq, inverse = np.unique(cols, return_inverse=True)
+        total = np.bincount(inverse, weights=np.concatenate([v for _, v in parts]), minlength=len(uniq))
+        if len(uniq) > n:
+            keep = np.argpartition(-total, n - 1)[:n]
+            uniq, total = uniq[keep], total[keep]
+        return uniq[np.lexsort((uniq, -total))]
 
     @staticmethod
     def _add(out: np.ndarray, order: np.ndarray, sorted_rows: np.ndarray, cols: np.ndarray,
@@ -112,24 +134,3 @@ class CoClicks:
         pos = np.searchsorted(sorted_rows, cols).clip(max=len(sorted_rows) - 1)
         hit = sorted_rows[pos] == cols
         np.add.at(out, order[pos[hit]], counts[hit])
-
-
-def own_pairs(clicks: Sequence[int], cut: int, window: int, sources: Sequence[int], rows: np.ndarray
-              ) -> np.ndarray:
-    """What one user's own clicks contributed to `CoClicks.scores(sources, rows)`, when `sources`
-    are among the first `cut` clicks: training subtracts it, so that the feature says what the
-    other users did (as it does for a new user at serving time)."""
-    out = np.zeros(len(rows), np.float32)
-    if not len(sources) or not len(rows):
-        return out
-    s = np.asarray(clicks, np.int64)
-    src = set(int(j) for j in sources)
-    index = {int(r): i for i, r in enumerate(rows)}
-    for a in range(min(cut, len(s))):
-        if int(s[a]) not in src:
-            continue
-        for b in range(max(0, a - window), min(len(s), a + window + 1)):
-            i = index.get(int(s[b]))
-            if b != a and i is not None and s[b] != s[a]:
-                out[i] += 1.0
-    return out

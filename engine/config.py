@@ -24,6 +24,8 @@ class Config:
             exact below `exact_threshold` items, HNSW above it.
         retrieve: candidates fetched from the ANN index per query before reranking.
         popular_candidates: most-clicked items added to the candidates (the popularity prior).
+        coclick_candidates: items most co-clicked with the user's recent clicks added to the
+            candidates ("people who clicked this also clicked"), beside the ANN neighbours.
         user_min_step: the smallest step of the user-vector update (the step is
             1 / (count + prior + 1), floored here, so warm users keep tracking their taste).
         skip_step: how far a skip pushes the user vector away from the item, relative to a click.
@@ -53,6 +55,7 @@ class Config:
     compact_ratio: float = 0.25
     retrieve: int = 200
     popular_candidates: int = 100
+    coclick_candidates: int = 100
     user_min_step: float = 0.05
     skip_step: float = 0.2
     recent_window: int = 10
@@ -81,7 +84,7 @@ class Config:
                      "ivf_nprobe", "recent_window", "proj_dim", "rerank_hidden", "replay_batch"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
-        for name in ("search_threads", "popular_candidates", "exact_threshold", "ivf_nlist", "proj_epochs",
+        for name in ("search_threads", "popular_candidates", "coclick_candidates", "exact_threshold", "ivf_nlist", "proj_epochs",
                      "rerank_epochs", "replay_size"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")

@@ -670,7 +670,6 @@ class Engine:
             for rec in evs:
                 self._apply_event_quiet(rec)
             show = progress if progress is not None else sys.stderr.isatty()
-            self._ranker.rebuild_coclicks(self._users)
             holdout = holdout_users(self._users, self.config)
             summary = {"events": len(evs), "reranker_users": len(holdout),
                        **fit_towers(self._ranker, self._items, self._users, show, holdout)}
@@ -681,7 +680,11 @@ class Engine:
                 self._rebuild_index()
                 for user in self._users.states:
                     self._rederive(user)
+            # the reranker learns on users whose clicks are in no co-click count it sees, as a new
+            # user's are not; the counts of every user come back for serving
+            self._ranker.rebuild_coclicks(self._users, skip=holdout)
             summary.update(fit_reranker(self._ranker, self._items, self._users, self._index, show, holdout))
+            self._ranker.rebuild_coclicks(self._users)
             self._commit()
         return summary
 

@@ -14,16 +14,21 @@ from typing import Any
 
 import numpy as np
 
+from .catalog import item_text
 from .coclick import CoClicks
 from .config import Config
 from .index import VectorIndex
 from .items import ItemTable
+from .lexical import Lexicon
 from .projection import Projection
-from .rerank import N_FEATURES, Reranker
+from .rerank import FEATURES, N_FEATURES, Reranker, expand
 from .users import UserState, UserTable, apply_click, apply_skip, normalise
 
 POP_REFRESH_CLICKS = 64
 ONLINE_CANDIDATES = 100
+#: The lexical profile is the mean TF-IDF vector of this many of the user's latest clicks.
+LEXICAL_HISTORY = 50
+_COL = {name: i for i, name in enumerate(FEATURES)}
 
 
 class Ranker:
@@ -38,6 +43,7 @@ class Ranker:
         self._pop_cache: np.ndarray | None = None
         self._pop_stale = 0
         self.coclicks = CoClicks()
+        self.lexicon = Lexicon()
         self.reranker = Reranker(config.rerank_hidden, config.online_lr, config.replay_size,
                                  config.replay_batch, config.seed)
 
@@ -67,6 +73,8 @@ class Ranker:
         self._items, self.projection = items, proj
         n = len(items)
         self._rows_capacity(n)
+        if len(self.lexicon) != n:
+            self.lexicon.rebuild((item_text(items.item(r)) for r in range(n)), items.removed)
         if proj.trained:
             res = None if self._residual is None else self._residual[:n]
             ib = None if self._item_bias is None else self._item_bias[:n]
@@ -85,9 +93,13 @@ class Ranker:
         if self._vecs is not None:
             self._vecs[rows] = proj.transform(items.vectors[rows])
         self._bias[rows] = proj.bias(items.vectors[rows])
+        for r in rows:
+            self.lexicon.set(int(r), item_text(items.item(int(r))))
         self._pop_cache = None
 
     def on_items_removed(self, rows: np.ndarray) -> None:
+        for r in rows:
+            self.lexicon.clear(int(r))
         self._pop_cache = None
 
     def invalidate_popular(self) -> None:
@@ -166,6 +178,12 @@ class Ranker:
             rows, _ = index.search(self.query(user.vector, user.count + user.prior), self.config.retrieve,
                                    exclude=banned)
             parts.append(rows)
+        if self.config.coclick_candidates and user.clicks:
+            near = self.coclicks.neighbours(self._recent(user), self.config.coclick_candidates + len(banned))
+            near = near[~self._items.removed[near]]
+            if len(banned):
+                near = near[~np.isin(near, banned)]
+            parts.append(near[: self.config.coclick_candidates])
         if self.config.popular_candidates:
             pop = self.popular(self.config.popular_candidates + len(banned))
             pop = pop[~self._items.removed[pop]]
@@ -186,18 +204,30 @@ class Ranker:
         state.profile, state.profile_vec = profile, profile_vec
         return state
 
-    def rebuild_coclicks(self, users: UserTable) -> None:
-        """Co-click counts from every stored click history (on open and after fit)."""
-        self.coclicks.build([u.clicks for u in users.states], len(self._items) if self._items else 0)
+    def rebuild_coclicks(self, users: UserTable, skip: np.ndarray | None = None) -> None:
+        """Co-click counts from every stored click history (on open and after fit), or from all
+        but the users at positions `skip`."""
+        gone = set() if skip is None else set(skip.tolist())
+        states = [u for i, u in enumerate(users.states) if i not in gone]
+        self.coclicks.build([u.clicks for u in states], len(self._items) if self._items else 0)
 
-    def features(self, user: UserState, rows: np.ndarray, own_clicks: np.ndarray | None = None,
-                 as_cold: bool = False, own_coclicks: np.ndarray | None = None) -> np.ndarray:
+    def _recent(self, user: UserState) -> list[int]:
+        return list(dict.fromkeys(user.recent(self.config.recent_window)))
+
+    def features(self, user: UserState, rows: np.ndarray, as_cold: bool = False,
+                 own_clicks: np.ndarray | None = None) -> np.ndarray:
+        """The reranker's inputs for `rows`: `raw_features`, standardised by `rerank.expand`."""
+        return expand(self.raw_features(user, rows, as_cold, own_clicks), user.count + user.prior)
+
+    def raw_features(self, user: UserState, rows: np.ndarray, as_cold: bool = False,
+                     own_clicks: np.ndarray | None = None) -> np.ndarray:
         """Shape (len(rows), N_FEATURES) float32; see rerank.FEATURES for the columns.
 
         `as_cold` shows the items as if they had just been added (text-only vector and bias, no
         clicks): training uses it so the reranker also learns to rank items without feedback.
-        `own_clicks` / `own_coclicks` are what the user's own later clicks added to the click and
-        co-click counts; training subtracts them, so that a feature never reveals its label.
+        `own_clicks` is what the user's own later clicks added to the click counts; training
+        subtracts it, and trains on co-clicks counted without its users (see Engine.fit), so that
+        no feature reveals its label.
         """
         items = self._items
         if as_cold and self.trained:
@@ -206,27 +236,27 @@ class Ranker:
         else:
             v, bias = self.item_vectors(rows), self._bias[rows]
         f = np.zeros((len(rows), N_FEATURES), np.float32)
-        f[:, 0] = self.projection.tau_for(user.count + user.prior) * (v @ user.vector)
-        f[:, 1] = bias
+        f[:, _COL["tower"]] = self.projection.tau_for(user.count + user.prior) * (v @ user.vector) + bias
+        history = list(dict.fromkeys(user.clicks[-LEXICAL_HISTORY:]))
+        f[:, _COL["lexical"]] = self.lexicon.similarity(np.array(history, np.int64), rows)
         clicks = items.clicks[rows] if own_clicks is None else np.maximum(items.clicks[rows] - own_clicks, 0)
         if as_cold:
             clicks = np.zeros(len(rows))
-        f[:, 2] = np.log1p(clicks)
-        impressions = np.zeros(len(rows)) if as_cold else np.maximum(items.impressions[rows], clicks)
-        f[:, 3] = (clicks + 1.0) / (impressions + 2.0)
-        f[:, 4] = np.log1p(user.count)
-        recent = user.recent(self.config.recent_window)
+        f[:, _COL["clicks"]] = np.log1p(clicks)
+        impressions = items.impressions[rows] if own_clicks is None else items.impressions[rows] - own_clicks
+        impressions = np.zeros(len(rows)) if as_cold else np.maximum(impressions, clicks)
+        f[:, _COL["ctr"]] = (clicks + 1.0) / (impressions + 2.0)
+        recent = self._recent(user)
         if recent:
-            f[:, 5] = (v @ self.item_vectors(np.array(recent)).T).max(axis=1)
-        if user.profile_vec is not None:
-            f[:, 6] = items.vectors[rows] @ user.profile_vec
-        f[:, 7] = clicks == 0
-        f[:, 8] = float(user.vector.any())
+            f[:, _COL["recent"]] = (v @ self.item_vectors(np.array(recent)).T).max(axis=1)
         if recent and not as_cold:
-            co = self.coclicks.scores(list(dict.fromkeys(recent)), rows)
-            if own_coclicks is not None:
-                co = np.maximum(co - own_coclicks, 0.0)
-            f[:, 9] = np.log1p(co)
+            co = self.coclicks.scores(recent, rows)
+            cf = self.coclicks.scores(recent, rows, 1.0 / np.sqrt(1.0 + items.clicks[recent]))
+            f[:, _COL["cooc"]] = np.log1p(co)
+            f[:, _COL["itemcf"]] = cf / np.sqrt(1.0 + clicks)
+        if user.profile_vec is not None:
+            f[:, _COL["profile"]] = items.vectors[rows] @ user.profile_vec
+        f[:, _COL["fresh"]] = clicks == 0
         return f
 
     def score(self, user: UserState, rows: np.ndarray) -> np.ndarray:

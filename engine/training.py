@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from .coclick import own_pairs
 from .config import Config
 from .index import VectorIndex
 from .items import ItemTable
@@ -20,7 +19,7 @@ from .users import UserState, UserTable
 log = logging.getLogger(__name__)
 
 MIN_TRAIN_USERS = 2
-CUTS = (0, 1, 2, 3, 5, 10)
+CUTS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 13)
 MAX_RERANK_EXAMPLES = 6000
 #: Share of training examples whose candidates are shown as brand-new items (no clicks, text-only
 #: vectors): the reranker must also rank what has no feedback yet.
@@ -140,7 +139,5 @@ def _example(ranker: Ranker, items: ItemTable, index: VectorIndex, u, clicks: li
     labels = np.flatnonzero(np.isin(cand, future))
     if len(labels) == 0 or len(labels) == len(cand):
         return None
-    own = np.isin(cand, future).astype(np.float64)  # leave this user's own clicks out of popularity
-    recent = list(dict.fromkeys(state.recent(ranker.config.recent_window)))
-    own_co = own_pairs(u.clicks, len(u.clicks), ranker.coclicks.window, recent, cand)
-    return ranker.features(state, cand, own_clicks=own, as_cold=as_cold, own_coclicks=own_co), labels
+    own = np.isin(cand, future).astype(np.float64)  # this user's own clicks leave popularity
+    return ranker.features(state, cand, as_cold=as_cold, own_clicks=own), labels

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import Config, Engine, Item
-from engine.coclick import CoClicks, own_pairs
+from engine.coclick import CoClicks
 
 from conftest import FakeEncoder
 
@@ -39,19 +39,6 @@ def test_build_and_online_clicks_count_the_same_pairs() -> None:
         np.testing.assert_array_equal(built.scores([j], rows), ref[j])
         np.testing.assert_array_equal(online.scores([j], rows), ref[j])
     np.testing.assert_array_equal(built.scores([0, 5], rows[::-1]), (ref[0] + ref[5])[::-1])
-
-
-def test_own_pairs_is_what_the_user_added() -> None:
-    rng = np.random.default_rng(1)
-    others = [list(rng.integers(0, 10, size=8)) for _ in range(5)]
-    mine = [1, 2, 3, 4, 5, 6, 7]
-    with_me, without_me = CoClicks(window=2), CoClicks(window=2)
-    with_me.build(others + [mine], 10)
-    without_me.build(others, 10)
-    rows = np.array([4, 5, 6, 7, 8, 9])
-    sources = [2, 3]
-    diff = with_me.scores(sources, rows) - without_me.scores(sources, rows)
-    np.testing.assert_array_equal(own_pairs(mine, len(mine), 2, sources, rows), diff)
 
 
 def test_counts_survive_a_restart_and_the_log(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 from safetensors.numpy import load_file
 
 from engine import Config, Engine, Event, Item
-from engine.rerank import N_FEATURES, Reranker, listwise_grads, listwise_loss
+from engine.rerank import N_INPUTS, Reranker, listwise_grads, listwise_loss
 from engine.towers import tau_bucket
 
 from conftest import FakeEncoder
@@ -87,7 +87,7 @@ def test_item_tower_places_cold_items_by_their_audience_like_words(tmp_path: Pat
 def test_online_step_raises_the_clicked_candidates_probability() -> None:
     rng = np.random.default_rng(0)
     rr = Reranker(hidden=16, lr=0.05, replay_size=64, replay_batch=8, seed=0)
-    feats = rng.normal(size=(30, N_FEATURES)).astype(np.float32)
+    feats = rng.normal(size=(30, N_INPUTS)).astype(np.float32)
     before = rr.score(feats)
     p_before = np.exp(before[5]) / np.exp(before).sum()
     for _ in range(5):
@@ -104,10 +104,10 @@ def test_online_gradients_match_autograd() -> None:
     with torch.no_grad():
         for p in rr.net.parameters():
             p.add_(0.3 * torch.randn_like(p))
-        rr.net.mean.copy_(torch.randn(N_FEATURES))
-        rr.net.std.copy_(torch.rand(N_FEATURES) + 0.5)
+        rr.net.mean.copy_(torch.randn(N_INPUTS))
+        rr.net.std.copy_(torch.rand(N_INPUTS) + 0.5)
     rr._sync()
-    batch = [(rng.normal(size=(n, N_FEATURES)).astype(np.float32), rng.choice(n, size=m, replace=False))
+    batch = [(rng.normal(size=(n, N_INPUTS)).astype(np.float32), rng.choice(n, size=m, replace=False))
              for n, m in [(5, 1), (12, 3), (7, 2)]]
     loss, grads = listwise_grads(rr._np, batch)
     ref = listwise_loss(rr.net, batch)
@@ -121,7 +121,7 @@ def test_online_gradients_match_autograd() -> None:
 def test_online_step_is_clipped() -> None:
     rr = Reranker(hidden=16, lr=1.0, replay_size=64, replay_batch=1, seed=0)
     before = {k: v.copy() for k, v in rr._np.items()}
-    feats = np.zeros((10, N_FEATURES), np.float32)
+    feats = np.zeros((10, N_INPUTS), np.float32)
     feats[:, 0] = np.linspace(-100, 100, 10)  # a huge gradient on the linear weight of `tower`
     rr.partial_fit(feats, np.array([0]))
     moved = np.sqrt(sum(float(((rr._np[k] - before[k]) ** 2).sum()) for k in before))
@@ -134,10 +134,10 @@ def test_content_scores_stay_linear_so_new_items_keep_their_content_order() -> N
     rr = Reranker(hidden=16, lr=0.01, replay_size=64, replay_batch=8, seed=0)
     examples = []
     for _ in range(60):
-        f = rng.normal(size=(20, N_FEATURES)).astype(np.float32)
+        f = rng.normal(size=(20, N_INPUTS)).astype(np.float32)
         examples.append((f, np.array([int(np.argmax(f[:, 2] + f[:, 0] ** 2))])))  # a non-linear target
     rr.fit(examples, epochs=3)
-    cold = np.zeros((50, N_FEATURES), np.float32)
+    cold = np.zeros((50, N_INPUTS), np.float32)
     cold[:, 0] = np.linspace(-3, 3, 50)
     cold[:, 7] = 1.0  # fresh
     s = rr.score(cold)
