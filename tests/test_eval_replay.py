@@ -199,3 +199,39 @@ def test_replay_with_both_engines_and_its_json(small: EvalDataset, fake_encoder,
     for name, res in out["results"].items():
         assert sum(pu["results"][name]["hits"]) / sum(pu["events"]) == pytest.approx(res["hit_rate@10"])
     assert set(out["timings_s"]["cooc"]) == {"fit", "rank"}
+
+
+def test_top_rows_matches_a_full_sort_with_ties_to_the_lower_row() -> None:
+    from engine.evaluation.baselines.base import top_k
+    from engine.evaluation.players import top_rows
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        n = int(rng.integers(1, 40))
+        scores = rng.integers(0, 4, n).astype(float)  # many ties
+        allowed = rng.random(n) < 0.7
+        k = int(rng.integers(1, 12))
+        expect = top_k(scores, k, np.arange(n), candidates=np.flatnonzero(allowed))
+        assert top_rows(scores, k, allowed).tolist() == expect.tolist()
+
+
+def test_both_engines_start_from_one_fit(small: EvalDataset, fake_encoder, tmp_path: Path) -> None:
+    from engine import Engine
+    from engine.evaluation.players import build_players
+
+    split = replay_split(small.events)
+    train = _train(small, split)
+    live = catalog_at_cut(split, small.n_items)
+    timings: dict[str, float] = {}
+    players = build_players(["kindling", "kindling-frozen"], train, small, tmp_path, lambda: fake_encoder, 0,
+                            live, timings)
+    assert [p.name for p in players] == ["kindling", "kindling-frozen"] and set(timings) == {p.name for p in players}
+    assert isinstance(players[1], FrozenEnginePlayer)
+    for p in players:
+        p.close()
+    history = [small.item_ids[i] for i in train.events.item[:6]]
+    lists = []
+    for name in ("kindling", "kindling-frozen"):
+        with Engine.open(tmp_path / name, encoder=fake_encoder, read_only=True) as eng:
+            lists.append([(r.item_id, r.score) for r in eng.recommend("someone", k=20, history=history)])
+    assert lists[0] == lists[1], "the frozen engine is the online engine's fitted store"

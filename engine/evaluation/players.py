@@ -5,6 +5,8 @@ Items enter a player's catalog at their first event (`add_items`), never earlier
 
 from __future__ import annotations
 
+import shutil
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import numpy as np
 from engine import Engine
 from engine.encoder import TextEncoder
 
-from .baselines.base import TrainSet, top_k
+from .baselines.base import TrainSet
 from .datasets import EvalDataset
 from .kindling_method import engine_config, open_engine
 
@@ -89,13 +91,25 @@ class FrozenEnginePlayer(EnginePlayer):
         self._history.setdefault(user, []).append(self._items[item])
 
 
+def top_rows(scores: np.ndarray, k: int, allowed: np.ndarray) -> np.ndarray:
+    """The k best rows among `allowed` (a mask) by score, ties to the lower row: the order of
+    `top_k(scores, k, arange(n), candidates)`, found with a partition instead of a full sort."""
+    k = min(k, int(allowed.sum()))
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    s = np.where(allowed, scores, -np.inf)
+    kth = np.partition(s, len(s) - k)[len(s) - k]
+    head = np.flatnonzero(s > kth)
+    rows = np.concatenate([head, np.flatnonzero((s == kth) & allowed)[: k - len(head)]])
+    return rows[np.lexsort((rows, -s[rows]))]
+
+
 class ScorePlayer(Player):
     """A player that scores every item; items not yet in the catalog are masked, ties go to the
     lower item row. Subclasses implement `scores`."""
 
     def __init__(self, live: np.ndarray) -> None:
         self._live = np.asarray(live, bool).copy()
-        self._tiebreak = np.arange(len(self._live))
 
     def add_items(self, rows: np.ndarray) -> None:
         self._live[rows] = True
@@ -105,8 +119,9 @@ class ScorePlayer(Player):
         raise NotImplementedError
 
     def recommend(self, user: int, k: int, consumed: set[int], disliked: set[int]) -> np.ndarray:
-        exclude = np.fromiter(consumed, dtype=np.int64, count=len(consumed))
-        return top_k(self.scores(user), k, self._tiebreak, np.flatnonzero(self._live), exclude)
+        allowed = self._live.copy()
+        allowed[np.fromiter(consumed, dtype=np.int64, count=len(consumed))] = False
+        return top_rows(self.scores(user), k, allowed)
 
 
 class PopularityPlayer(ScorePlayer):
@@ -130,8 +145,9 @@ class CoocPlayer(PopularityPlayer):
     log(1 + pop(j)), where C[i, j] counts the users with positives on both i and j and pop(j) the
     positives on j, both counted from the training part and then every replayed positive.
 
-    The user-item matrix is held dense (users x items, float32): C's row sums for a user are
-    (X[:, P] summed over P) @ X, over the users who share an item with them.
+    The user-item matrix is held dense, both ways (float32): the sum over a user's positives of
+    C[i, :] is (sum of their items' user columns) @ X, and items the user has are never ranked,
+    so C's diagonal does not matter.
     """
 
     name = "cooc"
@@ -140,12 +156,16 @@ class CoocPlayer(PopularityPlayer):
         super().__init__(train, live)
         self._x = np.zeros((train.n_users, train.n_items), np.float32)
         self._x[train.events.user, train.events.item] = 1.0
+        self._xt = np.ascontiguousarray(self._x.T)
+        self._liked: dict[int, list[int]] = {}
+        for u, i in dict.fromkeys(zip(train.events.user.tolist(), train.events.item.tolist())):
+            self._liked.setdefault(u, []).append(i)
 
     def scores(self, user: int) -> np.ndarray:
-        liked = np.flatnonzero(self._x[user])
+        liked = self._liked.get(user)
         co = np.zeros(self._x.shape[1], np.float32)
-        if len(liked):
-            overlap = self._x[:, liked].sum(axis=1)
+        if liked:
+            overlap = self._xt[liked].sum(axis=0)
             sharing = np.flatnonzero(overlap)
             # a gather of the sharing rows pays only when few users share an item with this one
             co = overlap[sharing] @ self._x[sharing] if len(sharing) * 4 < len(overlap) else overlap @ self._x
@@ -153,26 +173,46 @@ class CoocPlayer(PopularityPlayer):
 
     def record(self, user: int, item: int, timestamp: int) -> None:
         super().record(user, item, timestamp)
-        self._x[user, item] = 1.0
+        if not self._x[user, item]:
+            self._x[user, item] = self._xt[item, user] = 1.0
+            self._liked.setdefault(user, []).append(item)
 
 
 def build_players(names: Sequence[str], train: TrainSet, ds: EvalDataset, workdir: Path,
-                  encoder: Callable[[], TextEncoder], seed: int, live: np.ndarray) -> list[Player]:
+                  encoder: Callable[[], TextEncoder], seed: int, live: np.ndarray,
+                  timings: dict[str, float] | None = None) -> list[Player]:
     """The requested players, each with the items of `live` (a mask over the catalog) in its
-    catalog. The two engines are separate stores fitted on the same events; `encoder` is called
-    only when an engine is asked for."""
-    players: list[Player] = []
-    items = [ds.items[r] for r in np.flatnonzero(live)]
-    for name in names:
-        if name == "popularity":
-            players.append(PopularityPlayer(train, live))
-        elif name == "cooc":
-            players.append(CoocPlayer(train, live))
-        elif name in ("kindling", "kindling-frozen"):
-            online = name == "kindling"
-            eng = open_engine(workdir / name, train, encoder(), engine_config(seed, online_updates=online), items)
-            players.append(EnginePlayer(name, eng, ds) if online else FrozenEnginePlayer(name, eng, ds, train))
-        else:
-            raise ValueError(f"replay methods are {', '.join(REPLAY_METHODS)}; got {name!r}")
-    return players
+    catalog; `timings[name]` gets the seconds each took to set up. `encoder` is called only when
+    an engine is asked for.
 
+    The frozen engine is the online engine's store as fitted, copied before the replay (so both
+    start from the same model: two fits differ in their random draws), or, alone, a store fitted
+    with `online_updates=False`. It only ever gets `add_items` and stateless requests, so either
+    way nothing it learned changes.
+    """
+    players: dict[str, Player] = {}
+    timings = {} if timings is None else timings
+    for name in names:
+        start = time.perf_counter()
+        players[name] = _player(name, train, ds, workdir, encoder, seed, live, players)
+        timings[name] = round(time.perf_counter() - start, 2)
+    return list(players.values())
+
+
+def _player(name: str, train: TrainSet, ds: EvalDataset, workdir: Path, encoder: Callable[[], TextEncoder],
+            seed: int, live: np.ndarray, built: dict[str, Player]) -> Player:
+    if name == "popularity":
+        return PopularityPlayer(train, live)
+    if name == "cooc":
+        return CoocPlayer(train, live)
+    if name not in ("kindling", "kindling-frozen"):
+        raise ValueError(f"replay methods are {', '.join(REPLAY_METHODS)}; got {name!r}")
+    items = [ds.items[r] for r in np.flatnonzero(live)]
+    if name == "kindling":
+        return EnginePlayer(name, open_engine(workdir / name, train, encoder(), engine_config(seed), items), ds)
+    if "kindling" in built:  # the online store as fitted: it has recorded nothing yet
+        shutil.copytree(workdir / "kindling", workdir / name)
+        eng = Engine.open(workdir / name, encoder=encoder())
+    else:
+        eng = open_engine(workdir / name, train, encoder(), engine_config(seed, online_updates=False), items)
+    return FrozenEnginePlayer(name, eng, ds, train)

@@ -125,11 +125,8 @@ def run_replay(ds: EvalDataset, workdir: str | Path, encoder: Callable[[], TextE
     split = choose_replay(ds.events, split_kind)
     train = TrainSet(positives(split.train, min_value), ds.items, ds.n_users, ds.user_ids)
     live = catalog_at_cut(split, ds.n_items)
-    players, fit_s = [], {}
-    for name in methods:
-        start = time.perf_counter()
-        players += build_players([name], train, ds, Path(workdir), encoder, seed, live)
-        fit_s[name] = round(time.perf_counter() - start, 2)
+    fit_s: dict[str, float] = {}
+    players = build_players(methods, train, ds, Path(workdir), encoder, seed, live, fit_s)
     say(f"replay: {len(players)} method(s) ready ({sum(fit_s.values()):.1f} s)")
     log = _replay_with_bar(ds, players, split, min_value, k)
     out = header(ds, "replay", seed, k, min_value, split_kind)
