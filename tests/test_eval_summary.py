@@ -189,3 +189,12 @@ def test_command_line_writes_markdown_and_json(tmp_path: Path, capsys) -> None:
     assert _target(saved, "item-cold", "all")["ratio"] == pytest.approx(2.2 / 1.4)
     with pytest.raises(SystemExit):
         main([str(files[0]), str(files[0])])
+
+
+def test_a_cell_without_users_gets_no_verdict_and_valid_json() -> None:
+    run = _replay(0, {"kindling": [4, 3], "kindling-frozen": [2, 2], "cooc": [3, 3]}, events=[10, 8], cold=[0, 0])
+    s = summarise([run])
+    cold = _target(s, "replay", "cold_users", "cooc")
+    assert cold["met"] is None and cold["note"] == "no user in this cell" and cold["mean"]["kindling"] is None
+    json.dumps(s, allow_nan=False)  # strict JSON: no NaN or Infinity
+    assert "| hit_rate@20_cold_users | cooc | – | – |" in markdown(s)

@@ -137,10 +137,10 @@ def judge(results: list[dict], target: Target) -> dict:
         return {**out, "note": "no baseline of the target in every run"}
     mean = {m: float(np.mean([cell_mean(r, target, m) for r in results])) for m in rivals}
     best = max(rivals, key=lambda m: (mean[m], -rivals.index(m)))
-    out.update(best=best, mean={best: mean[best]})
+    out.update(best=best, mean={best: _num(mean[best])})
     if not all(has(r, target, METHOD) for r in results):
         return {**out, "note": f"no {METHOD} in every run"}
-    out["mean"][METHOD] = float(np.mean([cell_mean(r, target, METHOD) for r in results]))
+    out["mean"][METHOD] = _num(float(np.mean([cell_mean(r, target, METHOD) for r in results])))
     return {**out, **_interval(results, target, best)}
 
 
@@ -158,7 +158,8 @@ def _interval(results: list[dict], target: Target, best: str) -> dict:
 
 
 def _num(x: float) -> float | None:
-    """JSON has no inf or nan: a ratio over a baseline that scored 0 is written as null."""
+    """JSON has no inf or nan: a ratio over a baseline that scored 0, or a mean over no event,
+    is written as null."""
     return float(x) if math.isfinite(x) else None
 
 
