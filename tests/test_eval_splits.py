@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.evaluation.baselines.base import TrainSet
 from engine.evaluation.datasets import (
     DatasetError, EvalDataset, first_occurrences, load_dataset, positives, write_sample,
 )

@@ -19,14 +19,12 @@ from .splits import (
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+#: Per-user values in the JSON are rounded to this many digits (the summary is computed from them).
+PER_USER_DIGITS = 4
 
 
 def _quiet(_: str) -> None:
     pass
-
-
-#: Per-user values in the JSON are rounded to this many digits (the summary is computed from them).
-PER_USER_DIGITS = 4
 
 
 def header(ds: EvalDataset, protocol: str, seed: int, k: int, min_value: float | None,
