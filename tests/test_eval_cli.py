@@ -30,14 +30,20 @@ def test_one_protocol_writes_the_documented_json(tiny: Path, tmp_path: Path) -> 
                "--k", "10", "--json", out)
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
-    assert {k: data[k] for k in ("dataset", "protocol", "seed", "k", "min_value")} == {
-        "dataset": tiny.name, "protocol": "item-cold", "seed": 0, "k": 10, "min_value": 4.0}
+    assert {k: data[k] for k in ("dataset", "protocol", "split_kind", "seed", "k", "min_value")} == {
+        "dataset": tiny.name, "protocol": "item-cold", "split_kind": "test", "seed": 0, "k": 10, "min_value": 4.0}
     assert {"items", "cold_items", "test_users", "train_positives"} <= set(data["split"])
     assert list(data["results"]) == ["random", "tfidf", "lightfm"]
     for metrics in data["results"].values():
         assert set(metrics) == {"recall@10", "ndcg@10"}
         assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert "| tfidf |" in res.output and "recall@10" in res.output
+    per_user = data["per_user"]
+    assert len(per_user["users"]) == data["split"]["test_users"]
+    for method, metrics in data["results"].items():
+        values = per_user["results"][method]["recall@10"]
+        assert len(values) == len(per_user["users"]) and all(v == round(v, 4) for v in values)
+        assert sum(values) / len(values) == pytest.approx(metrics["recall@10"], abs=1e-4)
 
 
 def test_all_protocols_with_report(tiny: Path, tmp_path: Path) -> None:
@@ -52,12 +58,32 @@ def test_all_protocols_with_report(tiny: Path, tmp_path: Path) -> None:
     assert set(user_cold["reveal=3"]) == {"random", "popularity", "itemknn"}
     replay = data["protocols"]["replay"]["results"]
     assert list(replay) == ["popularity"]  # the only replay method among those asked for
+    assert data["split_kind"] == "test" and "per_user" in data["protocols"]["replay"]
     assert set(replay["popularity"]) == {"hit_rate@20", "hit_rate@20_cold_users", "hit_rate@20_cold_items"}
     text = report.read_text()
     for protocol in ("item-cold", "user-cold", "replay"):
         png = report.with_name(f"out-{protocol}.png")
         assert png.read_bytes()[:8] == PNG_MAGIC
         assert f"## {protocol}" in text and f"]({png.name})" in text
+
+
+def test_several_seeds_on_the_validation_split(tiny: Path, tmp_path: Path) -> None:
+    out, report = tmp_path / "seeds.json", tmp_path / "seeds.md"
+    res = _run(tiny, "--protocol", "all", "--min-value", "4", "--seeds", "0,2", "--split", "validation",
+               "--methods", "popularity,itemknn,tfidf,cooc", "--json", out, "--report", report)
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["seeds"] == [0, 2] and data["split_kind"] == "validation" and data["protocol"] == "all"
+    assert [r["seed"] for r in data["runs"]] == [0, 2]
+    for run in data["runs"]:
+        assert {p["split_kind"] for p in run["protocols"].values()} == {"validation"}
+        assert set(run["protocols"]["replay"]["results"]) == {"popularity", "cooc"}
+    summary = data["summary"]
+    assert summary["seeds"] == [0, 2] and summary["split_kind"] == "validation"
+    (item,) = summary["item-cold"]["targets"]
+    assert item["best"] == "tfidf" and item["note"] == "no kindling in every run"
+    assert "95% interval" in res.output and "## Summary" in report.read_text()
+    assert "| cooc |" in report.read_text()
 
 
 def test_user_errors_are_clean(tiny: Path, tmp_path: Path) -> None:
@@ -73,6 +99,13 @@ def test_user_errors_are_clean(tiny: Path, tmp_path: Path) -> None:
     assert res.exit_code == 1 and "timestamp" in res.output
     res = _run(tmp_path / "nowhere", "--protocol", "item-cold")
     assert res.exit_code == 2
+    res = _run(tiny, "--protocol", "item-cold", "--seed", "1", "--seeds", "0,1")
+    assert res.exit_code == 2 and "--seed or --seeds" in res.output
+    for bad in ("0,x", "1,1", "-1"):
+        res = _run(tiny, "--protocol", "item-cold", "--seeds", bad)
+        assert res.exit_code == 2 and "Invalid value for '--seeds'" in res.output, bad
+    res = _run(tiny, "--protocol", "item-cold", "--split", "holdout")
+    assert res.exit_code == 2 and "'--split'" in res.output
 
 
 @pytest.mark.model

@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.evaluation.baselines.base import TrainSet
 from engine.evaluation.datasets import (
     DatasetError, EvalDataset, first_occurrences, load_dataset, positives, write_sample,
 )
-from engine.evaluation.replay import Player, PopularityPlayer, replay
-from engine.evaluation.splits import item_cold_split, replay_split, user_cold_split
+from engine.evaluation.splits import (
+    check_split_kind, item_cold_split, item_cold_validation, replay_split, replay_validation, user_cold_split,
+    user_cold_validation,
+)
 
 BUNDLED = Path(__file__).resolve().parent.parent / "index_data" / "movielens-small"
 MIN_VALUE = 4.0
@@ -99,53 +100,48 @@ def test_replay_split_cuts_at_the_time_quantile(ds: EvalDataset) -> None:
         replay_split(ds.events.take(np.arange(len(ds.events))[::-1]))
 
 
-class Recorder(Player):
-    """A real player that only writes down what it was asked and told, in order."""
-
-    name = "recorder"
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, int, int]] = []
-        self.last_item: int | None = None
-
-    def recommend(self, user: int, k: int, consumed: set[int], disliked: set[int]) -> np.ndarray:
-        self.calls.append(("recommend", user, -1))
-        assert disliked <= consumed
-        return np.array([self.last_item if self.last_item is not None else 0])
-
-    def record(self, user: int, item: int, timestamp: int) -> None:
-        self.calls.append(("record", user, item))
-        self.last_item = item
+def _triples(events) -> set[tuple[int, int, int]]:
+    return set(zip(events.user.tolist(), events.item.tolist(), events.timestamp.tolist()))
 
 
-def test_replay_recommends_before_each_event_is_shown(ds: EvalDataset) -> None:
-    split = replay_split(ds.events)
-    stream_pos = split.stream.take(split.stream.value >= MIN_VALUE)
-    player = Recorder()
-    train = TrainSet(positives(split.train, MIN_VALUE), ds.items, ds.n_users, ds.user_ids)
-    log = replay(ds, [player, PopularityPlayer(train)], MIN_VALUE, k=5)
-    kinds = [c[0] for c in player.calls]
-    assert kinds == ["recommend", "record"] * len(stream_pos)
-    recorded = [(u, i) for kind, u, i in player.calls if kind == "record"]
-    assert recorded == list(zip(stream_pos.user.tolist(), stream_pos.item.tolist()))
-    recommended_for = [u for kind, u, _ in player.calls if kind == "recommend"]
-    assert recommended_for == stream_pos.user.tolist()
-    # the recorder "recommends" the last item it was told: a hit would mean an event seen too early
-    repeats = stream_pos.item[1:] == stream_pos.item[:-1]
-    assert log.hits["recorder"][1:].sum() == repeats.sum()
-    assert log.cold_user.tolist() == (~np.isin(stream_pos.user, split.train.user)).tolist()
-    assert log.cold_item.tolist() == (~np.isin(stream_pos.item, split.train.item)).tolist()
+def test_item_cold_validation_uses_only_the_training_part(ds: EvalDataset) -> None:
+    pos = positives(ds.events, MIN_VALUE)
+    test = item_cold_split(pos, np.random.default_rng(0))
+    val = item_cold_validation(pos, np.random.default_rng(0))
+    assert len(val.cold_items) == round(0.2 * len(np.unique(test.train.item)))
+    assert not np.isin(val.cold_items, test.cold_items).any(), "a test cold item is a validation cold item"
+    assert _triples(val.train) <= _triples(test.train)
+    assert not np.isin(val.train.item, test.cold_items).any()
+    val_targets = [(int(u), int(i)) for u, items in val.targets.items() for i in items]
+    train_pairs = set(zip(test.train.user.tolist(), test.train.item.tolist()))
+    assert val_targets and set(val_targets) <= train_pairs, "a validation target outside the training part"
+    assert np.isin(val.test_users, val.train.user).all()
+    again = item_cold_validation(pos, np.random.default_rng(0))
+    assert again.cold_items.tolist() == val.cold_items.tolist()
 
 
-def test_replay_popularity_never_recommends_what_was_consumed(ds: EvalDataset) -> None:
-    split = replay_split(ds.events)
-    train = TrainSet(positives(split.train, MIN_VALUE), ds.items, ds.n_users, ds.user_ids)
-    player = PopularityPlayer(train)
-    consumed = set(split.train.item[split.train.user == split.train.user[0]].tolist())
-    top = player.recommend(int(split.train.user[0]), 50, consumed, set())
-    assert len(top) == 50 and not set(top.tolist()) & consumed
-    counts = train.popularity()
-    assert counts[top[0]] == counts[np.setdiff1d(np.arange(ds.n_items), list(consumed))].max()
+def test_user_cold_validation_uses_only_the_training_users(ds: EvalDataset) -> None:
+    pos = positives(ds.events, MIN_VALUE)
+    test = user_cold_split(pos, np.random.default_rng(0))
+    val = user_cold_validation(pos, np.random.default_rng(0))
+    assert len(val.test_users) >= 1 and not np.isin(val.test_users, test.test_users).any()
+    assert not np.isin(val.train.user, test.test_users).any(), "a test user's event is in validation training"
+    assert _triples(val.train) <= _triples(test.train)
+    train_pairs = set(zip(test.train.user.tolist(), test.train.item.tolist()))
+    for user in val.test_users:
+        assert {(int(user), int(i)) for i in val.history[int(user)]} <= train_pairs
+    assert val.n_eligible == int((np.unique(test.train.user, return_counts=True)[1] >= 6).sum())
+
+
+def test_replay_validation_replays_the_tail_before_the_cut(ds: EvalDataset) -> None:
+    test = replay_split(ds.events)
+    val = replay_validation(ds.events)
+    assert val.stream.timestamp.max() < test.cut, "a validation event after the real cut"
+    assert val.train.timestamp.max() < val.cut <= val.stream.timestamp.min()
+    assert val.cut == int(np.quantile(test.train.timestamp, 0.8))
+    assert len(val.train) + len(val.stream) == len(test.train)
+    with pytest.raises(ValueError, match="split must be one of test, validation"):
+        check_split_kind("holdout")
 
 
 def test_a_broken_dataset_is_refused(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import Config, Engine, Event
+from engine import Config, Engine, Event, Item
 from engine.encoder import TextEncoder
 
 from .baselines.base import Query, TrainSet
@@ -25,10 +25,11 @@ def click_events(train: TrainSet) -> list[Event]:
             for u, i, t in zip(ev.user, ev.item, ev.timestamp)]
 
 
-def open_engine(path: Path, train: TrainSet, encoder: TextEncoder, config: Config) -> Engine:
-    """A new store holding the whole catalog and fitted on the training positives."""
+def open_engine(path: Path, train: TrainSet, encoder: TextEncoder, config: Config,
+                items: Sequence[Item] | None = None) -> Engine:
+    """A new store holding `items` (default: the whole catalog), fitted on the training positives."""
     eng = Engine.create(path, config=config, encoder=encoder)
-    eng.add_items(train.items)
+    eng.add_items(train.items if items is None else items)
     eng.fit(click_events(train), progress=False)
     return eng
 
@@ -36,9 +37,10 @@ def open_engine(path: Path, train: TrainSet, encoder: TextEncoder, config: Confi
 class KindlingMethod:
     """`fit` builds a fresh store under `workdir`; `recommend` asks the engine.
 
-    A query for a user training never saw (user == -1) is an application's new user: the items of
-    their history that the engine has not been told about yet are recorded as clicks first, so a
-    user whose history grows from query to query (reveal 0, 1, 3, 5) is told each click once.
+    A query for a user training never saw (user == -1) is a stateless request: the engine ranks
+    for a transient user built from the query's history (`recommend(history=...)`) and records
+    nothing, so each test user is scored by the engine as it stood after `fit` plus their own
+    revealed clicks, and no test user's query can change another's ranking.
     """
 
     name = "kindling"
@@ -58,7 +60,6 @@ class KindlingMethod:
         self._engine = open_engine(path, train, self.encoder, self.config)
         self._item_ids = [it.item_id for it in train.items]
         self._row_of = {item_id: row for row, item_id in enumerate(self._item_ids)}
-        self._told: dict[str, list[int]] = {}
 
     def recommend(self, queries: Sequence[Query], k: int, candidates: np.ndarray | None = None,
                   exclude_history: bool = True) -> list[np.ndarray]:
@@ -69,24 +70,11 @@ class KindlingMethod:
         for q in queries:
             if not q.name:
                 raise ValueError(f"{self.name}: every query needs the user's external id in `name`")
-            if q.user < 0:
-                self._tell(q)
+            history = None if q.user >= 0 else [self._item_ids[r] for r in q.history]
             recs = self._engine.recommend(q.name, k=k, profile=q.profile, exclude_seen=exclude_history,
-                                          candidates=cand)
+                                          candidates=cand, history=history)
             out.append(np.array([self._row_of[r.item_id] for r in recs], dtype=np.int64))
         return out
-
-    def _tell(self, q: Query) -> None:
-        told = self._told.setdefault(q.name, [])
-        history = [int(r) for r in q.history]
-        if history[:len(told)] != told:
-            raise ValueError(f"{self.name}: user {q.name!r} must only gain history between queries; "
-                             "use a new user id for a different history")
-        times = q.times if q.times is not None else [None] * len(history)
-        for row, ts in zip(history[len(told):], times[len(told):]):
-            self._engine.record(q.name, self._item_ids[row], "click",
-                                timestamp=None if ts is None else int(ts))
-        told[:] = history
 
     def close(self) -> None:
         """Close the current store (its directory stays under `workdir`)."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from .replay import ReplayLog
+from .summary import markdown as summary_markdown
 
 
 def _fmt(value: object) -> str:
@@ -20,6 +22,22 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def dump_json(obj: object) -> str:
+    """JSON with two-space indents, except that a list of plain values (the per-user arrays)
+    stays on one line."""
+    return _dump(obj, 0) + "\n"
+
+
+def _dump(obj: object, level: int) -> str:
+    pad, end = "  " * (level + 1), "\n" + "  " * level
+    if isinstance(obj, Mapping) and obj:
+        items = [f"{pad}{json.dumps(str(key))}: {_dump(value, level + 1)}" for key, value in obj.items()]
+        return "{\n" + ",\n".join(items) + end + "}"
+    if isinstance(obj, list) and any(isinstance(v, (Mapping, list)) for v in obj):
+        return "[\n" + ",\n".join(pad + _dump(v, level + 1) for v in obj) + end + "]"
+    return json.dumps(obj)
 
 
 def _total(t: object) -> str | None:
@@ -90,32 +108,48 @@ def plot_replay(result: Mapping, log: ReplayLog, path: Path) -> Path:
             avg = np.convolve(hits.astype(float), np.ones(window) / window, mode="valid")
             ax.plot(np.arange(window, n + 1), avg, label=name)
     ax.set(xlabel="replayed positive events (time order)", ylabel=f"hit rate@{result['k']} (moving {window})",
-           title=f"replay on {result['dataset']}")
+           title=f"replay on {result['dataset']} (seed {result['seed']})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
 
 
-def write_report(results: list[Mapping], logs: Mapping[str, ReplayLog], path: Path) -> list[Path]:
-    """Markdown at `path`, plots beside it as STEM-PROTOCOL.png; returns the files written."""
+def write_report(results: list[Mapping], logs: Mapping[str, ReplayLog], path: Path,
+                 summary: Mapping | None = None) -> list[Path]:
+    """Markdown at `path`: the summary (every method's mean over seeds, each target's ratio,
+    interval and verdict), then each run's table; plots beside it as STEM-PROTOCOL.png, of the
+    first seed of each protocol. Returns the files written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     parts = [f"# Evaluation of {results[0]['dataset']}\n"] if results else []
-    written = []
+    if summary is not None:
+        parts += ["## Summary\n", summary_markdown(summary)]
+    written: list[Path] = []
     for res in results:
         protocol = res["protocol"]
         png = path.with_name(f"{path.stem}-{protocol}.png")
-        if protocol == "user-cold":
-            written.append(plot_user_cold(res, png))
-        elif protocol == "item-cold":
-            written.append(plot_item_cold(res, png))
-        elif protocol in logs:
-            written.append(plot_replay(res, logs[protocol], png))
-        parts += [f"## {protocol}\n", f"seed {res['seed']}, k {res['k']}, min_value {res['min_value']}; "
+        plotted = png not in written and _plot(res, logs, png)
+        if plotted:
+            written.append(png)
+        parts += [f"## {protocol}, seed {res['seed']}\n",
+                  f"{res.get('split_kind', 'test')} split, k {res['k']}, min_value {res['min_value']}; "
                   f"split: {split_line(res)}\n", protocol_table(res) + "\n"]
-        if png in written:
+        if plotted:
             parts.append(f"![{protocol}]({png.name})\n")
     path.write_text("\n".join(parts), encoding="utf-8")
     return [path] + written
+
+
+def _plot(result: Mapping, logs: Mapping[str, ReplayLog], png: Path) -> bool:
+    protocol = result["protocol"]
+    if protocol == "user-cold":
+        plot_user_cold(result, png)
+    elif protocol == "item-cold":
+        plot_item_cold(result, png)
+    elif protocol in logs:
+        plot_replay(result, logs[protocol], png)
+    else:
+        return False
+    return True
 
 
 def _pyplot():

@@ -1,4 +1,5 @@
-"""One evaluation run: load the dataset, run the chosen protocols, return their JSON objects."""
+"""One evaluation run: load the dataset, run the chosen protocols for one seed or several, return
+their JSON objects (and, over several seeds, the summary with its intervals)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,24 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.catalog import item_text
 from engine.encoder import Encoder, TextEncoder
 
 from .datasets import EvalDataset
-from .methods import METHODS, build_methods
+from .methods import METHODS, NEEDS_ENCODER, build_methods, parse_methods
 from .protocols import run_item_cold, run_user_cold
 from .replay import REPLAY_METHODS, ReplayLog, run_replay
+from .splits import check_split_kind
 
 PROTOCOLS: tuple[str, ...] = ("item-cold", "user-cold", "replay")
+#: Replay players that are not (yet) a method of the other protocols: `--methods` accepts them too.
+REPLAY_ONLY: tuple[str, ...] = tuple(m for m in REPLAY_METHODS if m not in METHODS and "-" not in m)
+ALL_METHODS: tuple[str, ...] = METHODS + REPLAY_ONLY
 
 
 @dataclass
 class EvalRun:
-    """What a run produced: one JSON object per protocol, and the replay's per-event log."""
+    """What a run of one seed produced: one JSON object per protocol, and the replay's per-event log."""
 
     results: list[dict] = field(default_factory=list)
     replay_logs: dict[str, ReplayLog] = field(default_factory=dict)
@@ -30,8 +36,26 @@ class EvalRun:
         if len(self.results) == 1:
             return self.results[0]
         first = self.results[0]
-        head = {key: first[key] for key in ("dataset", "seed", "k", "min_value")}
+        head = {key: first[key] for key in ("dataset", "split_kind", "seed", "k", "min_value")}
         return {**head, "protocol": "all", "protocols": {r["protocol"]: r for r in self.results}}
+
+
+@dataclass
+class SeedsRun:
+    """Runs of several seeds (`--seeds`), in the order asked."""
+
+    runs: list[EvalRun] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """{"dataset", "protocol", "split_kind", "k", "min_value", "seeds", "runs": [one object per
+        seed, as a one-seed run writes it], "summary": the means, ratios and intervals}."""
+        from .summary import summarise  # runnable as `python -m engine.evaluation.summary`
+
+        per_seed = [run.to_json() for run in self.runs]
+        first = per_seed[0]
+        head = {key: first[key] for key in ("dataset", "protocol", "split_kind", "k", "min_value")}
+        return {**head, "seeds": [r["seed"] for r in per_seed], "runs": per_seed,
+                "summary": summarise(per_seed)}
 
 
 class SharedEncoder:
@@ -48,47 +72,107 @@ class SharedEncoder:
         return self._encoder
 
 
+def parse_method_names(text: str | None) -> tuple[str, ...]:
+    """Like `parse_methods`, also accepting the replay-only players (`cooc`); None or '' -> all.
+
+    Raises:
+        ValueError: a name that is no method.
+    """
+    if not text:
+        return ALL_METHODS
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    extra = tuple(n for n in REPLAY_ONLY if n in names)
+    rest = [n for n in names if n not in REPLAY_ONLY]
+    try:
+        return (parse_methods(",".join(rest)) if rest else ()) + extra
+    except ValueError as exc:
+        raise ValueError(f"{exc}, {', '.join(REPLAY_ONLY)}" if REPLAY_ONLY else str(exc)) from exc
+
+
 def replay_methods(methods: Sequence[str]) -> list[str]:
     """The replay's players for a method list: 'kindling' brings its online and frozen engines."""
     chosen = set(methods)
     return [m for m in REPLAY_METHODS if m in chosen or m.split("-")[0] in chosen]
 
 
-def evaluate(ds: EvalDataset, protocols: Sequence[str], *, seed: int = 0, k: int = 20,
-             min_value: float | None = None, methods: Sequence[str] = METHODS,
-             encoder: Callable[[], TextEncoder] | None = None, workdir: str | Path | None = None,
-             progress: Callable[[str], None] = print) -> EvalRun:
-    """Run each protocol in turn with fresh instances of the methods.
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """'0,1,2' -> (0, 1, 2).
 
     Raises:
-        ValueError: an unknown protocol, or k below 1.
+        ValueError: not comma-separated non-negative integers, or a seed given twice.
     """
-    bad = [p for p in protocols if p not in PROTOCOLS]
-    if bad:
-        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {', '.join(bad)}")
-    if k < 1:
-        raise ValueError(f"k must be a positive integer; got {k}")
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"seeds must be comma-separated non-negative integers; got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise ValueError(f"seeds must be comma-separated non-negative integers; got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"each seed may be given once; got {text!r}")
+    return seeds
+
+
+def evaluate(ds: EvalDataset, protocols: Sequence[str], *, seed: int = 0, k: int = 20,
+             min_value: float | None = None, methods: Sequence[str] = ALL_METHODS,
+             encoder: Callable[[], TextEncoder] | None = None, workdir: str | Path | None = None,
+             split_kind: str = "test", progress: Callable[[str], None] = print) -> EvalRun:
+    """Run each protocol in turn for one seed, with fresh instances of the methods.
+
+    Raises:
+        ValueError: an unknown protocol or split kind, or k below 1.
+    """
+    _check(protocols, k, split_kind)
     encoder = encoder or SharedEncoder()
     run = EvalRun()
     with tempfile.TemporaryDirectory(prefix="kindling-eval-", dir=workdir) as tmp:
         for protocol in protocols:
             start = time.perf_counter()
-            run.results.append(_run_one(ds, protocol, seed, k, min_value, methods, encoder,
-                                        Path(tmp), progress, run))
-            run.results[-1]["seconds"] = round(time.perf_counter() - start, 1)
-            progress(f"{protocol}: done in {run.results[-1]['seconds']:.1f} s")
+            result = _run_one(ds, protocol, seed, k, min_value, methods, encoder, Path(tmp), split_kind,
+                              progress, run)
+            result["seconds"] = round(time.perf_counter() - start, 1)
+            run.results.append(result)
+            progress(f"{protocol} (seed {seed}): done in {result['seconds']:.1f} s")
     return run
 
 
+def evaluate_seeds(ds: EvalDataset, protocols: Sequence[str], seeds: Sequence[int], *,
+                   encoder: Callable[[], TextEncoder] | None = None, **kwargs) -> SeedsRun:
+    """`evaluate` for each seed in turn, sharing one language model (the catalog is embedded once)."""
+    encoder = encoder or SharedEncoder()
+    return SeedsRun([evaluate(ds, protocols, seed=s, encoder=encoder, **kwargs) for s in seeds])
+
+
+def _check(protocols: Sequence[str], k: int, split_kind: str) -> None:
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if bad:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {', '.join(bad)}")
+    if k < 1:
+        raise ValueError(f"k must be a positive integer; got {k}")
+    check_split_kind(split_kind)
+
+
+def embed_catalog(ds: EvalDataset, encoder: Callable[[], TextEncoder]) -> float:
+    """Embed every item's text once (the encoder caches it for every method); returns seconds."""
+    start = time.perf_counter()
+    encoder().encode([item_text(it) for it in ds.items])
+    return round(time.perf_counter() - start, 2)
+
+
 def _run_one(ds: EvalDataset, protocol: str, seed: int, k: int, min_value: float | None,
-             methods: Sequence[str], encoder: Callable[[], TextEncoder], workdir: Path,
+             methods: Sequence[str], encoder: Callable[[], TextEncoder], workdir: Path, split_kind: str,
              progress: Callable[[str], None], run: EvalRun) -> dict:
-    kwargs = dict(seed=seed, k=k, min_value=min_value, progress=progress)
+    kwargs = dict(seed=seed, k=k, min_value=min_value, split_kind=split_kind, progress=progress)
+    names = replay_methods(methods) if protocol == "replay" else [m for m in methods if m in METHODS]
+    needs_model = any(m.split("-")[0] in NEEDS_ENCODER or m in NEEDS_ENCODER for m in names)
+    embedding = embed_catalog(ds, encoder) if needs_model else 0.0
+    if embedding:
+        progress(f"{protocol}: catalog embedded in {embedding:.1f} s")
     if protocol == "replay":
-        players = replay_methods(methods)
-        result, log = run_replay(ds, workdir / "replay", encoder, methods=players, **kwargs)
+        result, log = run_replay(ds, workdir / "replay", encoder, methods=names, **kwargs)
         run.replay_logs[protocol] = log
-        return result
-    built = build_methods(methods, protocol, seed, encoder, workdir)
-    runner = run_item_cold if protocol == "item-cold" else run_user_cold
-    return runner(ds, built, **kwargs)
+    else:
+        built = build_methods(names, protocol, seed, encoder, workdir)
+        runner = run_item_cold if protocol == "item-cold" else run_user_cold
+        result = runner(ds, built, **kwargs)
+    result["timings_s"]["embedding"] = embedding
+    return result

@@ -12,6 +12,9 @@ COLD_FRACTION = 0.2
 MIN_USER_POSITIVES = 6
 REVEALS: tuple[int, ...] = (0, 1, 3, 5)
 REPLAY_QUANTILE = 0.8
+#: Which part of a seed's split a run measures on: the test part, or a validation part carved out
+#: of its training part with the same protocol (for tuning without touching the test part).
+SPLIT_KINDS: tuple[str, ...] = ("test", "validation")
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,30 @@ def replay_split(events: EventTable, quantile: float = REPLAY_QUANTILE) -> Repla
     cut = int(np.quantile(events.timestamp, quantile))
     before = events.timestamp < cut
     return ReplaySplit(cut, events.take(before), events.take(~before))
+
+
+def item_cold_validation(pos: EventTable, rng: np.random.Generator) -> ItemColdSplit:
+    """The item-cold split drawn again over the training positives of the seed's test split: new
+    cold items among the warm ones, test users from the training part. `rng` continues after the
+    test draw, so the validation split is fixed by the seed too."""
+    return item_cold_split(item_cold_split(pos, rng).train, rng)
+
+
+def user_cold_validation(pos: EventTable, rng: np.random.Generator) -> UserColdSplit:
+    """The user-cold split drawn again over the training users of the seed's test split only."""
+    return user_cold_split(user_cold_split(pos, rng).train, rng)
+
+
+def replay_validation(events: EventTable, quantile: float = REPLAY_QUANTILE) -> ReplaySplit:
+    """The replay split of the events before the real cut: cut again at the same quantile of
+    them, and replay the pre-cut tail."""
+    return replay_split(replay_split(events, quantile).train, quantile)
+
+
+def check_split_kind(kind: str) -> None:
+    """Raises ValueError unless `kind` is 'test' or 'validation'."""
+    if kind not in SPLIT_KINDS:
+        raise ValueError(f"split must be one of {', '.join(SPLIT_KINDS)}; got {kind!r}")
 
 
 def _group(events: EventTable, users: np.ndarray, column: str = "item") -> dict[int, np.ndarray]:
