@@ -56,8 +56,9 @@ class Lexicon:
         self.clear(row)
         terms, tf = term_counts(text)
         self._terms[row], self._tf[row] = terms, tf
-        self._df[terms] += 1
-        self._docs += 1
+        if len(terms):  # a document without words counts in no frequency (as `clear` assumes)
+            self._df[terms] += 1
+            self._docs += 1
 
     def clear(self, row: int) -> None:
         """Forget a row's text (a removed item): it no longer counts in the frequencies."""
