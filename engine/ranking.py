@@ -25,6 +25,8 @@ from .rerank import FEATURES, N_FEATURES, Reranker, expand
 from .users import UserState, UserTable, apply_click, apply_skip, normalise
 
 POP_REFRESH_CLICKS = 64
+#: Weight of the learned popularity bias against log clicks where both rank (a tie-breaker).
+POP_TIEBREAK = 1e-3
 ONLINE_CANDIDATES = 100
 #: The lexical profile is the mean TF-IDF vector of this many of the user's latest clicks.
 LEXICAL_HISTORY = 50
@@ -166,7 +168,7 @@ class Ranker:
         if self._pop_cache is None or len(self._pop_cache) < n:
             live = items.live_rows()
             m = min(len(live), max(4 * n, 256))
-            score = items.clicks[live] + 1e-3 * self._bias[live]  # the learned prior breaks ties
+            score = items.clicks[live] + POP_TIEBREAK * self._bias[live]  # the learned prior breaks ties
             top = np.argpartition(-score, m - 1)[:m] if m < len(live) else np.arange(len(live))
             order = top[np.lexsort((live[top], -score[top]))]
             self._pop_cache, self._pop_stale = live[order], 0
@@ -260,9 +262,13 @@ class Ranker:
         return f
 
     def score(self, user: UserState, rows: np.ndarray) -> np.ndarray:
+        items = self._items
+        if user.count + user.prior == 0:
+            # nothing is known of this user: the exact popularity prior (the learned bias breaks
+            # ties), which the bucket-0 weights only approximated (0.86x popularity on movielens)
+            return (np.log1p(items.clicks[rows]) + POP_TIEBREAK * self._bias[rows]).astype(np.float32)
         if self.trained or self.reranker.trained:
             return self.reranker.score(self.features(user, rows))
-        items = self._items
         sim = self.item_vectors(rows) @ user.vector
         top = max(float(items.clicks.max()) if len(items) else 0.0, 1.0)
         pop = np.log1p(items.clicks[rows]) / np.log1p(top)
