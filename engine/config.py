@@ -35,7 +35,9 @@ class Config:
             core). 1 keeps single queries fast on a busy host; builds always use every core.
         online_lr: the step of the reranker's online SGD (one step per click, on a replay batch
             of `replay_batch` examples from the last `replay_size`; the gradient's norm is clipped
-            at 1). 0.01 drifted the reranker over a few hundred clicks (docs/results.md).
+            at 1). 0 (off) by default: with the per-bucket standardised features, 0.001 gave 0.56x
+            the fair frozen engine on the movielens replay validation split and 0 gave 1.03x
+            (docs/results.md); user vectors, counts and co-clicks still learn from every click.
         fsync: fsync the event log on every record (survives power loss, not only a crash).
         encoder_backend: "torch" (default), or the opt-in "onnx" / "onnx-int8": ONNX Runtime on a
             graph exported locally from the same model (the `onnx` extra); "onnx-int8" embeds
@@ -70,7 +72,7 @@ class Config:
     proj_epochs: int = 2
     rerank_hidden: int = 32
     rerank_epochs: int = 20
-    online_lr: float = 0.001
+    online_lr: float = 0.0
     replay_size: int = 2048
     replay_batch: int = 16
 

@@ -133,7 +133,7 @@ class Ranker:
         """Apply one event: a reranker step (clicks), then the user's vector and the item's stats."""
         if not learn:
             return
-        if kind == "click" and sgd and index is not None and self.reranker.trained:
+        if kind == "click" and sgd and index is not None and self.reranker.trained and self.config.online_lr > 0:
             self._online_step(user, row, index)
         vec = self.item_vectors(np.array([row]))[0]
         if kind == "click":
