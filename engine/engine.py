@@ -560,12 +560,7 @@ class Engine:
                 if profile is not None:  # read-only store: use the profile without saving it
                     user.profile, user.profile_vec = profile, self._encode([profile])[0]
                     user.vector = self._proj.transform(user.profile_vec[None])[0]
-            banned = self._banned(user, exclude_seen, exclude)
-            cand_rows = None if candidates is None else self._candidate_rows(candidates, banned)
-            rows, scores = self._ranker.rank(user, self._items, self._index, k, banned, cand_rows,
-                                             user_key=user_id)
-            return [Recommendation(self._items.vocab.id(r), float(s), self._items.titles[r])
-                    for r, s in zip(rows, scores)]
+            return self._rank_for(user, user_id, k, exclude_seen, candidates, exclude)
 
     def _recommend_stateless(self, user_id: str, k: int, profile: str | None, exclude_seen: bool,
                              candidates: Sequence[str] | None, exclude: Iterable[str] | None,
@@ -585,12 +580,16 @@ class Engine:
                     raise UnknownItemError(f"history names item {item_id!r}, which is not a live item")
                 rows.append(row)
             user = self._ranker.transient_user(rows, profile, profile_vec)
-            banned = self._banned(user, exclude_seen, exclude)
-            cand_rows = None if candidates is None else self._candidate_rows(candidates, banned)
-            out, scores = self._ranker.rank(user, self._items, self._index, k, banned, cand_rows,
-                                            user_key=user_id)
-            return [Recommendation(self._items.vocab.id(r), float(s), self._items.titles[r])
-                    for r, s in zip(out, scores)]
+            return self._rank_for(user, user_id, k, exclude_seen, candidates, exclude)
+
+    def _rank_for(self, user: UserState, user_id: str, k: int, exclude_seen: bool,
+                  candidates: Sequence[str] | None, exclude: Iterable[str] | None) -> list[Recommendation]:
+        """The ranked list for a user state (the read lock held by the caller)."""
+        banned = self._banned(user, exclude_seen, exclude)
+        cand_rows = None if candidates is None else self._candidate_rows(candidates, banned)
+        rows, scores = self._ranker.rank(user, self._items, self._index, k, banned, cand_rows, user_key=user_id)
+        return [Recommendation(self._items.vocab.id(r), float(s), self._items.titles[r])
+                for r, s in zip(rows, scores)]
 
     def _banned(self, user: UserState, exclude_seen: bool, exclude: Iterable[str] | None) -> np.ndarray:
         rows = set(user.seen()) if exclude_seen else set()

@@ -142,3 +142,19 @@ def real_store(tmp_path: Path, real_store_template: Path) -> Path:
     dst = tmp_path / "real-store"
     shutil.copytree(real_store_template, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def ds(tmp_path_factory: pytest.TempPathFactory):
+    """60 users of the bundled MovieLens data, as an evaluation dataset."""
+    from engine.evaluation.datasets import load_dataset, write_sample
+
+    return load_dataset(write_sample(BUNDLED, tmp_path_factory.mktemp("eval-sample"), n_users=60))
+
+
+@pytest.fixture(scope="session")
+def small(tmp_path_factory: pytest.TempPathFactory):
+    """40 users on their 300 most-touched items: small enough for the engine and the real model."""
+    from engine.evaluation.datasets import load_dataset, write_sample
+
+    return load_dataset(write_sample(BUNDLED, tmp_path_factory.mktemp("eval-small"), 40, max_items=300))

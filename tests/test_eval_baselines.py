@@ -22,17 +22,6 @@ FAST = [m for m in BASELINES if m != "lm-profile"]
 QUICK = engine_config(0, proj_epochs=2, rerank_epochs=1)
 
 
-@pytest.fixture(scope="module")
-def ds(tmp_path_factory: pytest.TempPathFactory) -> EvalDataset:
-    return load_dataset(write_sample(BUNDLED, tmp_path_factory.mktemp("eval-base"), n_users=60))
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory: pytest.TempPathFactory) -> EvalDataset:
-    """40 users on their 300 most-touched items: small enough for the engine and the real model."""
-    return load_dataset(write_sample(BUNDLED, tmp_path_factory.mktemp("eval-small"), 40, max_items=300))
-
-
 def _build(names, protocol: str, encoder=None, workdir: Path = Path(".")):
     return build_methods(names, protocol, 0, lambda: encoder, workdir)
 

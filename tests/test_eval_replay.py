@@ -8,25 +8,14 @@ import numpy as np
 import pytest
 
 from engine.evaluation.baselines.base import TrainSet
-from engine.evaluation.datasets import EvalDataset, EventTable, load_dataset, positives, write_sample
+from engine.evaluation.datasets import EvalDataset, EventTable, positives
 from engine.evaluation.kindling_method import engine_config, open_engine
 from engine.evaluation.players import CoocPlayer, EnginePlayer, FrozenEnginePlayer, Player, PopularityPlayer
 from engine.evaluation.replay import catalog_at_cut, replay, run_replay
 from engine.evaluation.splits import replay_split, replay_validation
 
-BUNDLED = Path(__file__).resolve().parent.parent / "index_data" / "movielens-small"
 MIN_VALUE = 4.0
 QUICK = dict(proj_epochs=2, rerank_epochs=1)
-
-
-@pytest.fixture(scope="module")
-def ds(tmp_path_factory: pytest.TempPathFactory) -> EvalDataset:
-    return load_dataset(write_sample(BUNDLED, tmp_path_factory.mktemp("replay-slice"), n_users=60))
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory: pytest.TempPathFactory) -> EvalDataset:
-    return load_dataset(write_sample(BUNDLED, tmp_path_factory.mktemp("replay-small"), 40, max_items=300))
 
 
 def _train(ds: EvalDataset, split) -> TrainSet:
