@@ -52,7 +52,7 @@ def test_all_protocols_with_report(tiny: Path, tmp_path: Path) -> None:
                "--methods", "random,popularity,itemknn", "--json", out, "--report", report)
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
-    assert data["seed"] == 3 and set(data["protocols"]) == {"item-cold", "user-cold", "replay"}
+    assert data["seed"] == 3 and set(data["protocols"]) == {"item-cold", "user-cold", "replay", "next-item"}
     user_cold = data["protocols"]["user-cold"]["results"]
     assert list(user_cold) == ["reveal=0", "reveal=1", "reveal=3", "reveal=5"]
     assert set(user_cold["reveal=3"]) == {"random", "popularity", "itemknn"}
@@ -60,8 +60,11 @@ def test_all_protocols_with_report(tiny: Path, tmp_path: Path) -> None:
     assert list(replay) == ["popularity"]  # the only replay method among those asked for
     assert data["split_kind"] == "test" and "per_user" in data["protocols"]["replay"]
     assert set(replay["popularity"]) == {"hit_rate@20", "hit_rate@20_cold_users", "hit_rate@20_cold_items"}
+    next_item = data["protocols"]["next-item"]
+    assert list(next_item["results"]) == ["random", "popularity", "itemknn"] and next_item["ks"] == [10, 50]
+    assert set(next_item["results"]["itemknn"]) == {"recall@10", "ndcg@10", "recall@50", "ndcg@50"}
     text = report.read_text()
-    for protocol in ("item-cold", "user-cold", "replay"):
+    for protocol in ("item-cold", "user-cold", "replay", "next-item"):
         png = report.with_name(f"out-{protocol}.png")
         assert png.read_bytes()[:8] == PNG_MAGIC
         assert f"## {protocol}" in text and f"]({png.name})" in text

@@ -198,3 +198,30 @@ def test_a_cell_without_users_gets_no_verdict_and_valid_json() -> None:
     assert cold["met"] is None and cold["note"] == "no user in this cell" and cold["mean"]["kindling"] is None
     json.dumps(s, allow_nan=False)  # strict JSON: no NaN or Infinity
     assert "| hit_rate@20_cold_users | cooc | – | – |" in markdown(s)
+
+
+def _next_item(seed: int, ndcg: dict[str, list[float]]) -> dict:
+    """A next-item run with per-user ndcg@10 (recall@10 = 1 where ndcg > 0) and k 20 in the header."""
+    def arrays(values: list[float]) -> dict:
+        return {"ndcg@10": values, "recall@10": [float(v > 0) for v in values]}
+
+    per_user = {m: arrays(v) for m, v in ndcg.items()}
+    results = {m: {name: float(np.mean(a)) for name, a in arrays(v).items()} for m, v in ndcg.items()}
+    return {"dataset": "d", "protocol": "next-item", "split_kind": "test", "seed": seed, "k": 20,
+            "min_value": None, "ks": [10, 50], "results": results,
+            "per_user": {"users": [f"u{i}" for i in range(len(next(iter(ndcg.values()))))], "results": per_user}}
+
+
+def test_next_item_targets_are_sasrec_and_the_best_other_baseline_at_10() -> None:
+    run = _next_item(0, {"kindling": [1.0, 0.5, 0.0, 0.63], "sasrec": [0.5, 0.5, 0.0, 0.0],
+                         "ease": [1.0, 0.0, 0.0, 0.63], "random": [1.0, 1.0, 1.0, 1.0]})
+    s = summarise([run])
+    targets = s["next-item"]["targets"]
+    assert [(t["metric"], t["best"]) for t in targets] == [
+        ("ndcg@10", "sasrec"), ("recall@10", "sasrec"), ("ndcg@10", "ease"), ("recall@10", "ease")]
+    by = {(t["metric"], t["best"]): t for t in targets}
+    assert by[("ndcg@10", "sasrec")]["ratio"] == pytest.approx(2.13 / 1.0)
+    assert by[("recall@10", "sasrec")]["ratio"] == pytest.approx(3 / 2)
+    assert by[("ndcg@10", "ease")]["ratio"] == pytest.approx(2.13 / 1.63)
+    assert by[("recall@10", "ease")]["ratio"] == pytest.approx(3 / 2) and by[("recall@10", "ease")]["target"] == 1.1
+    assert "### next-item" in markdown(s) and "| sasrec |" in markdown(s)

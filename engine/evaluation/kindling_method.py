@@ -41,15 +41,23 @@ class KindlingMethod:
     for a transient user built from the query's history (`recommend(history=...)`) and records
     nothing, so each test user is scored by the engine as it stood after `fit` plus their own
     revealed clicks, and no test user's query can change another's ranking.
+
+    A query for a training user is the online path: the clicks of its history that the store has
+    not seen (next-item: the one after the training positives) are first recorded, as an
+    application would, then the stored user is asked once. With `stateless=True` (the method
+    "kindling-stateless") every query is a stateless request with its history instead.
     """
 
     name = "kindling"
 
     def __init__(self, workdir: str | Path, encoder: TextEncoder, seed: int = 0,
-                 config: Config | None = None) -> None:
+                 config: Config | None = None, stateless: bool = False) -> None:
         self.workdir = Path(workdir)
         self.encoder = encoder
         self.config = config or engine_config(seed)
+        self.stateless = stateless
+        if stateless:
+            self.name = "kindling-stateless"
         self._engine: Engine | None = None
         self._fits = 0
 
@@ -60,6 +68,7 @@ class KindlingMethod:
         self._engine = open_engine(path, train, self.encoder, self.config)
         self._item_ids = [it.item_id for it in train.items]
         self._row_of = {item_id: row for row, item_id in enumerate(self._item_ids)}
+        self._known = _pairs(train.events.user, train.events.item)
 
     def recommend(self, queries: Sequence[Query], k: int, candidates: np.ndarray | None = None,
                   exclude_history: bool = True) -> list[np.ndarray]:
@@ -70,14 +79,31 @@ class KindlingMethod:
         for q in queries:
             if not q.name:
                 raise ValueError(f"{self.name}: every query needs the user's external id in `name`")
-            history = None if q.user >= 0 else [self._item_ids[r] for r in q.history]
+            older = None if q.older is None or not exclude_history else [self._item_ids[r] for r in q.older]
+            if self.stateless or q.user < 0:
+                history = [self._item_ids[r] for r in q.history]
+            else:
+                history = None
+                self._record_new(q)
             recs = self._engine.recommend(q.name, k=k, profile=q.profile, exclude_seen=exclude_history,
-                                          candidates=cand, history=history)
+                                          candidates=cand, exclude=older, history=history)
             out.append(np.array([self._row_of[r.item_id] for r in recs], dtype=np.int64))
         return out
+
+    def _record_new(self, q: Query) -> None:
+        """Record, as clicks in time order, the query's history items the store has not seen."""
+        times = q.times if q.times is not None else [None] * len(q.history)
+        for row, t in zip(q.history, times):
+            if (q.user, int(row)) not in self._known:
+                self._engine.record(q.name, self._item_ids[row], "click", 1.0, None if t is None else int(t))
+                self._known.add((q.user, int(row)))
 
     def close(self) -> None:
         """Close the current store (its directory stays under `workdir`)."""
         if self._engine is not None:
             self._engine.close(save=False)
             self._engine = None
+
+
+def _pairs(users: np.ndarray, items: np.ndarray) -> set[tuple[int, int]]:
+    return set(zip(users.tolist(), items.tolist()))

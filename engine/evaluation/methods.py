@@ -14,14 +14,18 @@ from .baselines.cooccurrence import CooccurrenceMethod
 from .baselines.content import LMProfileMethod, TfidfProfileMethod
 from .baselines.ease import EASEMethod
 from .baselines.hybrid import LightFMMethod
+from .baselines.sasrec import SASRecMethod
 from .baselines.simple import PopularityMethod, RandomMethod
 from .kindling_method import KindlingMethod
 
 BASELINES: tuple[str, ...] = ("random", "popularity", "cooc", "tfidf", "bm25", "itemknn", "ease", "als",
                               "lightfm", "lm-profile")
 METHODS: tuple[str, ...] = BASELINES + ("kindling",)
+#: Methods of the next-item protocol only: SASRec, and Kindling's stateless request beside its
+#: online path ("kindling" brings both).
+NEXT_ITEM_ONLY: tuple[str, ...] = ("sasrec", "kindling-stateless")
 #: Methods that need the language model.
-NEEDS_ENCODER = frozenset({"lm-profile", "kindling"})
+NEEDS_ENCODER = frozenset({"lm-profile", "kindling", "kindling-stateless"})
 
 
 def parse_methods(text: str | None) -> tuple[str, ...]:
@@ -43,8 +47,8 @@ def build_methods(names: Sequence[str], protocol: str, seed: int, encoder: Calla
                   workdir: Path) -> list[Method]:
     """Fresh instances for one protocol. `encoder` is called only when a method needs the model.
 
-    LightFM represents users by id when the test users are in training (item-cold) and by the
-    bag of items they liked when they are not (user-cold).
+    LightFM represents users by id when the test users are in training and their history is all
+    in training (item-cold), and by the bag of items in the query's history otherwise.
     """
     makers: dict[str, Callable[[], Method]] = {
         "random": lambda: RandomMethod(seed),
@@ -56,7 +60,9 @@ def build_methods(names: Sequence[str], protocol: str, seed: int, encoder: Calla
         "ease": lambda: EASEMethod(seed),
         "als": lambda: ALSMethod(seed),
         "lightfm": lambda: LightFMMethod(seed, user_features="ids" if protocol == "item-cold" else "history"),
+        "sasrec": lambda: SASRecMethod(seed),
         "lm-profile": lambda: LMProfileMethod(encoder().encode, seed),
         "kindling": lambda: KindlingMethod(workdir / protocol, encoder(), seed),
+        "kindling-stateless": lambda: KindlingMethod(workdir / protocol, encoder(), seed, stateless=True),
     }
     return [makers[name]() for name in names]

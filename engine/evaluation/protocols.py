@@ -119,17 +119,28 @@ def run_item_cold(ds: EvalDataset, methods: Sequence[Method], *, seed: int = 0, 
     out["split"] = {"items": ds.n_items, "items_with_positives": split.n_items_with_positives,
                     "cold_items": int(len(split.cold_items)), "test_users": int(len(queries)),
                     "train_positives": len(split.train)}
+    users = [str(ds.user_ids[u]) for u in split.test_users]
+    return measure(out, methods, train, users, progress,
+                   lambda m: m.recommend(queries, k, candidates=split.cold_items, exclude_history=False),
+                   lambda ranked: per_user_scores(ranked, targets, k))
+
+
+def measure(out: dict, methods: Sequence[Method], train: TrainSet, users: list[str], progress: Progress,
+            rank: Callable[[Method], list[np.ndarray]],
+            score: Callable[[list[np.ndarray]], dict[str, np.ndarray]]) -> dict:
+    """Fit each method, rank with `rank`, score per user with `score`; fills out's "results",
+    "timings_s" and "per_user" (aligned with `users`) and returns `out`."""
     out["results"], out["timings_s"] = {}, {}
-    per_user = {"users": [str(ds.user_ids[u]) for u in split.test_users], "results": {}}
+    per_user = {"users": users, "results": {}}
     for method in methods:
         with _Clock(out["timings_s"], method) as clock:
             method.fit(train)
             clock.fitted()
-            ranked = method.recommend(queries, k, candidates=split.cold_items, exclude_history=False)
-        scores = per_user_scores(ranked, targets, k)
+            ranked = rank(method)
+        scores = score(ranked)
         out["results"][method.name] = means(scores)
         per_user["results"][method.name] = {m: compact(v) for m, v in scores.items()}
-        progress(f"item-cold {method.name}: {_short(out['results'][method.name])} "
+        progress(f"{out['protocol']} {method.name}: {_short(out['results'][method.name])} "
                  f"({_seconds(out['timings_s'][method.name])})")
     out["per_user"] = per_user
     return out

@@ -81,17 +81,19 @@ def plot_user_cold(result: Mapping, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_item_cold(result: Mapping, path: Path) -> Path:
-    """recall@K and ndcg@K per method, as bars."""
+def plot_bars(result: Mapping, path: Path) -> Path:
+    """Two metrics per method, as bars: recall@K and ndcg@K (item-cold), recall@10 and ndcg@10
+    (next-item)."""
     plt = _pyplot()
-    k, res = result["k"], result["results"]
+    res = result["results"]
+    k = min(result["ks"]) if "ks" in result else result["k"]
     names = list(res)
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.bar(x - 0.2, [res[m][f"recall@{k}"] for m in names], 0.4, label=f"recall@{k}")
     ax.bar(x + 0.2, [res[m][f"ndcg@{k}"] for m in names], 0.4, label=f"ndcg@{k}")
     ax.set_xticks(x, names, rotation=30, ha="right")
-    ax.set(title=f"item-cold on {result['dataset']} (seed {result['seed']})")
+    ax.set(title=f"{result['protocol']} on {result['dataset']} (seed {result['seed']})")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -143,8 +145,8 @@ def _plot(result: Mapping, logs: Mapping[str, ReplayLog], png: Path) -> bool:
     protocol = result["protocol"]
     if protocol == "user-cold":
         plot_user_cold(result, png)
-    elif protocol == "item-cold":
-        plot_item_cold(result, png)
+    elif protocol in ("item-cold", "next-item"):
+        plot_bars(result, png)
     elif protocol in logs:
         plot_replay(result, logs[protocol], png)
     else:

@@ -13,15 +13,19 @@ from engine.catalog import item_text
 from engine.encoder import Encoder, TextEncoder
 
 from .datasets import EvalDataset
-from .methods import METHODS, NEEDS_ENCODER, build_methods, parse_methods
+from .methods import METHODS, NEEDS_ENCODER, NEXT_ITEM_ONLY, build_methods, parse_methods
+from .next_item import run_next_item
 from .protocols import run_item_cold, run_user_cold
 from .replay import REPLAY_METHODS, ReplayLog, run_replay
 from .splits import check_split_kind
 
-PROTOCOLS: tuple[str, ...] = ("item-cold", "user-cold", "replay")
+PROTOCOLS: tuple[str, ...] = ("item-cold", "user-cold", "replay", "next-item")
 #: Replay players that are not (yet) a method of the other protocols: `--methods` accepts them too.
 REPLAY_ONLY: tuple[str, ...] = tuple(m for m in REPLAY_METHODS if m not in METHODS and "-" not in m)
-ALL_METHODS: tuple[str, ...] = METHODS + REPLAY_ONLY
+#: Names `--methods` accepts beyond METHODS; a variant of kindling ("kindling-...") comes with it.
+EXTRA_METHODS: tuple[str, ...] = REPLAY_ONLY + tuple(m for m in NEXT_ITEM_ONLY if "-" not in m)
+ALL_METHODS: tuple[str, ...] = METHODS + EXTRA_METHODS
+RUNNERS = {"item-cold": run_item_cold, "user-cold": run_user_cold, "next-item": run_next_item}
 
 
 @dataclass
@@ -73,7 +77,8 @@ class SharedEncoder:
 
 
 def parse_method_names(text: str | None) -> tuple[str, ...]:
-    """Like `parse_methods`, also accepting the replay-only players (`cooc`); None or '' -> all.
+    """Like `parse_methods`, also accepting the methods of one protocol only (EXTRA_METHODS);
+    None or '' -> all.
 
     Raises:
         ValueError: a name that is no method.
@@ -81,18 +86,32 @@ def parse_method_names(text: str | None) -> tuple[str, ...]:
     if not text:
         return ALL_METHODS
     names = [n.strip() for n in text.split(",") if n.strip()]
-    extra = tuple(n for n in REPLAY_ONLY if n in names)
-    rest = [n for n in names if n not in REPLAY_ONLY]
+    extra = tuple(n for n in EXTRA_METHODS if n in names)
+    rest = [n for n in names if n not in EXTRA_METHODS]
     try:
         return (parse_methods(",".join(rest)) if rest else ()) + extra
     except ValueError as exc:
-        raise ValueError(f"{exc}, {', '.join(REPLAY_ONLY)}" if REPLAY_ONLY else str(exc)) from exc
+        raise ValueError(f"{exc}, {', '.join(EXTRA_METHODS)}") from exc
 
 
 def replay_methods(methods: Sequence[str]) -> list[str]:
     """The replay's players for a method list: 'kindling' brings its online and frozen engines."""
+    return _with_variants(REPLAY_METHODS, methods)
+
+
+def protocol_methods(protocol: str, methods: Sequence[str]) -> list[str]:
+    """The chosen methods that run in a protocol, in its order."""
+    if protocol == "replay":
+        return replay_methods(methods)
+    if protocol == "next-item":
+        return _with_variants(METHODS[:-1] + NEXT_ITEM_ONLY + METHODS[-1:], methods)
+    return [m for m in methods if m in METHODS]
+
+
+def _with_variants(offered: Sequence[str], methods: Sequence[str]) -> list[str]:
+    """The offered methods that were chosen, by name or ('kindling-frozen') by their stem."""
     chosen = set(methods)
-    return [m for m in REPLAY_METHODS if m in chosen or m.split("-")[0] in chosen]
+    return [m for m in offered if m in chosen or m.split("-")[0] in chosen]
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -162,7 +181,7 @@ def _run_one(ds: EvalDataset, protocol: str, seed: int, k: int, min_value: float
              methods: Sequence[str], encoder: Callable[[], TextEncoder], workdir: Path, split_kind: str,
              progress: Callable[[str], None], run: EvalRun) -> dict:
     kwargs = dict(seed=seed, k=k, min_value=min_value, split_kind=split_kind, progress=progress)
-    names = replay_methods(methods) if protocol == "replay" else [m for m in methods if m in METHODS]
+    names = protocol_methods(protocol, methods)
     needs_model = any(m.split("-")[0] in NEEDS_ENCODER or m in NEEDS_ENCODER for m in names)
     embedding = embed_catalog(ds, encoder) if needs_model else 0.0
     if embedding:
@@ -172,7 +191,6 @@ def _run_one(ds: EvalDataset, protocol: str, seed: int, k: int, min_value: float
         run.replay_logs[protocol] = log
     else:
         built = build_methods(names, protocol, seed, encoder, workdir)
-        runner = run_item_cold if protocol == "item-cold" else run_user_cold
-        result = runner(ds, built, **kwargs)
+        result = RUNNERS[protocol](ds, built, **kwargs)
     result["timings_s"]["embedding"] = embedding
     return result

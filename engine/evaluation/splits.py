@@ -12,6 +12,10 @@ COLD_FRACTION = 0.2
 MIN_USER_POSITIVES = 6
 REVEALS: tuple[int, ...] = (0, 1, 3, 5)
 REPLAY_QUANTILE = 0.8
+#: Next-item: a user needs this many distinct positives (at least one to train on, the one before
+#: the target, the target), and a method sees at most the last HISTORY_CAP of them.
+NEXT_ITEM_MIN_POSITIVES = 3
+HISTORY_CAP = 50
 #: Which part of a seed's split a run measures on: the test part, or a validation part carved out
 #: of its training part with the same protocol (for tuning without touching the test part).
 SPLIT_KINDS: tuple[str, ...] = ("test", "validation")
@@ -43,6 +47,27 @@ class UserColdSplit:
         """(revealed, their timestamps, targets): the first n positives, then the rest."""
         items = self.history[user]
         return items[:n], self.times[user][:n], items[n:]
+
+
+@dataclass(frozen=True)
+class NextItemSplit:
+    """Leave-one-out by time. Each evaluated user's last positive is their target and the one before
+    it their `holdout` (a method may early-stop on it; it is in the user's history, never in
+    `train`); `train` holds every other positive. `history[u]` are u's positives before the target
+    and `times[u]` their timestamps, in time order; `targets[i]` is the target of `test_users[i]`."""
+
+    train: EventTable
+    holdout: EventTable
+    test_users: np.ndarray
+    targets: np.ndarray
+    history: dict[int, np.ndarray]
+    times: dict[int, np.ndarray]
+
+    def capped(self, user: int, cap: int = HISTORY_CAP) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(the last `cap` history items, their timestamps, the older ones that are masked only)."""
+        items, times = self.history[user], self.times[user]
+        cut = max(0, len(items) - cap)
+        return items[cut:], times[cut:], items[:cut]
 
 
 @dataclass(frozen=True)
@@ -88,6 +113,35 @@ def user_cold_split(pos: EventTable, rng: np.random.Generator, fraction: float =
     test_pos = pos.take(np.isin(pos.user, test))
     return UserColdSplit(train, test, _group(test_pos, test), _group(test_pos, test, "timestamp"),
                          int(len(eligible)))
+
+
+def next_item_split(pos: EventTable, min_positives: int = NEXT_ITEM_MIN_POSITIVES) -> NextItemSplit:
+    """Users with >= min_positives distinct positives are evaluated on their last one (time order,
+    ties in file order); the one before it is held out of training; everything else trains."""
+    pos = first_occurrences(pos)
+    order = np.lexsort((np.arange(len(pos)), pos.timestamp, pos.user))
+    user = pos.user[order]
+    starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
+    ends = np.r_[starts[1:], len(user)]
+    eligible = (ends - starts) >= min_positives
+    last, before = order[ends[eligible] - 1], order[ends[eligible] - 2]
+    keep = np.ones(len(pos), bool)
+    keep[last] = keep[before] = False
+    history, times = {}, {}
+    for s, e in zip(starts[eligible], ends[eligible]):
+        rows = order[s:e - 1]
+        history[int(user[s])], times[int(user[s])] = pos.item[rows], pos.timestamp[rows]
+    return NextItemSplit(pos.take(keep), pos.take(np.sort(before)), pos.user[last], pos.item[last], history, times)
+
+
+def next_item_validation(pos: EventTable, min_positives: int = NEXT_ITEM_MIN_POSITIVES) -> NextItemSplit:
+    """The next-item split of the positives without the test targets: the validation target is
+    the second-to-last positive, and no test target is seen."""
+    test = next_item_split(pos, min_positives)
+    pos = first_occurrences(pos)
+    keys = pos.user * (int(pos.item.max(initial=0)) + 1) + pos.item
+    target_keys = test.test_users * (int(pos.item.max(initial=0)) + 1) + test.targets
+    return next_item_split(pos.take(~np.isin(keys, target_keys)), min_positives)
 
 
 def replay_split(events: EventTable, quantile: float = REPLAY_QUANTILE) -> ReplaySplit:

@@ -10,7 +10,8 @@ runs of the same protocol are pooled, a (protocol, seed) pair at most once. The 
 item-cold kindling >= 1.20 x the best of popularity, tfidf, bm25, lightfm, lm-profile; user-cold
 >= 1.15 x the best of popularity, itemknn, als, ease, cooc, lightfm, tfidf, bm25, lm-profile at
 reveal 1, 3 and 5 and >= 1.0 x popularity at 0, recall rising from 1 to 5; replay online >= 1.15 x
-the frozen engine and >= 1.10 x the online co-occurrence player, overall and for cold users. The
+the frozen engine and >= 1.10 x the online co-occurrence player, overall and for cold users;
+next-item ndcg@10 and recall@10 >= 1.10 x SASRec and >= 1.10 x the best of the user-cold rivals. The
 best baseline is the one with the highest mean over seeds; baselines missing from a run are
 skipped. A target is met when the mean ratio reaches it and the interval's lower end is above 1.
 """
@@ -31,6 +32,9 @@ from .bootstrap import BOOTSTRAP_SEED, LEVEL, REPLICATES, Paired, paired_bootstr
 METHOD = "kindling"
 ITEM_COLD_RIVALS = ("popularity", "tfidf", "bm25", "lightfm", "lm-profile")
 USER_COLD_RIVALS = ("popularity", "itemknn", "als", "ease", "cooc", "lightfm", "tfidf", "bm25", "lm-profile")
+NEXT_ITEM_RIVALS = USER_COLD_RIVALS
+NEXT_ITEM_METRICS = ("ndcg@10", "recall@10")
+PROTOCOL_NAMES = ("item-cold", "user-cold", "replay", "next-item")
 RISING_REVEALS = ("reveal=1", "reveal=3", "reveal=5")
 SAME_KEYS = ("dataset", "k", "min_value", "split_kind")
 
@@ -40,11 +44,14 @@ class Target:
     """kindling >= `times` x the best of `rivals` in one cell of a protocol."""
 
     protocol: str
-    cell: str  # item-cold: "all"; user-cold: "reveal=n"; replay: "all" or "cold_users"
+    cell: str  # item-cold, next-item: "all"; user-cold: "reveal=n"; replay: "all" or "cold_users"
     rivals: tuple[str, ...]
     times: float
+    fixed_metric: str | None = None  # next-item: its cut-offs do not follow --k
 
     def metric(self, k: int) -> str:
+        if self.fixed_metric is not None:
+            return self.fixed_metric
         if self.protocol != "replay":
             return f"recall@{k}"
         return f"hit_rate@{k}" + ("_cold_users" if self.cell == "cold_users" else "")
@@ -56,6 +63,8 @@ TARGETS: tuple[Target, ...] = (
     *(Target("user-cold", r, USER_COLD_RIVALS, 1.15) for r in RISING_REVEALS),
     *(Target("replay", cell, (rival,), times) for cell in ("all", "cold_users")
       for rival, times in (("kindling-frozen", 1.15), ("cooc", 1.10))),
+    *(Target("next-item", "all", rivals, 1.10, metric) for rivals in (("sasrec",), NEXT_ITEM_RIVALS)
+      for metric in NEXT_ITEM_METRICS),
 )
 
 
@@ -198,7 +207,7 @@ def summarise(files: list[dict]) -> dict:
                  **{key: first.get(key, "test" if key == "split_kind" else None) for key in SAME_KEYS},
                  "bootstrap": {"replicates": REPLICATES, "seed": BOOTSTRAP_SEED, "level": LEVEL,
                                "resampled": "users, paired, within each seed"}}
-    for name in ("item-cold", "user-cold", "replay"):
+    for name in PROTOCOL_NAMES:
         if name in pooled:
             results = pooled[name]
             section = {"seeds": [r["seed"] for r in results], "mean": _means(name, results),
@@ -237,7 +246,7 @@ def markdown(summary: dict) -> str:
     seeds = ", ".join(str(s) for s in summary["seeds"])
     lines = [f"{summary['dataset']}, {summary['split_kind']} split, mean over seeds {seeds}. Intervals: "
              f"per-user paired bootstrap, {summary['bootstrap']['replicates']} replicates, 95%."]
-    for name in ("item-cold", "user-cold", "replay"):
+    for name in PROTOCOL_NAMES:
         if name not in summary:
             continue
         s = summary[name]

@@ -24,6 +24,9 @@ class TrainSet:
     items: tuple[Item, ...]
     n_users: int
     user_ids: np.ndarray
+    #: Next-item only: one positive per evaluated user, the one after their training positives. It
+    #: is not training data; a method may early-stop on it (SASRec does).
+    holdout: EventTable | None = None
 
     @property
     def n_items(self) -> int:
@@ -48,7 +51,8 @@ class Query:
 
     `user` is their training row, or -1 when training never saw them; `history` the item rows of
     the positives the method may use (time order) and `times` their timestamps; `profile` optional
-    sign-up text; `name` the external user id an engine knows them by.
+    sign-up text; `name` the external user id an engine knows them by; `older` item rows the user
+    had before `history` (a capped history): masked like the history, never used as input.
     """
 
     user: int
@@ -56,6 +60,11 @@ class Query:
     profile: str | None = None
     name: str = ""
     times: np.ndarray | None = None
+    older: np.ndarray | None = None
+
+    def masked(self) -> np.ndarray:
+        """Item rows that `exclude_history` leaves out: the history and the older rows."""
+        return self.history if self.older is None or not len(self.older) else np.concatenate([self.older, self.history])
 
 
 class Method(Protocol):
@@ -112,7 +121,7 @@ class ScoringMethod:
         for start in range(0, len(queries), SCORE_CHUNK):
             chunk = queries[start:start + SCORE_CHUNK]
             for query, row in zip(chunk, self.scores(chunk)):
-                exclude = query.history if exclude_history else None
+                exclude = query.masked() if exclude_history else None
                 out.append(top_k(row, k, self._tiebreak, candidates, exclude))
         return out
 
