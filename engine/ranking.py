@@ -30,6 +30,10 @@ POP_TIEBREAK = 1e-3
 ONLINE_CANDIDATES = 100
 #: The lexical profile is the mean TF-IDF vector of this many of the user's latest clicks.
 LEXICAL_HISTORY = 50
+#: Weight of a recent click in the co-click features, per click since: the item clicked last says
+#: most about what comes next (1.0 weighs the last `recent_window` clicks alike). On the next-item
+#: validation split of amazon-office, 1.0 / 0.5 / 0.25 gave NDCG@10 0.117 / 0.125 / 0.122.
+RECENCY_DECAY = 0.5
 _COL = {name: i for i, name in enumerate(FEATURES)}
 
 
@@ -252,8 +256,9 @@ class Ranker:
         if recent:
             f[:, _COL["recent"]] = (v @ self.item_vectors(np.array(recent)).T).max(axis=1)
         if recent and not as_cold:
-            co = self.coclicks.scores(recent, rows)
-            cf = self.coclicks.scores(recent, rows, 1.0 / np.sqrt(1.0 + items.clicks[recent]))
+            age = np.arange(len(recent) - 1, -1, -1)
+            co = self.coclicks.scores(recent, rows, RECENCY_DECAY ** age)
+            cf = self.coclicks.scores(recent, rows, RECENCY_DECAY ** age / np.sqrt(1.0 + items.clicks[recent]))
             f[:, _COL["cooc"]] = np.log1p(co)
             f[:, _COL["itemcf"]] = cf / np.sqrt(1.0 + clicks)
         if user.profile_vec is not None:
