@@ -187,11 +187,29 @@ def stats(store: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the training summary as JSON.")
 @user_errors
 def fit(store: Path, events_file: Path, min_value: float | None, quiet: bool, as_json: bool) -> None:
-    """Train from logged events (EVENTS_FILE: Parquet, CSV, JSONL or a dataset directory)."""
+    """Train on logged events (EVENTS_FILE: Parquet, CSV, JSONL or a dataset directory).
+
+    Training only: bring the events into the store's history with `kindling import` first."""
     events = read_events(events_file, min_value=min_value)
     with Engine.open(store) as eng:
         summary = eng.fit(events, progress=False if quiet else None)
     emit(summary, as_json, [f"{k}: {v}" for k, v in summary.items()])
+
+
+@main.command("import")
+@click.argument("store", type=STORE)
+@click.argument("events_file", type=click.Path(exists=True, path_type=Path))
+@click.option("--min-value", type=float, default=None,
+              help="Events of other kinds (rating, ...) count as clicks at or above this value, skips below.")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+@user_errors
+def import_(store: Path, events_file: Path, min_value: float | None, as_json: bool) -> None:
+    """Bring past events (EVENTS_FILE) into STORE's history; an event already held is skipped."""
+    events = read_events(events_file, min_value=min_value)
+    with Engine.open(store) as eng:
+        counts = eng.import_events(events)
+    emit(counts, as_json, [f"imported {counts['imported']} event(s) into {store}; {counts['already_held']} "
+                           f"already held, {counts['unknown_item']} on unknown items"])
 
 
 @main.command()

@@ -46,8 +46,7 @@ class Ranker:
         self._pop_stale = 0
         self.coclicks = CoClicks()
         self.lexicon = Lexicon()
-        self.reranker = Reranker(config.rerank_hidden, config.online_lr, config.replay_size,
-                                 config.replay_batch, config.seed)
+        self.reset_reranker()
 
     # ---- retrieval space ---------------------------------------------------------------------
     @property
@@ -104,6 +103,11 @@ class Ranker:
             self.lexicon.clear(int(r))
         self._pop_cache = None
 
+    def reset_reranker(self) -> None:
+        """A fresh, untrained reranker with the configured seed (what `fit` trains from)."""
+        c = self.config
+        self.reranker = Reranker(c.rerank_hidden, c.online_lr, c.replay_size, c.replay_batch, c.seed)
+
     def invalidate_popular(self) -> None:
         self._pop_cache = None
 
@@ -128,12 +132,11 @@ class Ranker:
         return np.append(self.item_vectors(np.array([row]))[0], np.float32(0.0)).astype(np.float32)
 
     # ---- online learning ---------------------------------------------------------------------
-    def on_event(self, user: UserState, row: int, kind: str, value: float, t: int, items: ItemTable,
-                 learn: bool = True, sgd: bool = True, index: VectorIndex | None = None) -> None:
-        """Apply one event: a reranker step (clicks), then the user's vector and the item's stats."""
-        if not learn:
-            return
-        if kind == "click" and sgd and index is not None and self.reranker.trained and self.config.online_lr > 0:
+    def on_event(self, user: UserState, row: int, kind: str, items: ItemTable,
+                 index: VectorIndex | None = None) -> None:
+        """Steps 1-4 of an event (see state.py): with `index`, a click first takes the reranker's
+        online step; then co-clicks, the user's vector and the item's counts."""
+        if kind == "click" and index is not None and self.reranker.trained and self.config.online_lr > 0:
             self._online_step(user, row, index)
         vec = self.item_vectors(np.array([row]))[0]
         if kind == "click":

@@ -67,7 +67,9 @@ def build(tmp_path: Path, name: str, config: Config, seed: int = 7, users: int =
     warm, cold = items[:180], items[180:]
     eng = Engine.create(tmp_path / name, config, encoder=FakeEncoder(dim=512))
     eng.add_items(items)
-    eng.fit(topic_clicks(rng, warm, users, per_user), progress=False)
+    events = topic_clicks(rng, warm, users, per_user)
+    eng.import_events(events)
+    eng.fit(events, progress=False)
     return eng, cold
 
 
@@ -180,15 +182,15 @@ def test_exploration_is_deterministic_under_a_seed_and_can_be_switched_off(tmp_p
 
 
 def test_exploration_bonus_is_bounded_and_fades_with_feedback(engine: Engine) -> None:
-    ranker = engine._ranker
-    user = engine._users.get_or_create("x")
-    rows = engine._items.live_rows()
+    ranker = engine._state.ranker
+    user = engine._state.users.get_or_create("x")
+    rows = engine._state.items.live_rows()
     scores = np.linspace(0, 1, len(rows)).astype(np.float32)
     bonus_new = ranker.explore_bonus(user, rows, scores, "x")
     cap = 2 * engine.config.explore_weight * float(scores.std())
     assert np.all(np.abs(bonus_new) <= cap + 1e-6)
-    engine._items.impressions[rows] = 10_000.0
-    engine._items.clicks[rows] = 100.0
+    engine._state.items.impressions[rows] = 10_000.0
+    engine._state.items.clicks[rows] = 100.0
     bonus_old = ranker.explore_bonus(user, rows, scores, "x")
     assert np.abs(bonus_old).mean() < 0.2 * np.abs(bonus_new).mean()
 

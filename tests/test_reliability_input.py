@@ -63,6 +63,7 @@ def test_b1_non_finite_vectors_and_values(eng, bad):
     refused(eng, lambda: eng.record("alice", "m2", value=float(bad)), match="finite")
     refused(eng, lambda: eng.record("alice", "m2", value=np.float64(bad)), match="finite")
     refused(eng, lambda: eng.fit([Event("alice", "m2", "click", float(bad))]), match="finite")
+    refused(eng, lambda: eng.import_events([Event("alice", "m2", "click", float(bad))]), match="finite")
 
 
 def test_b1_encoder_returning_nan_is_refused(tmp_path):

@@ -310,4 +310,4 @@ def test_any_history_round_trips(ops, save_at_end):
             assert {u: [(r.item_id, round(r.score, 6)) for r in again.recommend(u, k=6)]
                     for u in USERS} == before
             assert sorted(i.item_id for i in small_catalog() if i.item_id in again) == live
-            assert np.isfinite(again._index.ntotal)
+            assert np.isfinite(again._state.index.ntotal)

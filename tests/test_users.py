@@ -141,8 +141,8 @@ def test_online_updates_flag(tmp_path, fake_encoder, catalog, online):
     with Engine.create(tmp_path / "s", Config(online_updates=online), encoder=fake_encoder) as eng:
         eng.add_items(catalog)
         eng.recommend("u", k=1, profile="football goal")
-        v0 = eng._users.get("u").vector.copy()
+        v0 = eng._state.users.get("u").vector.copy()
         eng.record("u", "space-0", "click")
-        moved = not np.allclose(eng._users.get("u").vector, v0)
+        moved = not np.allclose(eng._state.users.get("u").vector, v0)
         assert moved == online
         assert "space-0" not in {r.item_id for r in eng.recommend("u", k=12)}  # seen either way
