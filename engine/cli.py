@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -51,7 +52,42 @@ def ranked(key: str, who: str, recs) -> tuple[dict[str, Any], list[str]]:
     return data, lines or ["(no items)"]
 
 
-@click.group()
+#: Commands loaded only when run (or asked for their --help), so that the others start fast: name
+#: -> (module, attribute, the one-line help that `kindling --help` lists). The evaluation package
+#: imports scikit-learn and more, and is an optional extra.
+LAZY_COMMANDS = {"eval": ("engine.evaluation.cli", "eval_command",
+                          "Measure Kindling against baselines on a dataset (eval extra).")}
+
+
+class LazyGroup(click.Group):
+    """A click group that imports the modules of LAZY_COMMANDS only to run or document one."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in LAZY_COMMANDS:
+            return super().get_command(ctx, name)
+        module, attr, _ = LAZY_COMMANDS[name]
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ImportError as exc:
+            raise click.ClickException(f"'kindling {name}' needs the eval extra "
+                                       f"(pip install 'kindling[eval]'): {exc}") from exc
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        names = super().list_commands(ctx)
+        limit = formatter.width - 6 - max(map(len, [*names, *LAZY_COMMANDS]))
+        rows = [(name, short) for name, (_, _, short) in LAZY_COMMANDS.items()]
+        for name in names:
+            cmd = super().get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(sorted(rows))
+
+
+@click.group(cls=LazyGroup)
 @click.version_option(__version__, prog_name="kindling")
 def main() -> None:
     """Kindling: cold-start recommendations with a language model, FAISS and online learning."""
@@ -224,16 +260,6 @@ def demo(store: Path, data: Path | None) -> None:
 
     run_demo(store, data)
 
-
-def _register_optional() -> None:
-    try:
-        from .evaluation.cli import eval_command
-    except ImportError:  # the evaluation extra is not installed
-        return
-    main.add_command(eval_command)
-
-
-_register_optional()
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

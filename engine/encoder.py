@@ -8,7 +8,8 @@ import logging
 import os
 import sys
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -96,6 +97,34 @@ def _has_key(data: object, key: str) -> bool:
     return False
 
 
+#: What `offline` sets while a model loads: the Hugging Face libraries never reach the network.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+@contextmanager
+def offline() -> Iterator[None]:
+    """Load offline: OFFLINE_ENV is set (where the caller has not set those variables) and the
+    transformers progress bar is off, for the duration of the block only; both are put back as
+    they were afterwards. The process's environment is otherwise never touched."""
+    saved = {k: os.environ.get(k) for k in OFFLINE_ENV}
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class Encoder:
     """A sentence-transformers model behind `encode`, batched, normalised, cached by text hash.
 
@@ -136,15 +165,12 @@ class Encoder:
     @staticmethod
     def _load(path: str):
         check_model_dir(path)
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         try:
-            from sentence_transformers import SentenceTransformer
-            from transformers.utils import logging as hf_logging
+            with offline():
+                from sentence_transformers import SentenceTransformer
 
-            hf_logging.disable_progress_bar()
-            return SentenceTransformer(str(path), device="cpu", trust_remote_code=False,
-                                       local_files_only=True)
+                return SentenceTransformer(str(path), device="cpu", trust_remote_code=False,
+                                           local_files_only=True)
         except ModelLoadError:
             raise
         except Exception as exc:  # the library raises many types; one clear error for callers

@@ -108,6 +108,12 @@ class Ranker:
         c = self.config
         self.reranker = Reranker(c.rerank_hidden, c.online_lr, c.replay_size, c.replay_batch, c.seed)
 
+    def prepare(self) -> None:
+        """Draw the reranker's initial weights now (a writer) if serving will score with them,
+        so that no request has to: only a trained tower without a trained reranker needs it."""
+        if self.trained and not self.reranker.trained:
+            self.reranker.weights  # noqa: B018 - drawn and kept
+
     def invalidate_popular(self) -> None:
         self._pop_cache = None
 
@@ -325,6 +331,7 @@ class Ranker:
             self._item_bias = tensors["tower.item_bias"].astype(np.float32).copy()
         self.reranker.load(tensors)
         self.projection = proj
+        self.prepare()
         return proj
 
     def set_towers(self, proj: Projection, residual: np.ndarray, item_bias: np.ndarray) -> None:

@@ -105,7 +105,7 @@ def write_generation(store: StoreDir, gen: int, items: ItemTable, users: UserTab
 
 def read_generation(store: StoreDir, manifest: dict[str, Any], d_text: int,
                     handles: dict[str, BinaryIO] | None = None
-                    ) -> tuple[ItemTable, UserTable, dict[str, np.ndarray], Path | None, np.ndarray]:
+                    ) -> tuple[ItemTable, UserTable, dict[str, np.ndarray] | None, Path | None, np.ndarray]:
     """Read generation G's files; anything not shaped as this module writes it is CorruptStoreError.
 
     The checksums catch damage; these checks catch a file that is intact but wrong (written by a
@@ -138,7 +138,7 @@ def read_generation(store: StoreDir, manifest: dict[str, Any], d_text: int,
     users = _parsed(users_path, lambda: users_from_arrow(users_table, tensors["user_vectors"],
                                                          tensors["user_profiles"]))
     model_name = store.file("models", gen, "safetensors").name
-    models = read_tensors(store.path / model_name, pinned.get(model_name)) if model_name in files else {}
+    models = read_tensors(store.path / model_name, pinned.get(model_name)) if model_name in files else None
     index_name = store.file("index", gen, "faiss").name
     keys = tensors.get("event_keys", np.zeros(0, np.uint64))  # absent in stores written before imports
     if keys.ndim != 1 or keys.dtype != np.uint64:

@@ -66,12 +66,12 @@ class State:
         self.index = self.new_index(self.index_kind(len(rows)))
         self.index.build(rows, self.ranker.index_vectors(rows))
 
-    def load(self, items: ItemTable, users: UserTable, models: dict[str, np.ndarray],
+    def load(self, items: ItemTable, users: UserTable, models: dict[str, np.ndarray] | None,
              index_path: Path | None, index_fh: Any, models_path: Path, event_keys: np.ndarray) -> None:
         """Install a snapshot's parts (see snapshot.read_generation)."""
         self.items, self.users = items, users
         try:
-            self.proj = self.ranker.load_models(models, items.dim)
+            self.proj = self.ranker.load_models(models or {}, items.dim)
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
             raise CorruptStoreError(f"{models_path}: does not hold the models this store needs ({exc})") from exc
         if index_path is not None:
@@ -82,10 +82,11 @@ class State:
         self.event_keys = set(event_keys.tolist())
         self.check_models(models, models_path)
 
-    def check_models(self, models: dict[str, np.ndarray], path: Path) -> None:
+    def check_models(self, models: dict[str, np.ndarray] | None, path: Path) -> None:
         """What the loaded models would save again must be in the file, shaped alike: a tensor a
-        loader skipped would otherwise leave a default-initialised model, silently."""
-        if not models:
+        loader skipped would otherwise leave a default-initialised model, silently. (None: the
+        snapshot has no models file, as one written before any item has not.)"""
+        if models is None:
             return
         aside = ("rerank.", "replay.") if self.ranker.reranker.set_aside else ()
         bad = [k for k, v in self.ranker.model_tensors(self.proj).items()

@@ -22,18 +22,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from .projection import TAU_EDGES
+
 log = logging.getLogger(__name__)
 
-#: History lengths where the temperature changes: one learned tau per bucket [edge_i, edge_i+1).
-#: A single click says less than twenty, so the similarity term earns less weight against the bias.
-TAU_EDGES = np.array([0, 1, 2, 3, 4, 6, 10, 20])
 
 
-def tau_bucket(n):
-    """Bucket of history length(s) `n` (numpy or torch)."""
-    if isinstance(n, torch.Tensor):
-        return torch.searchsorted(torch.from_numpy(TAU_EDGES), n, right=True) - 1
-    return np.searchsorted(TAU_EDGES, n, side="right") - 1
+def tau_bucket(n: torch.Tensor) -> torch.Tensor:
+    """projection.tau_bucket for a tensor of history lengths."""
+    return torch.searchsorted(torch.from_numpy(TAU_EDGES), n, right=True) - 1
 
 
 @dataclass
@@ -116,10 +113,20 @@ def train_towers(text: np.ndarray, histories: list[np.ndarray], live: np.ndarray
         live: rows that may be ranked (the softmax runs over them).
     Returns:
         The weights and the mean loss of each epoch.
+    The draws (residual dropout, softmax samples) come from torch's generator seeded with `seed`
+    inside a fork of it: the caller's torch random state is the same afterwards.
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _train(text, histories, live, d_out, epochs, seed, batch, max_hist, max_softmax,
+                      residual_keep, weight_decay, input_dropout, progress)
+
+
+def _train(text: np.ndarray, histories: list[np.ndarray], live: np.ndarray, d_out: int, epochs: int,
+           seed: int, batch: int, max_hist: int, max_softmax: int, residual_keep: float,
+           weight_decay: float, input_dropout: float, progress: bool) -> tuple[TowerWeights, list[float]]:
     from tqdm.auto import tqdm
 
-    torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     d_out = min(d_out, text.shape[1])
     model = ItemTower(torch.from_numpy(np.ascontiguousarray(text, np.float32)), d_out,

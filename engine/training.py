@@ -66,6 +66,7 @@ def fit_state(state: "State", events: Sequence[EventRecord], progress: bool) -> 
     state.ranker.reset_reranker()
     summary.update(fit_reranker(state.ranker, state.items, train, state.index, progress, holdout))
     state.ranker.rebuild_coclicks(state.users)
+    state.ranker.prepare()
     return summary
 
 
