@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -153,6 +154,7 @@ class Encoder:
         self.batch_size = batch_size
         self.show_progress = show_progress
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._cache_lock = threading.Lock()
         self._cache_size = cache_size
         self._model = self._load(self.model_path)
         self.dim = int(self._model.get_embedding_dimension())
@@ -191,16 +193,21 @@ class Encoder:
                 raise InvalidInputError(f"text #{i} is empty; an embedded text must have non-space characters")
         keys = [hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts]
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        todo = [i for i, k in enumerate(keys) if k not in self._cache]
-        for i, k in enumerate(keys):
-            if k in self._cache:
-                out[i] = self._cache[k]
+        todo = []
+        with self._cache_lock:  # one lookup per key: another thread may evict between two
+            for i, k in enumerate(keys):
+                hit = self._cache.get(k)
+                if hit is None:
+                    todo.append(i)
+                else:
+                    out[i] = hit
         if todo:
             fresh = np.ascontiguousarray(self._embed([texts[i][:MAX_ENCODE_CHARS] for i in todo]),
                                          dtype=np.float32)
-            for j, i in enumerate(todo):
-                out[i] = fresh[j]
-                self._remember(keys[i], fresh[j])
+            with self._cache_lock:
+                for j, i in enumerate(todo):
+                    out[i] = fresh[j]
+                    self._remember(keys[i], fresh[j])
         return out
 
     def _embed(self, texts: list[str]) -> np.ndarray:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from .records import (
     AddRecord, EventRecord, ImportRecord, ProfileRecord, Record, RemoveRecord, from_payload, to_payload,
 )
 from .snapshot import read_generation, write_generation
+from .ranking import NeedsWrite
 from .state import State
 from .store import FORMAT, FORMAT_VERSION, StoreDir
 from .training import fit_state
@@ -50,6 +52,7 @@ class Engine:
     def __init__(self, store: StoreDir, config: Config, encoder: TextEncoder | None) -> None:
         self._store, self.config = store, config
         self._encoder = encoder
+        self._encoder_lock = threading.Lock()  # loading the model must not hold up the state's lock
         self._lock = RWLock()
         self._state: State | None = None
         self._log: EventLog | None = None
@@ -218,16 +221,17 @@ class Engine:
 
         With save=False acknowledged mutations stay in the event log and are replayed on open.
         """
-        if self._closed:
-            return
-        try:
-            if save and not self._store.read_only and self._dirty:
-                self.save()
-        finally:
-            if self._log:
-                self._log.close()
-            self._store.release()
-            self._closed = True
+        with self._lock.write():  # no mutation is half way through when the log closes
+            if self._closed:
+                return
+            try:
+                if save and not self._store.read_only and self._dirty:
+                    self.save()
+            finally:
+                if self._log:
+                    self._log.close()
+                self._store.release()
+                self._closed = True
 
     def __enter__(self) -> "Engine":
         return self
@@ -242,11 +246,12 @@ class Engine:
 
     @property
     def encoder(self) -> TextEncoder:
-        """The language model, loaded on first use."""
-        if self._encoder is None:
-            self._encoder = Encoder(self.config.model_path, batch_size=self.config.batch_size,
-                                    show_progress=False, backend=self.config.encoder_backend)
-        return self._encoder
+        """The language model, loaded on first use (once, whichever thread asks first)."""
+        with self._encoder_lock:
+            if self._encoder is None:
+                self._encoder = Encoder(self.config.model_path, batch_size=self.config.batch_size,
+                                        show_progress=False, backend=self.config.encoder_backend)
+            return self._encoder
 
     def _model_meta(self) -> dict[str, Any]:
         if self._state is None:
@@ -462,20 +467,42 @@ class Engine:
         if history is not None:
             return self._recommend_stateless(user_id, k, profile, exclude_seen, candidates, exclude, history)
         if profile is not None and not self._store.read_only:
-            user = self._state.users.get(user_id) if self._state is not None else None
-            if user is None or user.profile != profile:
+            with self._lock.read():
+                user = self._state.users.get(user_id) if self._state is not None else None
+                seeded = user is not None and user.profile == profile
+            if not seeded:
                 self.set_profile(user_id, profile)
-        with self._lock.read():
+        profile_vec = None
+        if profile is not None and self._store.read_only:  # a new user's profile, used unsaved
+            with self._lock.read():
+                known = self._state is not None and self._state.users.get(user_id) is not None
+            if not known:
+                profile_vec = self._encode([profile])[0]
+
+        def ranked(refresh: bool) -> list[Recommendation]:
             st = self._state
             if st is None or st.index is None:
                 return []
             user = st.users.get(user_id)
             if user is None:
                 user = UserState(vector=np.zeros(st.proj.d_out, np.float32))
-                if profile is not None:  # read-only store: use the profile without saving it
-                    user.profile, user.profile_vec = profile, self._encode([profile])[0]
-                    user.vector = st.proj.transform(user.profile_vec[None])[0]
-            return self._rank_for(user, user_id, k, exclude_seen, candidates, exclude)
+                if profile_vec is not None:
+                    user.profile, user.profile_vec = profile, profile_vec
+                    user.vector = st.proj.transform(profile_vec[None])[0]
+            return self._rank_for(user, user_id, k, exclude_seen, candidates, exclude, refresh)
+
+        return self._read(ranked)
+
+    def _read(self, query: Callable[[bool], Any]) -> Any:
+        """`query(False)` under the read lock; if it finds a cache to rebuild first (NeedsWrite),
+        `query(True)` under the write lock. A reader never changes shared state."""
+        with self._lock.read():
+            try:
+                return query(False)
+            except NeedsWrite:
+                pass
+        with self._lock.write():
+            return query(True)
 
     def _recommend_stateless(self, user_id: str, k: int, profile: str | None, exclude_seen: bool,
                              candidates: Sequence[str] | None, exclude: Iterable[str] | None,
@@ -485,7 +512,8 @@ class Engine:
         for item_id in history:
             check_id(item_id, "history item_id")
         profile_vec = None if profile is None else self._encode([profile])[0]
-        with self._lock.read():
+
+        def ranked(refresh: bool) -> list[Recommendation]:
             st = self._state
             if st is None or st.index is None:
                 return []
@@ -496,15 +524,18 @@ class Engine:
                     raise UnknownItemError(f"history names item {item_id!r}, which is not a live item")
                 rows.append(row)
             user = st.ranker.transient_user(rows, profile, profile_vec)
-            return self._rank_for(user, user_id, k, exclude_seen, candidates, exclude)
+            return self._rank_for(user, user_id, k, exclude_seen, candidates, exclude, refresh)
+
+        return self._read(ranked)
 
     def _rank_for(self, user: UserState, user_id: str, k: int, exclude_seen: bool,
-                  candidates: Sequence[str] | None, exclude: Iterable[str] | None) -> list[Recommendation]:
-        """The ranked list for a user state (the read lock held by the caller)."""
+                  candidates: Sequence[str] | None, exclude: Iterable[str] | None,
+                  refresh: bool) -> list[Recommendation]:
+        """The ranked list for a user state (a lock held by the caller; see `_read`)."""
         st = self._state
         banned = self._banned(user, exclude_seen, exclude)
         cand_rows = None if candidates is None else self._candidate_rows(candidates, banned)
-        rows, scores = st.ranker.rank(user, st.items, st.index, k, banned, cand_rows, user_key=user_id)
+        rows, scores = st.ranker.rank(user, st.index, k, banned, cand_rows, user_key=user_id, refresh=refresh)
         return [Recommendation(st.items.vocab.id(r), float(s), st.items.titles[r]) for r, s in zip(rows, scores)]
 
     def _banned(self, user: UserState, exclude_seen: bool, exclude: Iterable[str] | None) -> np.ndarray:
@@ -550,8 +581,10 @@ class Engine:
             return [self._state.items.vocab.id(r) for r in user.clicks]
 
     def __contains__(self, item_id: object) -> bool:
-        return (isinstance(item_id, str) and self._state is not None
-                and self._state.items.live_row(item_id) is not None)
+        if not isinstance(item_id, str):
+            return False
+        with self._lock.read():
+            return self._state is not None and self._state.items.live_row(item_id) is not None
 
     def stats(self) -> dict[str, Any]:
         """Counts, sizes and settings, for `kindling stats`."""

@@ -24,13 +24,22 @@ from .projection import Projection
 from .rerank import FEATURES, N_FEATURES, Reranker, expand
 from .users import UserState, UserTable, apply_click, apply_skip, normalise
 
+#: Clicks after which the popular list is rebuilt: counts move slowly, and a rebuild sorts the catalog.
 POP_REFRESH_CLICKS = 64
+#: The popular list holds at least this many rows (4x what its first request needs, when more),
+#: so that requests with longer exclusions rarely need a rebuild.
+POP_MIN_CACHE = 256
 #: Weight of the learned popularity bias against log clicks where both rank (a tie-breaker).
 POP_TIEBREAK = 1e-3
+#: The online step learns the click among the user's best this many candidates (bounds its cost).
 ONLINE_CANDIDATES = 100
 #: The lexical profile is the mean TF-IDF vector of this many of the user's latest clicks.
 LEXICAL_HISTORY = 50
 _COL = {name: i for i, name in enumerate(FEATURES)}
+
+
+class NeedsWrite(Exception):
+    """A request found a cache to rebuild; it runs again holding the write lock."""
 
 
 class Ranker:
@@ -162,8 +171,9 @@ class Ranker:
 
     def _online_step(self, user: UserState, row: int, index: VectorIndex) -> None:
         """theta <- theta - alpha * grad J on this click (among the user's current candidates)."""
-        banned = np.fromiter(user.seen(), np.int64, len(user.seen()))
-        cand = self.candidates(user, index, banned)
+        seen = user.seen()
+        banned = np.fromiter(seen, np.int64, len(seen))
+        cand = self.candidates(user, index, banned, refresh=True)
         if len(cand) > ONLINE_CANDIDATES:
             cand = cand[np.argsort(-self.score(user, cand), kind="stable")[:ONLINE_CANDIDATES]]
         cand = np.union1d(cand, [row])
@@ -171,22 +181,40 @@ class Ranker:
         self.reranker.partial_fit(self.features(user, cand), label)
 
     # ---- candidates, features, scores --------------------------------------------------------
-    def popular(self, n: int) -> np.ndarray:
-        """The n most-clicked live rows (cached, refreshed every few dozen clicks)."""
-        items = self._items
-        if self._pop_cache is None or len(self._pop_cache) < n:
-            live = items.live_rows()
-            m = min(len(live), max(4 * n, 256))
-            score = items.clicks[live] + POP_TIEBREAK * self._bias[live]  # the learned prior breaks ties
-            top = np.argpartition(-score, m - 1)[:m] if m < len(live) else np.arange(len(live))
-            order = top[np.lexsort((live[top], -score[top]))]
-            self._pop_cache, self._pop_stale = live[order], 0
+    def popular(self, n: int, refresh: bool = False) -> np.ndarray:
+        """At least the n most-clicked live rows, best first (fewer when fewer are live).
+
+        The list is cached: dropped when items come or go and every POP_REFRESH_CLICKS clicks,
+        and rebuilt by the first request that finds it missing or too short, from the counts
+        of that moment. A rebuild is a write: with `refresh` false (the caller holds only the
+        read lock) a request that needs one raises NeedsWrite, and the engine asks again under
+        the write lock. Readers never change it.
+        """
+        cache = self._pop_cache
+        if cache is not None and len(cache) >= n:
+            return cache
+        if not refresh:
+            raise NeedsWrite("the popular list must be rebuilt")
+        self._pop_cache, self._pop_stale = self._most_clicked(max(4 * n, POP_MIN_CACHE)), 0
         return self._pop_cache
 
-    def candidates(self, user: UserState, index: VectorIndex, banned: np.ndarray) -> np.ndarray:
+    def _most_clicked(self, m: int, among: np.ndarray | None = None) -> np.ndarray:
+        """The m most-clicked rows of `among` (default: the live rows), ties to the larger
+        learned bias, then to the lower row."""
+        live = self._items.live_rows() if among is None else among
+        m = min(len(live), m)
+        score = self._items.clicks[live] + POP_TIEBREAK * self._bias[live]  # the learned prior breaks ties
+        top = np.argpartition(-score, m - 1)[:m] if m < len(live) else np.arange(len(live))
+        return live[top[np.lexsort((live[top], -score[top]))]]
+
+    def candidates(self, user: UserState, index: VectorIndex, banned: np.ndarray, k: int = 0,
+                   refresh: bool = False) -> np.ndarray:
+        """Rows to score: the ANN neighbours of the user's query (`retrieve`, or k when more),
+        the most co-clicked with the recent clicks, and the most clicked; topped up with the most
+        clicked others when that leaves fewer than k. None of `banned` (int64 rows)."""
         parts = []
         if user.vector.any() or self.trained:
-            rows, _ = index.search(self.query(user.vector, user.count + user.prior), self.config.retrieve,
+            rows, _ = index.search(self.query(user.vector, user.count + user.prior), max(self.config.retrieve, k),
                                    exclude=banned)
             parts.append(rows)
         if self.config.coclick_candidates and user.clicks:
@@ -196,14 +224,16 @@ class Ranker:
                 near = near[~np.isin(near, banned)]
             parts.append(near[: self.config.coclick_candidates])
         if self.config.popular_candidates:
-            pop = self.popular(self.config.popular_candidates + len(banned))
+            pop = self.popular(self.config.popular_candidates + len(banned), refresh)
             pop = pop[~self._items.removed[pop]]
             if len(banned):
                 pop = pop[~np.isin(pop, banned)]
             parts.append(pop[: self.config.popular_candidates])
-        if not parts:
-            return np.zeros(0, np.int64)
-        return np.unique(np.concatenate(parts))
+        rows = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+        if len(rows) < k:  # k beyond the pool: the most clicked of the other allowed rows
+            others = np.setdiff1d(self._items.live_rows(), np.union1d(rows, banned))
+            rows = np.union1d(rows, self._most_clicked(k - len(rows), others))
+        return rows
 
     def transient_user(self, rows: list[int], profile: str | None, profile_vec: np.ndarray | None) -> UserState:
         """A user built from `rows` (clicked item rows, oldest first) with the online rule, held by
@@ -302,10 +332,12 @@ class Ranker:
         spread = float(scores.std()) if len(scores) > 1 else 1.0
         return (self.config.explore_weight * spread * z).astype(np.float32)
 
-    def rank(self, user: UserState, items: ItemTable, index: VectorIndex, k: int, banned: np.ndarray,
-             cand_rows: np.ndarray | None, user_key: str = "") -> tuple[np.ndarray, np.ndarray]:
-        self._items = items
-        rows = self.candidates(user, index, banned) if cand_rows is None else cand_rows
+    def rank(self, user: UserState, index: VectorIndex, k: int, banned: np.ndarray,
+             cand_rows: np.ndarray | None, user_key: str = "", refresh: bool = False
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """The top k of `cand_rows` (default: `candidates`) for `user`: (rows, scores), best
+        first. Reads only, unless `refresh` (the caller holds the write lock; see `popular`)."""
+        rows = self.candidates(user, index, banned, k, refresh) if cand_rows is None else cand_rows
         if len(rows) == 0:
             return rows, np.zeros(0, np.float32)
         scores = self.score(user, rows)

@@ -123,7 +123,6 @@ class State:
             user.skips.append(row)
         else:
             user.impressions += 1
-        user._seen = None
         self.event_keys.add(rec.key())
 
     def apply_add(self, rec: AddRecord) -> None:

@@ -183,7 +183,7 @@ def _example(ranker: Ranker, items: ItemTable, index: VectorIndex, u, clicks: li
     state = user_from_clicks(prefix, ranker.item_vectors(np.array(prefix, np.int64)), prof,
                              ranker.config.user_min_step)
     state.profile, state.profile_vec = u.profile, u.profile_vec
-    cand = ranker.candidates(state, index, np.array(prefix, np.int64))
+    cand = ranker.candidates(state, index, np.array(prefix, np.int64), refresh=True)
     if RANDOM_NEGATIVES:
         # a few items from anywhere in the catalog: an application may hand `recommend` any
         # candidates, and the network must not extrapolate where retrieval never led it

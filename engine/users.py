@@ -24,7 +24,6 @@ class UserState:
     impressions: int = 0
     profile: str | None = None
     profile_vec: np.ndarray | None = None  # raw text-space vector of the profile, for re-projection
-    _seen: set[int] | None = None
 
     @property
     def count(self) -> int:
@@ -36,9 +35,8 @@ class UserState:
         return 1 if self.profile_vec is not None else 0
 
     def seen(self) -> set[int]:
-        if self._seen is None:
-            self._seen = set(self.clicks) | set(self.skips)
-        return self._seen
+        """Rows the user clicked or skipped (a new set each call: a reader keeps nothing)."""
+        return set(self.clicks) | set(self.skips)
 
     def recent(self, window: int) -> list[int]:
         return self.clicks[-window:]
