@@ -29,8 +29,9 @@ class Config:
         user_min_step: the smallest step of the user-vector update (the step is
             1 / (count + prior + 1), floored here, so warm users keep tracking their taste).
         skip_step: how far a skip pushes the user vector away from the item, relative to a click.
-        online_updates: False freezes learning: record() is still logged and still marks the
-            item as seen, but no vector, statistic or weight changes.
+        online_updates: False freezes the store: record() is still logged and still marks the
+            item as seen for the user, but no vector, history length, count, co-click or weight
+            changes, then or when the store reopens. `import_events` and `fit` still work.
         search_threads: OpenMP threads of one request's FAISS search (0: FAISS's default, every
             core). 1 keeps single queries fast on a busy host; builds always use every core.
         online_lr: the step of the reranker's online SGD (one step per click, on a replay batch

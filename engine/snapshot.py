@@ -18,8 +18,10 @@ from .users import UserState, UserTable
 
 USER_SCHEMA = pa.schema([
     ("user_id", pa.string()), ("clicks", pa.list_(pa.int64())), ("skips", pa.list_(pa.int64())),
-    ("impressions", pa.int64()), ("profile", pa.string()),
+    ("impressions", pa.int64()), ("profile", pa.string()), ("held", pa.list_(pa.int64())),
 ])
+#: Columns a store written by an earlier version may lack (read as empty).
+OPTIONAL_USER_COLUMNS = ("held",)
 
 
 def users_to_arrow(users: UserTable) -> pa.Table:
@@ -27,7 +29,7 @@ def users_to_arrow(users: UserTable) -> pa.Table:
     return pa.Table.from_arrays([
         pa.array(users.vocab.ids(), pa.string()), pa.array([u.clicks for u in s], pa.list_(pa.int64())),
         pa.array([u.skips for u in s], pa.list_(pa.int64())), pa.array([u.impressions for u in s], pa.int64()),
-        pa.array([u.profile for u in s], pa.string()),
+        pa.array([u.profile for u in s], pa.string()), pa.array([u.held for u in s], pa.list_(pa.int64())),
     ], schema=USER_SCHEMA)
 
 
@@ -52,6 +54,7 @@ def users_from_arrow(table: pa.Table, vecs: np.ndarray, profiles: np.ndarray) ->
         state.impressions = int(cols["impressions"][r])
         state.profile = cols["profile"][r]
         state.profile_vec = profiles[r].copy() if state.profile is not None else None
+        state.held = list(cols["held"][r]) if "held" in cols else []
     return users
 
 
@@ -130,7 +133,8 @@ def read_generation(store: StoreDir, manifest: dict[str, Any], d_text: int,
                                 f"in {vec_path.name}")
     items = _parsed(items_path, lambda: ItemTable.from_arrow(items_table, item_vecs.reshape(-1, d_text)))
     users_path = store.file("users", gen, "parquet")
-    users_table = _with_schema(read_parquet(users_path, pinned.get(users_path.name)), USER_SCHEMA, users_path)
+    users_table = _with_schema(read_parquet(users_path, pinned.get(users_path.name)), USER_SCHEMA, users_path,
+                               OPTIONAL_USER_COLUMNS)
     if users_table.num_rows != len(tensors["user_vectors"]):
         raise CorruptStoreError(f"{users_path}: {users_table.num_rows} users but "
                                 f"{len(tensors['user_vectors'])} user vectors in {vec_path.name}")
@@ -146,8 +150,8 @@ def read_generation(store: StoreDir, manifest: dict[str, Any], d_text: int,
     return items, users, models, (store.path / index_name if index_name in files else None), keys
 
 
-def _with_schema(table: pa.Table, schema: pa.Schema, path: Path) -> pa.Table:
-    missing = [f.name for f in schema if f.name not in table.column_names]
+def _with_schema(table: pa.Table, schema: pa.Schema, path: Path, optional: tuple[str, ...] = ()) -> pa.Table:
+    missing = [f.name for f in schema if f.name not in table.column_names and f.name not in optional]
     if missing:
         raise CorruptStoreError(f"{path}: missing column(s) {', '.join(missing)}; not a Kindling table")
     return table
@@ -157,7 +161,7 @@ def _check_rows(users: pa.Table, n_items: int, path: Path) -> None:
     """Histories may only name item rows that exist."""
     import pyarrow.compute as pc
 
-    for col in ("clicks", "skips"):
+    for col in [c for c in ("clicks", "skips", "held") if c in users.column_names]:
         flat = pc.list_flatten(users.column(col))
         if len(flat) and (pc.min(flat).as_py() < 0 or pc.max(flat).as_py() >= n_items):
             raise CorruptStoreError(f"{path}: column {col!r} names item rows outside 0..{n_items - 1}")

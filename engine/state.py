@@ -13,9 +13,10 @@ apart. An event changes the state in this order (`apply_event`):
 5. the user's history, last, because steps 2 and 3 read the history as it was before the event;
 6. the event's identity, so that `import_events` skips it later.
 
-With `Config.online_updates=False` steps 1-4 are skipped for recorded events: the store is frozen
-and the event only marks the item as seen. Imported events (history, not live feedback) always
-take steps 2-6; the online step (1) is training, which `fit` does in batch.
+With `Config.online_updates=False` the store is frozen: a recorded click or skip only marks the
+item as seen (`UserState.held`, which no vector, count or co-click is ever derived from, so
+nothing moves on reopen either); an impression is only logged. Imported events (history, not
+live feedback) always take steps 2-6; the online step (1) is training, which `fit` does in batch.
 """
 
 from __future__ import annotations
@@ -115,8 +116,12 @@ class State:
         """One event, in the order the module docstring gives (steps 1-6)."""
         row = self.items.vocab.row(rec.item_id)
         user = self.users.get_or_create(rec.user_id)
-        if learn:
-            self.ranker.on_event(user, row, rec.event, self.items, index=self.index if online_step else None)
+        if not learn:  # frozen: a click or skip marks the item seen; nothing else moves, ever
+            if rec.event != "impression":
+                user.held.append(row)
+            self.event_keys.add(rec.key())
+            return
+        self.ranker.on_event(user, row, rec.event, self.items, index=self.index if online_step else None)
         if rec.event == "click":
             user.clicks.append(row)
         elif rec.event == "skip":
@@ -164,7 +169,7 @@ class State:
 
     def events(self) -> int:
         """Events in the users' histories (item statistics count a click as an impression too)."""
-        return sum(len(u.clicks) + len(u.skips) + u.impressions for u in self.users.states)
+        return sum(len(u.clicks) + len(u.skips) + len(u.held) + u.impressions for u in self.users.states)
 
     def event_key_array(self) -> np.ndarray:
         """The event identities as a sorted uint64 array, for the snapshot."""

@@ -25,7 +25,11 @@ class Item:
 
 @dataclass(frozen=True)
 class Event:
-    """One interaction: `event` is click, skip or impression; `value` weights it (1.0 by default)."""
+    """One interaction: `event` is click, skip or impression.
+
+    `value` (a rating, say; 1.0 by default) is kept with the event in the log; no update depends
+    on it. Graded feedback becomes clicks and skips when it is read (`read_events(min_value=)`).
+    """
 
     user_id: str
     item_id: str

@@ -24,6 +24,7 @@ class UserState:
     impressions: int = 0
     profile: str | None = None
     profile_vec: np.ndarray | None = None  # raw text-space vector of the profile, for re-projection
+    held: list[int] = field(default_factory=list)  # rows recorded while the store was frozen: seen only
 
     @property
     def count(self) -> int:
@@ -35,8 +36,9 @@ class UserState:
         return 1 if self.profile_vec is not None else 0
 
     def seen(self) -> set[int]:
-        """Rows the user clicked or skipped (a new set each call: a reader keeps nothing)."""
-        return set(self.clicks) | set(self.skips)
+        """Rows the user clicked, skipped, or acted on while the store was frozen (a new set each
+        call: a reader keeps nothing)."""
+        return set(self.clicks) | set(self.skips) | set(self.held)
 
     def recent(self, window: int) -> list[int]:
         return self.clicks[-window:]

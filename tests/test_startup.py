@@ -16,7 +16,9 @@ from engine import Config, Engine, Event, Item
 
 from conftest import ROOT, FakeEncoder
 
-HEAVY = ("torch", "sentence_transformers", "transformers", "sklearn", "engine.evaluation")
+#: What serving must not load: the model libraries, the evaluation, and the training modules.
+HEAVY = ("torch", "sentence_transformers", "transformers", "sklearn", "engine.evaluation", "engine.towers",
+         "engine.rerank_train")
 
 
 def heavy_modules_after(code: str) -> list[str]:
