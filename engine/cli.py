@@ -14,7 +14,7 @@ import click
 
 from . import __version__
 from .catalog import read_events, read_items
-from .config import Config
+from .config import INDEX_KINDS, Config
 from .engine import Engine
 from .errors import EngineError
 from .types import EVENT_KINDS, Item
@@ -97,7 +97,7 @@ def main() -> None:
 @click.argument("store", type=STORE)
 @click.option("--model", type=click.Path(exists=True, file_okay=False), default=None,
               help="Local sentence-transformers model folder (default: bundled all-MiniLM-L6-v2).")
-@click.option("--index", "index_kind", type=click.Choice(["auto", "flat", "hnsw", "ivf", "hnsw-sq8", "ivf-pq"]),
+@click.option("--index", "index_kind", type=click.Choice(INDEX_KINDS),
               default="auto", show_default=True, help="Index type; auto is exact below 50k items, HNSW above.")
 @user_errors
 def init(store: Path, model: str | None, index_kind: str) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
+#: The index kinds (index.FACTORY builds each but "auto", which picks one by catalog size).
 IndexKind = Literal["auto", "flat", "hnsw", "ivf", "hnsw-sq8", "ivf-pq"]
-_INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "hnsw-sq8", "ivf-pq")
+INDEX_KINDS: tuple[str, ...] = get_args(IndexKind)
 #: "torch" (sentence-transformers), or ONNX Runtime on a locally exported graph, optionally int8.
 EncoderBackend = Literal["torch", "onnx", "onnx-int8"]
-ENCODER_BACKENDS: tuple[str, ...] = ("torch", "onnx", "onnx-int8")
+ENCODER_BACKENDS: tuple[str, ...] = get_args(EncoderBackend)
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,8 @@ class Config:
     replay_batch: int = 16
 
     def __post_init__(self) -> None:
-        if self.index not in _INDEX_KINDS:
-            raise ValueError(f"index must be one of {', '.join(_INDEX_KINDS)}; got {self.index!r}")
+        if self.index not in INDEX_KINDS:
+            raise ValueError(f"index must be one of {', '.join(INDEX_KINDS)}; got {self.index!r}")
         if self.encoder_backend not in ENCODER_BACKENDS:
             raise ValueError(f"encoder_backend must be one of {', '.join(ENCODER_BACKENDS)}; "
                              f"got {self.encoder_backend!r}")

@@ -37,6 +37,7 @@ from .store import FORMAT, FORMAT_VERSION, StoreDir
 from .training import fit_state
 from .types import EVENT_KINDS, Event, Item, Recommendation
 from .users import UserState
+from .vectors import ZERO_NORM, normalise_rows
 from .vocab import check_id
 
 log = logging.getLogger(__name__)
@@ -642,10 +643,9 @@ def _event_record(user_id: str, item_id: str, event: str, value: float, timestam
 
 
 def normalise_rows_checked(vecs: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vecs, axis=1)
-    if (norms < 1e-12).any():
+    if (np.linalg.norm(vecs, axis=1) < ZERO_NORM).any():
         raise InvalidInputError("vectors must not be all zeros")
-    return (vecs / norms[:, None]).astype(np.float32)
+    return normalise_rows(vecs)
 
 
 def _reason(exc: BaseException) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .vectors import normalise_rows
+
 #: History lengths where the temperature changes: one learned tau per bucket [edge_i, edge_i+1).
 #: A single click says less than twenty, so the similarity term earns less weight against the bias.
 TAU_EDGES = np.array([0, 1, 2, 3, 4, 6, 10, 20])
@@ -18,11 +20,6 @@ TAU_EDGES = np.array([0, 1, 2, 3, 4, 6, 10, 20])
 def tau_bucket(n: int | np.ndarray) -> np.ndarray:
     """Bucket of history length(s) `n`."""
     return np.searchsorted(TAU_EDGES, n, side="right") - 1
-
-
-def normalise_rows(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 class Projection:

@@ -10,7 +10,6 @@ popularity weight fades as the user's history grows.
 from __future__ import annotations
 
 import zlib
-from typing import Any
 
 import numpy as np
 
@@ -22,7 +21,8 @@ from .items import ItemTable
 from .lexical import Lexicon
 from .projection import Projection
 from .rerank import FEATURES, N_FEATURES, Reranker, expand
-from .users import UserState, UserTable, apply_click, apply_skip, normalise
+from .users import UserState, UserTable, apply_click, apply_skip
+from .vectors import grown, normalise
 
 #: Clicks after which the popular list is rebuilt: counts move slowly, and a rebuild sorts the catalog.
 POP_REFRESH_CLICKS = 64
@@ -33,6 +33,10 @@ POP_MIN_CACHE = 256
 POP_TIEBREAK = 1e-3
 #: The online step learns the click among the user's best this many candidates (bounds its cost).
 ONLINE_CANDIDATES = 100
+#: The standard deviation of the uniform Beta(1, 1) CTR prior: exploration draws are measured in it.
+PRIOR_SD = float(np.sqrt(1.0 / 12.0))
+#: Exploration draws are clipped at this many prior deviations: the bonus stays bounded.
+EXPLORE_CLIP = 2.0
 #: The lexical profile is the mean TF-IDF vector of this many of the user's latest clicks.
 LEXICAL_HISTORY = 50
 _COL = {name: i for i, name in enumerate(FEATURES)}
@@ -67,16 +71,10 @@ class Ranker:
         return self.projection.d_out + 1
 
     def _rows_capacity(self, n: int) -> None:
-        for name in ("_residual", "_item_bias", "_vecs"):
+        for name in ("_residual", "_item_bias", "_vecs", "_bias"):
             arr = getattr(self, name)
-            if arr is not None and len(arr) < n:
-                grown = np.zeros((max(n, 2 * len(arr)),) + arr.shape[1:], np.float32)
-                grown[: len(arr)] = arr
-                setattr(self, name, grown)
-        if len(self._bias) < n:
-            grown = np.zeros(max(n, 2 * len(self._bias)), np.float32)
-            grown[: len(self._bias)] = self._bias
-            self._bias = grown
+            if arr is not None:
+                setattr(self, name, grown(arr, n))
 
     def refresh_item_vectors(self, items: ItemTable, proj: Projection) -> None:
         """Recompute every item's retrieval vector and bias (after open or training)."""
@@ -328,7 +326,7 @@ class Ranker:
         a = 1.0 + clicks
         b = 1.0 + np.maximum(items.impressions[rows] - clicks, 0.0)
         theta = rng.beta(a, b)
-        z = np.clip((theta - a / (a + b)) / np.sqrt(1.0 / 12.0), -2.0, 2.0)
+        z = np.clip((theta - a / (a + b)) / PRIOR_SD, -EXPLORE_CLIP, EXPLORE_CLIP)
         spread = float(scores.std()) if len(scores) > 1 else 1.0
         return (self.config.explore_weight * spread * z).astype(np.float32)
 
@@ -379,4 +377,4 @@ def user_from_clicks(rows: list[int], vecs: np.ndarray, profile: np.ndarray | No
     return u
 
 
-__all__ = ["Ranker", "user_from_clicks", "apply_skip"]
+__all__ = ["NeedsWrite", "Ranker", "user_from_clicks"]

@@ -79,6 +79,10 @@ def column(name: str, bucket: int) -> int:
     return bucket * N_FEATURES + FEATURES.index(name)
 
 
+#: A feature whose spread over one request's candidates is below this tells them nothing apart: 0.
+FLAT_STD = 1e-6
+
+
 def expand(raw: np.ndarray, n: int) -> np.ndarray:
     """Raw features, shape (m, N_FEATURES), of one request's m candidates -> network inputs, shape
     (m, N_INPUTS) float32: each feature standardised over the candidates (0 where it is constant)
@@ -88,8 +92,8 @@ def expand(raw: np.ndarray, n: int) -> np.ndarray:
     b = history_bucket(n)
     if len(raw):
         std = raw.std(axis=0)
-        z = (raw - raw.mean(axis=0)) / np.where(std > 1e-6, std, 1.0)
-        out[:, b * N_FEATURES:(b + 1) * N_FEATURES] = np.where(std > 1e-6, z, 0.0)
+        z = (raw - raw.mean(axis=0)) / np.where(std > FLAT_STD, std, 1.0)
+        out[:, b * N_FEATURES:(b + 1) * N_FEATURES] = np.where(std > FLAT_STD, z, 0.0)
         out[:, N_FEATURES * N_BUCKETS + b] = 1.0
     return out
 

@@ -24,6 +24,8 @@ PATIENCE = 3
 #: Adam's step size in `fit` (0.02 fit the held-out users' noise on amazon-office validation).
 FIT_LR = 3e-3
 MIN_VALID = 200
+#: Recall gain that counts as progress for early stopping (smaller is noise between epochs).
+MIN_GAIN = 1e-4
 #: Input std given to features the MLP must not see: it divides them to nothing (see LINEAR_ONLY).
 SILENCED_STD = 1e6
 #: Input std below which a feature counts as constant in the training logs.
@@ -146,7 +148,7 @@ def fit(rr: "Reranker", examples: list[tuple[np.ndarray, np.ndarray]], epochs: i
         losses.append(total / len(train))
         if len(valid):
             v = -rr.recall_at(to_numpy(net), [examples[i] for i in valid])
-            if v < best - 1e-4:
+            if v < best - MIN_GAIN:
                 best, stale = v, 0
                 best_state = {k: t.clone() for k, t in net.state_dict().items()}
             else:

@@ -14,7 +14,7 @@ from safetensors.numpy import load, load_file, save_file
 from .errors import CorruptStoreError
 from .items import ITEM_SCHEMA, ItemTable
 from .store import StoreDir, atomic_write
-from .users import UserState, UserTable
+from .users import UserTable
 
 USER_SCHEMA = pa.schema([
     ("user_id", pa.string()), ("clicks", pa.list_(pa.int64())), ("skips", pa.list_(pa.int64())),
@@ -173,6 +173,3 @@ def _parsed(path: Path, build):
     except (KeyError, ValueError, TypeError, IndexError, pa.ArrowException) as exc:
         raise CorruptStoreError(f"{path}: does not hold what a Kindling store needs ({exc})") from exc
 
-
-def new_user_state(dim: int) -> UserState:
-    return UserState(vector=np.zeros(dim, np.float32))

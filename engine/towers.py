@@ -27,6 +27,20 @@ from .projection import TAU_EDGES
 log = logging.getLogger(__name__)
 
 
+#: Every temperature starts here: unit vectors' cosines span [-1, 1], and a softmax over a
+#: catalog needs logits a few units apart to prefer anything.
+TAU_START = 10.0
+#: Items whose text vectors start W at their principal directions (an SVD of more costs time and
+#: moves the directions little).
+PCA_SAMPLE = 20_000
+#: Scale of the random directions that pad W when the catalog has fewer items than dimensions.
+PAD_SCALE = 0.01
+#: AdamW's step size for the tower (two epochs must get there).
+TOWER_LR = 0.01
+#: L2 weight on the warm items' residuals: small, so that they explain what text cannot without
+#: W leaning on them.
+RESIDUAL_L2 = 1e-4
+
 
 def tau_bucket(n: torch.Tensor) -> torch.Tensor:
     """projection.tau_bucket for a tensor of history lengths."""
@@ -55,7 +69,7 @@ class ItemTower(nn.Module):
         self.bias_const = nn.Parameter(torch.zeros(()))
         self.residual = nn.Parameter(torch.zeros(n, d_out))
         self.item_bias = nn.Parameter(torch.zeros(n))
-        self.log_tau = nn.Parameter(torch.full((len(TAU_EDGES),), math.log(10.0)))
+        self.log_tau = nn.Parameter(torch.full((len(TAU_EDGES),), math.log(TAU_START)))
 
     def forward(self, rows: torch.Tensor, keep: torch.Tensor | None, dropout: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,12 +88,12 @@ class ItemTower(nn.Module):
 def pca_init(text: np.ndarray, d_out: int, seed: int) -> torch.Tensor:
     """Start W at the top principal directions of the catalog's text vectors."""
     x = torch.from_numpy(text - text.mean(0))
-    sample = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:20000]]
+    sample = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:PCA_SAMPLE]]
     _, _, vt = torch.linalg.svd(sample, full_matrices=False)
     w = vt[:d_out].T.contiguous()
     if w.shape[1] < d_out:  # fewer items than dimensions: pad with small random directions
         extra = torch.randn(w.shape[0], d_out - w.shape[1], generator=torch.Generator().manual_seed(seed))
-        w = torch.cat([w, 0.01 * extra], dim=1)
+        w = torch.cat([w, PAD_SCALE * extra], dim=1)
     return w
 
 
@@ -138,7 +152,7 @@ def _train(text: np.ndarray, histories: list[np.ndarray], live: np.ndarray, d_ou
     opt = torch.optim.AdamW([
         {"params": [model.weight, model.bias_weight], "weight_decay": weight_decay},
         {"params": [model.bias_const, model.log_tau, model.residual, model.item_bias], "weight_decay": 0.0},
-    ], lr=0.01)
+    ], lr=TOWER_LR)
     live_t = torch.from_numpy(np.asarray(live, np.int64))
     losses = []
     hist_users = [np.asarray(h, np.int64) for h in histories if len(h) >= 2]
@@ -183,7 +197,7 @@ def _step(model: ItemTower, opt, target, hist, lens, live, warm, keep_p: float, 
     excl[torch.arange(len(pos)), pos] = False
     logits = logits.masked_fill(excl, -1e9)
     loss = nn.functional.cross_entropy(logits, pos)
-    reg = 1e-4 * (model.residual.pow(2).sum(1).mean() + model.item_bias.pow(2).mean())
+    reg = RESIDUAL_L2 * (model.residual.pow(2).sum(1).mean() + model.item_bias.pow(2).mean())
     opt.zero_grad()
     (loss + reg).backward()
     opt.step()

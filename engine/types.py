@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
+#: What happened: the engine knows these three (other kinds are mapped when read, catalog.py).
 EventKind = Literal["click", "skip", "impression"]
-EVENT_KINDS: tuple[str, ...] = ("click", "skip", "impression")
+EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .vectors import normalise
 from .vocab import Vocabulary
-
-
-def normalise(v: np.ndarray) -> np.ndarray:
-    n = float(np.linalg.norm(v))
-    return (v / n).astype(np.float32) if n > 1e-12 else np.zeros_like(v, dtype=np.float32)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 
 from engine import Config, Engine, Event, Item
 from engine.projection import tau_bucket
-from engine.rerank import N_INPUTS, Reranker, listwise_grads
+from engine.rerank import N_INPUTS, Reranker, column, listwise_grads
 from engine.rerank_train import listwise_loss, to_net
 
 from conftest import FakeEncoder
@@ -121,7 +121,7 @@ def test_online_step_is_clipped() -> None:
     rr = Reranker(hidden=16, lr=1.0, replay_size=64, replay_batch=1, seed=0)
     before = {k: v.copy() for k, v in rr.weights.items()}
     feats = np.zeros((10, N_INPUTS), np.float32)
-    feats[:, 0] = np.linspace(-100, 100, 10)  # a huge gradient on the linear weight of `tower`
+    feats[:, column("tower", 0)] = np.linspace(-100, 100, 10)  # a huge gradient on its linear weight
     rr.partial_fit(feats, np.array([0]))
     moved = np.sqrt(sum(float(((rr.weights[k] - before[k]) ** 2).sum()) for k in before))
     assert 0.0 < moved <= 1.0 + 1e-5
@@ -134,13 +134,14 @@ def test_content_scores_stay_linear_so_new_items_keep_their_content_order() -> N
     examples = []
     for _ in range(60):
         f = rng.normal(size=(20, N_INPUTS)).astype(np.float32)
-        examples.append((f, np.array([int(np.argmax(f[:, 2] + f[:, 0] ** 2))])))  # a non-linear target
+        target = f[:, column("cooc", 0)] + f[:, column("tower", 0)] ** 2  # a non-linear target
+        examples.append((f, np.array([int(np.argmax(target))])))
     rr.fit(examples, epochs=3)
     cold = np.zeros((50, N_INPUTS), np.float32)
-    cold[:, 0] = np.linspace(-3, 3, 50)
-    cold[:, 7] = 1.0  # fresh
+    cold[:, column("tower", 0)] = np.linspace(-3, 3, 50)
+    cold[:, column("fresh", 0)] = 1.0
     s = rr.score(cold)
-    w = rr.weights["linear.weight"][0, 0]
+    w = rr.weights["linear.weight"][0, column("tower", 0)]
     assert np.all(np.sign(np.diff(s)) == np.sign(w)) and w != 0
 
 
