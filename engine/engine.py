@@ -23,6 +23,7 @@ import numpy as np
 from . import __version__
 from .catalog import check_text, item_text, validate_items
 from .config import Config
+from .embedding import embed, embed_many, given_vectors
 from .encoder import Encoder, TextEncoder
 from .errors import InvalidInputError, StoreError, UnknownItemError, UnknownUserError
 from .eventlog import EventLog, read_log
@@ -31,13 +32,12 @@ from .records import (
     AddRecord, EventRecord, ImportRecord, ProfileRecord, Record, RemoveRecord, from_payload, to_payload,
 )
 from .snapshot import read_generation, write_generation
+from . import queries
 from .ranking import NeedsWrite
 from .state import State
 from .store import FORMAT, FORMAT_VERSION, StoreDir
 from .training import fit_state
 from .types import EVENT_KINDS, Event, Item, Recommendation
-from .users import UserState
-from .vectors import ZERO_NORM, normalise_rows
 from .vocab import check_id
 
 log = logging.getLogger(__name__)
@@ -271,17 +271,12 @@ class Engine:
         if self._store.read_only:
             raise StoreError(f"{self.path}: opened read-only")
 
+    def _dim(self) -> int | None:
+        """The store's text-vector width (None before the first item)."""
+        return None if self._state is None else self._state.items.dim
+
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
-        vecs = np.asarray(self.encoder.encode(list(texts)), dtype=np.float32)
-        if vecs.ndim != 2 or len(vecs) != len(texts):  # checked before anything is logged
-            raise InvalidInputError(f"the encoder must return shape (n, dim) for n texts; got {vecs.shape} "
-                                    f"for {len(texts)} texts")
-        if self._state is not None and vecs.shape[1] != self._state.items.dim:
-            raise InvalidInputError(f"the encoder gives {vecs.shape[1]}-d vectors but this store holds "
-                                    f"{self._state.items.dim}-d ones; use the store's model")
-        if not np.isfinite(vecs).all():
-            raise InvalidInputError("the encoder returned NaN or inf; refusing to index it")
-        return vecs
+        return embed(self.encoder, texts, self._dim())
 
     # ---- mutations (validated, logged, then applied) -----------------------------------------
     def _log_and_apply(self, rec: Record) -> None:
@@ -331,23 +326,12 @@ class Engine:
             return 0
         with self._lock.write():
             self._check_duplicates(batch, upsert)
-        vecs = self._encode_many([item_text(i) for i in batch], progress)
+        vecs = embed_many(self.encoder, [item_text(i) for i in batch], self._dim(), progress)
         with self._lock.write():
             self._check_duplicates(batch, upsert)
             self._apply(AddRecord(int(time.time()), tuple(batch), vecs))  # not logged: the snapshot is
             self._commit()
         return len(batch)
-
-    def _encode_many(self, texts: list[str], progress: bool | None, chunk: int = 512) -> np.ndarray:
-        from tqdm.auto import tqdm
-
-        show = progress if progress is not None else (len(texts) > chunk and sys.stderr.isatty())
-        parts = []
-        with tqdm(total=len(texts), desc="embedding", unit="item", disable=not show) as bar:
-            for start in range(0, len(texts), chunk):
-                parts.append(self._encode(texts[start:start + chunk]))
-                bar.update(len(parts[-1]))
-        return np.concatenate(parts) if parts else np.zeros((0, self.encoder.dim), np.float32)
 
     def _check_duplicates(self, batch: list[Item], upsert: bool) -> None:
         if upsert or self._state is None:
@@ -360,13 +344,7 @@ class Engine:
     def _batch_vectors(self, batch: list[Item], vectors: np.ndarray | None) -> np.ndarray:
         if vectors is None:
             return self._encode([item_text(i) for i in batch])
-        from .index import check_vectors
-
-        dim = self._state.items.dim if self._state is not None else self.encoder.dim
-        vecs = check_vectors(vectors, dim)
-        if len(vecs) != len(batch):
-            raise InvalidInputError(f"got {len(vecs)} vectors for {len(batch)} items")
-        return normalise_rows_checked(vecs)
+        return given_vectors(vectors, len(batch), self._dim() or self.encoder.dim)
 
     def remove_items(self, item_ids: Iterable[str]) -> int:
         """Remove items; no later search returns them. Unknown ids raise UnknownItemError."""
@@ -480,19 +458,14 @@ class Engine:
             if not known:
                 profile_vec = self._encode([profile])[0]
 
-        def ranked(refresh: bool) -> list[Recommendation]:
+        def answer(refresh: bool) -> list[Recommendation]:
             st = self._state
             if st is None or st.index is None:
                 return []
-            user = st.users.get(user_id)
-            if user is None:
-                user = UserState(vector=np.zeros(st.proj.d_out, np.float32))
-                if profile_vec is not None:
-                    user.profile, user.profile_vec = profile, profile_vec
-                    user.vector = st.proj.transform(profile_vec[None])[0]
-            return self._rank_for(user, user_id, k, exclude_seen, candidates, exclude, refresh)
+            user = queries.stored_or_new_user(st, user_id, profile, profile_vec)
+            return queries.ranked(st, user, user_id, k, exclude_seen, candidates, exclude, refresh)
 
-        return self._read(ranked)
+        return self._read(answer)
 
     def _read(self, query: Callable[[bool], Any]) -> Any:
         """`query(False)` under the read lock; if it finds a cache to rebuild first (NeedsWrite),
@@ -514,43 +487,14 @@ class Engine:
             check_id(item_id, "history item_id")
         profile_vec = None if profile is None else self._encode([profile])[0]
 
-        def ranked(refresh: bool) -> list[Recommendation]:
+        def answer(refresh: bool) -> list[Recommendation]:
             st = self._state
             if st is None or st.index is None:
                 return []
-            rows = []
-            for item_id in history:
-                row = st.items.live_row(item_id)
-                if row is None:
-                    raise UnknownItemError(f"history names item {item_id!r}, which is not a live item")
-                rows.append(row)
-            user = st.ranker.transient_user(rows, profile, profile_vec)
-            return self._rank_for(user, user_id, k, exclude_seen, candidates, exclude, refresh)
+            user = queries.history_user(st, history, profile, profile_vec)
+            return queries.ranked(st, user, user_id, k, exclude_seen, candidates, exclude, refresh)
 
-        return self._read(ranked)
-
-    def _rank_for(self, user: UserState, user_id: str, k: int, exclude_seen: bool,
-                  candidates: Sequence[str] | None, exclude: Iterable[str] | None,
-                  refresh: bool) -> list[Recommendation]:
-        """The ranked list for a user state (a lock held by the caller; see `_read`)."""
-        st = self._state
-        banned = self._banned(user, exclude_seen, exclude)
-        cand_rows = None if candidates is None else self._candidate_rows(candidates, banned)
-        rows, scores = st.ranker.rank(user, st.index, k, banned, cand_rows, user_key=user_id, refresh=refresh)
-        return [Recommendation(st.items.vocab.id(r), float(s), st.items.titles[r]) for r, s in zip(rows, scores)]
-
-    def _banned(self, user: UserState, exclude_seen: bool, exclude: Iterable[str] | None) -> np.ndarray:
-        rows = set(user.seen()) if exclude_seen else set()
-        for i in exclude or ():
-            r = self._state.items.vocab.row(i)
-            if r is not None:
-                rows.add(r)
-        return np.fromiter(rows, dtype=np.int64, count=len(rows))
-
-    def _candidate_rows(self, candidates: Sequence[str], banned: np.ndarray) -> np.ndarray:
-        rows = [self._state.items.live_row(i) for i in candidates]
-        arr = np.array([r for r in rows if r is not None], dtype=np.int64)
-        return np.setdiff1d(arr, banned) if len(banned) else np.unique(arr)
+        return self._read(answer)
 
     def similar_items(self, item_id: str, k: int = 10) -> list[Recommendation]:
         """The k live items closest to `item_id` in retrieval space (itself excluded)."""
@@ -561,10 +505,7 @@ class Engine:
             row = None if st is None else st.items.live_row(item_id)
             if row is None:
                 raise UnknownItemError(f"unknown item id {item_id!r}")
-            q = st.ranker.similar_query(row)
-            rows, scores = st.index.search(q, k, exclude=np.array([row], np.int64))
-            return [Recommendation(st.items.vocab.id(r), float(s), st.items.titles[r])
-                    for r, s in zip(rows, scores)]
+            return queries.similar(st, row, k)
 
     def get_item(self, item_id: str) -> Item:
         with self._lock.read():
@@ -640,12 +581,6 @@ def _event_record(user_id: str, item_id: str, event: str, value: float, timestam
         raise InvalidInputError(f"timestamp must be an int (unix seconds); got {timestamp!r}")
     t = int(time.time()) if timestamp is None else timestamp
     return EventRecord(user_id, item_id, event, float(value), t)
-
-
-def normalise_rows_checked(vecs: np.ndarray) -> np.ndarray:
-    if (np.linalg.norm(vecs, axis=1) < ZERO_NORM).any():
-        raise InvalidInputError("vectors must not be all zeros")
-    return normalise_rows(vecs)
 
 
 def _reason(exc: BaseException) -> str:
