@@ -19,7 +19,7 @@ import numpy as np
 import bench_data as data
 import bench_timing as bt
 from engine import Config, Engine, Item
-from engine.index import VectorIndex
+from engine.serving.index import VectorIndex
 
 
 @dataclass

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_encoder:
         log("encoder backends")
         result["encoder"] = bench_encoder.run(plan["ingest"], plan["rounds"], plan["agree"], plan["single"], log)
-    from engine.encoder import Encoder
+    from engine.text.encoder import Encoder
 
     fallback = Encoder(show_progress=False)
     int8 = None

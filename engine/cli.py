@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .catalog import read_events, read_items
+from .text.catalog import read_events, read_items
 from .config import INDEX_KINDS, Config
 from .engine import Engine
 from .errors import EngineError

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .catalog import read_events, read_items
+from .text.catalog import read_events, read_items
 from .engine import Engine
 from .types import Item, Recommendation
 

@@ -21,24 +21,24 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .catalog import check_text, item_text, validate_items
+from .text.catalog import check_text, item_text, validate_items
 from .config import Config
-from .embedding import embed, embed_many, given_vectors
-from .encoder import Encoder, TextEncoder
+from .text.embedding import embed, embed_many, given_vectors
+from .text.encoder import Encoder, TextEncoder
 from .errors import InvalidInputError, StoreError, UnknownItemError, UnknownUserError
-from .eventlog import EventLog, read_log
+from .storage.eventlog import EventLog, read_log
 from .locks import RWLock
-from .records import (
+from .storage.records import (
     AddRecord, EventRecord, ImportRecord, ProfileRecord, Record, RemoveRecord, from_payload, to_payload,
 )
-from .snapshot import read_generation, write_generation
-from . import queries
-from .ranking import NeedsWrite
-from .state import State
-from .store import FORMAT, FORMAT_VERSION, StoreDir
-from .training import fit_state
+from .storage.snapshot import read_generation, write_generation
+from .serving import queries
+from .serving.ranking import NeedsWrite
+from .state.apply import State
+from .storage.store import FORMAT, FORMAT_VERSION, StoreDir
+from .training.fit import fit_state
 from .types import EVENT_KINDS, Event, Item, Recommendation
-from .vocab import check_id
+from .state.vocab import check_id
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import Config, Engine, Item
-from engine.coclick import CoClicks
+from engine.state.coclick import CoClicks
 
 from conftest import FakeEncoder
 
@@ -61,7 +61,7 @@ def test_counts_survive_a_restart_and_the_log(tmp_path: Path) -> None:
 
 
 def test_folding_the_overlay_keeps_every_count(monkeypatch) -> None:
-    import engine.coclick as cc
+    import engine.state.coclick as cc
 
     rng = np.random.default_rng(2)
     histories = [list(rng.integers(0, 15, size=int(rng.integers(2, 12)))) for _ in range(25)]

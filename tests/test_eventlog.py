@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import CorruptStoreError
-from engine.eventlog import HEADER, EventLog, TornTailWarning, read_log
+from engine.storage.eventlog import HEADER, EventLog, TornTailWarning, read_log
 
 json_value = st.recursive(
     st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.text(max_size=20)

@@ -9,9 +9,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from engine import Config, Engine, Event, Item
-from engine.projection import tau_bucket
-from engine.rerank import N_INPUTS, Reranker, column, listwise_grads
-from engine.rerank_train import listwise_loss, to_net
+from engine.models.projection import tau_bucket
+from engine.models.rerank import N_INPUTS, Reranker, column, listwise_grads
+from engine.training.reranker import listwise_loss, to_net
 
 from conftest import FakeEncoder
 

@@ -17,8 +17,8 @@ from engine import Config, Engine, Event, Item
 from conftest import ROOT, FakeEncoder
 
 #: What serving must not load: the model libraries, the evaluation, and the training modules.
-HEAVY = ("torch", "sentence_transformers", "transformers", "sklearn", "engine.evaluation", "engine.towers",
-         "engine.rerank_train")
+HEAVY = ("torch", "sentence_transformers", "transformers", "sklearn", "engine.evaluation",
+         "engine.training.towers", "engine.training.reranker")
 
 
 def heavy_modules_after(code: str) -> list[str]:
@@ -69,7 +69,7 @@ def test_opening_and_fitting_leave_torchs_random_state_alone(tmp_path: Path) -> 
 def test_loading_the_model_leaves_the_environment_as_it_was() -> None:
     import sentence_transformers  # noqa: F401 - its own imports set variables (scikit-learn's KMP_*)
 
-    from engine.encoder import Encoder
+    from engine.text.encoder import Encoder
 
     before = dict(os.environ)
     Encoder(show_progress=False).encode(["a film about robots"])

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from engine import (
     Config, CorruptStoreError, Engine, InvalidInputError, Item, StoreError, StoreLockedError,
 )
-from engine.eventlog import read_log
-from engine.store import FORMAT_VERSION
+from engine.storage.eventlog import read_log
+from engine.storage.store import FORMAT_VERSION
 
 from conftest import FakeEncoder, small_catalog
 
@@ -208,8 +208,8 @@ def test_a_version_1_store_opens_and_is_saved_as_version_2(tmp_path, fake_encode
     import pyarrow.parquet as pq
     from safetensors.numpy import load_file, save_file
 
-    from engine.rerank import Reranker
-    from engine.store import manifest_digest, sha256_file
+    from engine.models.rerank import Reranker
+    from engine.storage.store import manifest_digest, sha256_file
 
     with Engine.create(tmp_path / "s", encoder=fake_encoder) as eng:
         populate(eng)
@@ -244,7 +244,7 @@ def test_failed_open_releases_the_lock(tmp_path, fake_encoder):
     future = json.loads(good)
     future["format_version"] = 99
     if "checksum" in future:  # a manifest that checks itself must stay valid to reach the version check
-        from engine.store import manifest_digest
+        from engine.storage.store import manifest_digest
 
         future["checksum"] = manifest_digest(future)
     manifest.write_text(json.dumps(future))
@@ -292,7 +292,7 @@ def test_create_refuses_a_non_empty_directory(tmp_path, fake_encoder):
 
 
 def test_oversized_log_record_is_refused_before_it_is_written(engine, monkeypatch):
-    import engine.eventlog as eventlog
+    import engine.storage.eventlog as eventlog
 
     monkeypatch.setattr(eventlog, "MAX_RECORD", 6_000)  # above the catalog's own record
     many = [Item(f"bulk-{n}", f"Bulk {n}", "bulk words") for n in range(40)]

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.users import UserState, UserTable, apply_click, apply_skip, click_step, rederive
+from engine.state.users import UserState, UserTable, apply_click, apply_skip, click_step, rederive
 from engine.vectors import normalise
 
 DIM = 8

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import Config, Engine, Event, Item
-from engine.encoder import TextEncoder
+from engine.text.encoder import TextEncoder
 
 from .baselines.base import Query, TrainSet
 

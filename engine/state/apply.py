@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from .config import Config
-from .errors import CorruptStoreError
-from .index import VectorIndex
+from ..config import Config
+from ..errors import CorruptStoreError
+from ..serving.index import VectorIndex
 from .items import ItemTable
-from .projection import Projection
-from .ranking import Ranker
-from .records import AddRecord, EventRecord, ImportRecord, ProfileRecord, Record, RemoveRecord
+from ..models.projection import Projection
+from ..serving.ranking import Ranker
+from ..storage.records import AddRecord, EventRecord, ImportRecord, ProfileRecord, Record, RemoveRecord
 from .users import UserState, UserTable, rederive
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .vectors import normalise_rows
+from ..vectors import normalise_rows
 
 #: History lengths where the temperature changes: one learned tau per bucket [edge_i, edge_i+1).
 #: A single click says less than twenty, so the similarity term earns less weight against the bias.

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .projection import TAU_EDGES
+from ..models.projection import TAU_EDGES
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 from safetensors import SafetensorError
 from safetensors.numpy import load, load_file, save_file
 
-from .errors import CorruptStoreError
-from .items import ITEM_SCHEMA, ItemTable
+from ..errors import CorruptStoreError
+from ..state.items import ITEM_SCHEMA, ItemTable
 from .store import StoreDir, atomic_write
-from .users import UserTable
+from ..state.users import UserTable
 
 USER_SCHEMA = pa.schema([
     ("user_id", pa.string()), ("clicks", pa.list_(pa.int64())), ("skips", pa.list_(pa.int64())),

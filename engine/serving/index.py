@@ -16,8 +16,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .errors import CorruptStoreError, InvalidInputError
-from .vectors import grown
+from ..errors import CorruptStoreError, InvalidInputError
+from ..vectors import grown
 
 log = logging.getLogger(__name__)
 

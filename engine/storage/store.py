@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import CorruptStoreError, StoreError, StoreLockedError
+from ..errors import CorruptStoreError, StoreError, StoreLockedError
 
 FORMAT = "kindling-store"
 #: Written by this version. 2 added import records in the log, event identities in the vectors

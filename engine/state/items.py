@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from .types import Item
-from .vectors import grown
+from ..types import Item
+from ..vectors import grown
 from .vocab import Vocabulary
 
 ITEM_SCHEMA = pa.schema([

@@ -13,8 +13,8 @@ from typing import Any, Union
 
 import numpy as np
 
-from .errors import CorruptStoreError
-from .types import Item
+from ..errors import CorruptStoreError
+from ..types import Item
 
 
 def b64(a: np.ndarray) -> str:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelLoadError
-from .vectors import normalise_rows
+from ..errors import ModelLoadError
+from ..vectors import normalise_rows
 
 ONNX_OPSET = 17
 #: ONNX Runtime on a CPU runs fastest at about this many texts per call (measured on MiniLM);

@@ -13,16 +13,16 @@ import zlib
 
 import numpy as np
 
-from .catalog import item_text
-from .coclick import CoClicks
-from .config import Config
+from ..text.catalog import item_text
+from ..state.coclick import CoClicks
+from ..config import Config
 from .index import VectorIndex
-from .items import ItemTable
-from .lexical import Lexicon
-from .projection import Projection
-from .rerank import FEATURES, N_FEATURES, Reranker, expand
-from .users import UserState, UserTable, apply_click, apply_skip
-from .vectors import grown, normalise
+from ..state.items import ItemTable
+from ..state.lexical import Lexicon
+from ..models.projection import Projection
+from ..models.rerank import FEATURES, N_FEATURES, Reranker, expand
+from ..state.users import UserState, UserTable, apply_click, apply_skip
+from ..vectors import grown, normalise
 
 #: Clicks after which the popular list is rebuilt: counts move slowly, and a rebuild sorts the catalog.
 POP_REFRESH_CLICKS = 64

@@ -167,7 +167,7 @@ class Reranker:
     def weights(self) -> dict[str, np.ndarray]:
         """The weights by name (see weight_shapes); the seeded initial ones until trained."""
         if self._np is None:
-            from .rerank_train import initial_weights
+            from ..training.reranker import initial_weights
 
             self._np = initial_weights(self.hidden, self.seed)
         return self._np
@@ -181,7 +181,7 @@ class Reranker:
         """Offline training (rerank_train.fit); returns the epoch losses."""
         if not examples:
             return []
-        from .rerank_train import fit
+        from ..training.reranker import fit
 
         return fit(self, examples, epochs, batch, progress, groups)
 

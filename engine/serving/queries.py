@@ -10,10 +10,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from .errors import UnknownItemError
-from .state import State
-from .types import Recommendation
-from .users import UserState
+from ..errors import UnknownItemError
+from ..state.apply import State
+from ..types import Recommendation
+from ..state.users import UserState
 
 
 def stored_or_new_user(state: State, user_id: str, profile: str | None,

@@ -9,16 +9,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import Config
-from .index import VectorIndex
-from .items import ItemTable
-from .projection import Projection
-from .ranking import Ranker, user_from_clicks
-from .records import EventRecord
-from .users import UserState, UserTable
+from ..config import Config
+from ..serving.index import VectorIndex
+from ..state.items import ItemTable
+from ..models.projection import Projection
+from ..serving.ranking import Ranker, user_from_clicks
+from ..storage.records import EventRecord
+from ..state.users import UserState, UserTable
 
 if TYPE_CHECKING:
-    from .state import State
+    from ..state.apply import State
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Protocol
 
 import numpy as np
 
-from .config import ENCODER_BACKENDS, EncoderBackend
-from .errors import InvalidInputError, ModelLoadError
+from ..config import ENCODER_BACKENDS, EncoderBackend
+from ..errors import InvalidInputError, ModelLoadError
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from .encoder import TextEncoder
-from .errors import InvalidInputError
-from .index import check_vectors
-from .vectors import ZERO_NORM, normalise_rows
+from ..errors import InvalidInputError
+from ..serving.index import check_vectors
+from ..vectors import ZERO_NORM, normalise_rows
 
 #: Texts embedded per step of a large batch (one progress-bar step).
 CHUNK = 512

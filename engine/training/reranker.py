@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .rerank import LINEAR_ONLY, N_BUCKETS, N_INPUTS, column, initial_linear_weights
+from ..models.rerank import LINEAR_ONLY, N_BUCKETS, N_INPUTS, column, initial_linear_weights
 
 if TYPE_CHECKING:
-    from .rerank import Reranker
+    from ..models.rerank import Reranker
 
 #: Early stopping of `fit`: share of users held out, epochs without progress, and the fewest
 #: examples worth holding any out.

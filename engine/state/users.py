@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .vectors import normalise
+from ..vectors import normalise
 from .vocab import Vocabulary
 
 
