@@ -66,7 +66,7 @@ def synthetic_items(n: int, prefix: str = "s") -> list[Item]:
 
 
 class LookupEncoder:
-    """An encoder (engine.encoder.TextEncoder) that returns precomputed vectors for known texts.
+    """An encoder (engine.text.encoder.TextEncoder) that returns precomputed vectors for known texts.
 
     The synthetic catalogs go through the engine's public ingest path without embedding a million
     titles; any other text (a real one-item add) goes to `fallback`, a real Encoder.

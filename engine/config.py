@@ -69,7 +69,7 @@ class Config:
     seed: int = 0
     fsync: bool = True
     encoder_backend: EncoderBackend = "torch"
-    # Learning (see engine/rerank.py and engine/projection.py).
+    # Learning (see engine/models/rerank.py and engine/training/).
     proj_dim: int = 128
     proj_epochs: int = 2
     rerank_hidden: int = 32

@@ -147,7 +147,7 @@ class Ranker:
     # ---- online learning ---------------------------------------------------------------------
     def on_event(self, user: UserState, row: int, kind: str, items: ItemTable,
                  index: VectorIndex | None = None) -> None:
-        """Steps 1-4 of an event (see state.py): with `index`, a click first takes the reranker's
+        """Steps 1-4 of an event (see state/apply.py): with `index`, a click first takes the reranker's
         online step; then co-clicks, the user's vector and the item's counts."""
         if kind == "click" and index is not None and self.reranker.trained and self.config.online_lr > 0:
             self._online_step(user, row, index)
