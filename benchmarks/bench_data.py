@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import Item
-from engine.catalog import item_text, read_items
+from engine.text.catalog import item_text, read_items
 
 ROOT = Path(__file__).resolve().parent.parent
 CATALOG = ROOT / "index_data" / "movielens-small"
@@ -34,7 +34,7 @@ def catalog_vectors(log=print) -> np.ndarray:
     path = CACHE / f"movielens-small-minilm-{key}.npy"
     if path.exists():
         return np.load(path)
-    from engine.encoder import Encoder
+    from engine.text.encoder import Encoder
 
     log(f"embedding the {items_file.parent.name} catalog once (cached in {CACHE.name}/) ...")
     items = catalog_items()
@@ -66,7 +66,7 @@ def synthetic_items(n: int, prefix: str = "s") -> list[Item]:
 
 
 class LookupEncoder:
-    """An encoder (engine.encoder.TextEncoder) that returns precomputed vectors for known texts.
+    """An encoder (engine.text.encoder.TextEncoder) that returns precomputed vectors for known texts.
 
     The synthetic catalogs go through the engine's public ingest path without embedding a million
     titles; any other text (a real one-item add) goes to `fallback`, a real Encoder.

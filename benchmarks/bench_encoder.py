@@ -18,8 +18,8 @@ import numpy as np
 import bench_data as data
 import bench_timing as bt
 from engine import Config, Engine
-from engine.catalog import item_text
-from engine.encoder import Encoder
+from engine.text.catalog import item_text
+from engine.text.encoder import Encoder
 
 
 def available_backends() -> list[str]:

@@ -112,6 +112,7 @@ def trained(s: be.Setup, plan) -> dict[str, Any]:
     for name in ("exact", "ann"):
         log(f"{s.n:,}: fit {name}")
         t = time.perf_counter()
+        s.engines[name].import_events(events)  # fit trains only; the history comes in first
         summary = s.engines[name].fit(events, progress=False)
         out[f"fit_s_{name}"] = round(time.perf_counter() - t, 1)
         out["fit_summary"] = {k: v for k, v in summary.items() if not k.endswith("_loss")}
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_encoder:
         log("encoder backends")
         result["encoder"] = bench_encoder.run(plan["ingest"], plan["rounds"], plan["agree"], plan["single"], log)
-    from engine.encoder import Encoder
+    from engine.text.encoder import Encoder
 
     fallback = Encoder(show_progress=False)
     int8 = None

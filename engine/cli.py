@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -12,8 +13,8 @@ from typing import Any
 import click
 
 from . import __version__
-from .catalog import read_events, read_items
-from .config import Config
+from .text.catalog import read_events, read_items
+from .config import INDEX_KINDS, Config
 from .engine import Engine
 from .errors import EngineError
 from .types import EVENT_KINDS, Item
@@ -51,7 +52,42 @@ def ranked(key: str, who: str, recs) -> tuple[dict[str, Any], list[str]]:
     return data, lines or ["(no items)"]
 
 
-@click.group()
+#: Commands loaded only when run (or asked for their --help), so that the others start fast: name
+#: -> (module, attribute, the one-line help that `kindling --help` lists). The evaluation package
+#: imports scikit-learn and more, and is an optional extra.
+LAZY_COMMANDS = {"eval": ("engine.evaluation.cli", "eval_command",
+                          "Measure Kindling against baselines on a dataset (eval extra).")}
+
+
+class LazyGroup(click.Group):
+    """A click group that imports the modules of LAZY_COMMANDS only to run or document one."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in LAZY_COMMANDS:
+            return super().get_command(ctx, name)
+        module, attr, _ = LAZY_COMMANDS[name]
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ImportError as exc:
+            raise click.ClickException(f"'kindling {name}' needs the eval extra "
+                                       f"(pip install 'kindling[eval]'): {exc}") from exc
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        names = super().list_commands(ctx)
+        limit = formatter.width - 6 - max(map(len, [*names, *LAZY_COMMANDS]))
+        rows = [(name, short) for name, (_, _, short) in LAZY_COMMANDS.items()]
+        for name in names:
+            cmd = super().get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(sorted(rows))
+
+
+@click.group(cls=LazyGroup)
 @click.version_option(__version__, prog_name="kindling")
 def main() -> None:
     """Kindling: cold-start recommendations with a language model, FAISS and online learning."""
@@ -61,7 +97,7 @@ def main() -> None:
 @click.argument("store", type=STORE)
 @click.option("--model", type=click.Path(exists=True, file_okay=False), default=None,
               help="Local sentence-transformers model folder (default: bundled all-MiniLM-L6-v2).")
-@click.option("--index", "index_kind", type=click.Choice(["auto", "flat", "hnsw", "ivf", "hnsw-sq8", "ivf-pq"]),
+@click.option("--index", "index_kind", type=click.Choice(INDEX_KINDS),
               default="auto", show_default=True, help="Index type; auto is exact below 50k items, HNSW above.")
 @user_errors
 def init(store: Path, model: str | None, index_kind: str) -> None:
@@ -187,11 +223,29 @@ def stats(store: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the training summary as JSON.")
 @user_errors
 def fit(store: Path, events_file: Path, min_value: float | None, quiet: bool, as_json: bool) -> None:
-    """Train from logged events (EVENTS_FILE: Parquet, CSV, JSONL or a dataset directory)."""
+    """Train on logged events (EVENTS_FILE: Parquet, CSV, JSONL or a dataset directory).
+
+    Training only: bring the events into the store's history with `kindling import` first."""
     events = read_events(events_file, min_value=min_value)
     with Engine.open(store) as eng:
         summary = eng.fit(events, progress=False if quiet else None)
     emit(summary, as_json, [f"{k}: {v}" for k, v in summary.items()])
+
+
+@main.command("import")
+@click.argument("store", type=STORE)
+@click.argument("events_file", type=click.Path(exists=True, path_type=Path))
+@click.option("--min-value", type=float, default=None,
+              help="Events of other kinds (rating, ...) count as clicks at or above this value, skips below.")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+@user_errors
+def import_(store: Path, events_file: Path, min_value: float | None, as_json: bool) -> None:
+    """Bring past events (EVENTS_FILE) into STORE's history; an event already held is skipped."""
+    events = read_events(events_file, min_value=min_value)
+    with Engine.open(store) as eng:
+        counts = eng.import_events(events)
+    emit(counts, as_json, [f"imported {counts['imported']} event(s) into {store}; {counts['already_held']} "
+                           f"already held, {counts['unknown_item']} on unknown items"])
 
 
 @main.command()
@@ -206,16 +260,6 @@ def demo(store: Path, data: Path | None) -> None:
 
     run_demo(store, data)
 
-
-def _register_optional() -> None:
-    try:
-        from .evaluation.cli import eval_command
-    except ImportError:  # the evaluation extra is not installed
-        return
-    main.add_command(eval_command)
-
-
-_register_optional()
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

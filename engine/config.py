@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
+#: The index kinds (index.FACTORY builds each but "auto", which picks one by catalog size).
 IndexKind = Literal["auto", "flat", "hnsw", "ivf", "hnsw-sq8", "ivf-pq"]
-_INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "hnsw-sq8", "ivf-pq")
+INDEX_KINDS: tuple[str, ...] = get_args(IndexKind)
 #: "torch" (sentence-transformers), or ONNX Runtime on a locally exported graph, optionally int8.
 EncoderBackend = Literal["torch", "onnx", "onnx-int8"]
-ENCODER_BACKENDS: tuple[str, ...] = ("torch", "onnx", "onnx-int8")
+ENCODER_BACKENDS: tuple[str, ...] = get_args(EncoderBackend)
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,9 @@ class Config:
         user_min_step: the smallest step of the user-vector update (the step is
             1 / (count + prior + 1), floored here, so warm users keep tracking their taste).
         skip_step: how far a skip pushes the user vector away from the item, relative to a click.
-        online_updates: False freezes learning: record() is still logged and still marks the
-            item as seen, but no vector, statistic or weight changes.
+        online_updates: False freezes the store: record() is still logged and still marks the
+            item as seen for the user, but no vector, history length, count, co-click or weight
+            changes, then or when the store reopens. `import_events` and `fit` still work.
         search_threads: OpenMP threads of one request's FAISS search (0: FAISS's default, every
             core). 1 keeps single queries fast on a busy host; builds always use every core.
         online_lr: the step of the reranker's online SGD (one step per click, on a replay batch
@@ -67,7 +69,7 @@ class Config:
     seed: int = 0
     fsync: bool = True
     encoder_backend: EncoderBackend = "torch"
-    # Learning (see engine/rerank.py and engine/projection.py).
+    # Learning (see engine/models/rerank.py and engine/training/).
     proj_dim: int = 128
     proj_epochs: int = 2
     rerank_hidden: int = 32
@@ -77,8 +79,8 @@ class Config:
     replay_batch: int = 16
 
     def __post_init__(self) -> None:
-        if self.index not in _INDEX_KINDS:
-            raise ValueError(f"index must be one of {', '.join(_INDEX_KINDS)}; got {self.index!r}")
+        if self.index not in INDEX_KINDS:
+            raise ValueError(f"index must be one of {', '.join(INDEX_KINDS)}; got {self.index!r}")
         if self.encoder_backend not in ENCODER_BACKENDS:
             raise ValueError(f"encoder_backend must be one of {', '.join(ENCODER_BACKENDS)}; "
                              f"got {self.encoder_backend!r}")

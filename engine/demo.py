@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .catalog import read_events, read_items
+from .text.catalog import read_events, read_items
 from .engine import Engine
 from .types import Item, Recommendation
 
@@ -59,8 +59,9 @@ def build(store: Path, data: Path) -> Engine:
     click.echo(f"Embedded and indexed {len(items):,} items in {time.perf_counter() - t0:.1f} s.")
     events = read_events(data, min_value=4.0)
     t0 = time.perf_counter()
+    eng.import_events(events)
     summary = eng.fit(events, progress=None)
-    click.echo(f"Learned from {len(events):,} logged events in {time.perf_counter() - t0:.1f} s "
+    click.echo(f"Imported and learned from {len(events):,} logged events in {time.perf_counter() - t0:.1f} s "
                f"({', '.join(f'{k}={v}' for k, v in summary.items())}).")
     return eng
 
@@ -74,7 +75,7 @@ def run_demo(store: Path, data: Path | None = None) -> None:
         first = eng.recommend(user, k=10, profile=PROFILE)
         show("Top 10 from the profile alone:", first)
 
-        by_title = {eng.get_item(i).title: i for i in _find_titles(eng, CLICKS)}
+        by_title = {eng.get_item(i).title: i for i in _find_titles(eng, data, CLICKS)}
         click.secho(f"\n2. {user} clicks three movies: {'; '.join(by_title)}", bold=True)
         for item_id in by_title.values():
             eng.record(user, item_id, "click")
@@ -101,12 +102,8 @@ def run_demo(store: Path, data: Path | None = None) -> None:
                    f"same top 10 as before the restart: {'yes' if same else 'NO'}")
 
 
-def _find_titles(eng: Engine, titles: tuple[str, ...]) -> list[str]:
-    """Item ids of the given titles (exact match) in the demo catalog."""
+def _find_titles(eng: Engine, data: Path, titles: tuple[str, ...]) -> list[str]:
+    """Item ids of the given titles (exact match) among the dataset's items that the store holds."""
     wanted = set(titles)
-    found = {}
-    for row in eng._items.live_rows():  # the demo knows the bundled catalog
-        t = eng._items.titles[row]
-        if t in wanted:
-            found[t] = eng._items.vocab.id(row)
+    found = {i.title: i.item_id for i in read_items(data) if i.title in wanted and i.item_id in eng}
     return [found[t] for t in titles if t in found]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
+#: What happened: the engine knows these three (other kinds are mapped when read, catalog.py).
 EventKind = Literal["click", "skip", "impression"]
-EVENT_KINDS: tuple[str, ...] = ("click", "skip", "impression")
+EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,11 @@ class Item:
 
 @dataclass(frozen=True)
 class Event:
-    """One interaction: `event` is click, skip or impression; `value` weights it (1.0 by default)."""
+    """One interaction: `event` is click, skip or impression.
+
+    `value` (a rating, say; 1.0 by default) is kept with the event in the log; no update depends
+    on it. Graded feedback becomes clicks and skips when it is read (`read_events(min_value=)`).
+    """
 
     user_id: str
     item_id: str

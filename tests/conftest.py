@@ -99,7 +99,7 @@ def engine(tmp_path: Path, fake_encoder: FakeEncoder, catalog: list[Item]) -> It
 @pytest.fixture(scope="session")
 def real_encoder():
     """The real all-MiniLM-L6-v2, loaded once for the whole session."""
-    from engine.encoder import Encoder
+    from engine.text.encoder import Encoder
 
     return Encoder(show_progress=False)
 
@@ -128,7 +128,7 @@ def ml_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def real_store_template(tmp_path_factory: pytest.TempPathFactory, ml_slice: Path, real_encoder) -> Path:
     """A store of the slice embedded with the real model, built once; copy it before writing."""
-    from engine.catalog import read_items
+    from engine.text.catalog import read_items
 
     path = tmp_path_factory.mktemp("real") / "store"
     with Engine.create(path, encoder=real_encoder) as eng:

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine import Engine, InvalidInputError, Item
-from engine.catalog import clean_text, item_text, read_events, read_items, validate_items
+from engine.text.catalog import clean_text, item_text, read_events, read_items, validate_items
 
 ROWS = [
     {"item_id": "a", "title": "Alpha", "text": "first item", "categories": ["x", "y"]},

@@ -225,6 +225,10 @@ def test_fit(runner, tmp_path, items_file):
                             "--json").stdout)
     assert summary["events"] == 20
     stats = json.loads(ok(runner, "stats", str(store), "--json").stdout)
+    assert stats["users"] == 0 and stats["events"] == 0  # fit trains; it brings no history in
+    counts = json.loads(ok(runner, "import", str(store), str(events), "--min-value", "4", "--json").stdout)
+    assert counts == {"imported": 20, "already_held": 0, "unknown_item": 0}
+    stats = json.loads(ok(runner, "stats", str(store), "--json").stdout)
     assert stats["users"] == 4 and stats["events"] == 20
     bad = tmp_path / "bad-events.jsonl"
     bad.write_text(json.dumps({"user_id": "u", "item_id": "m1", "value": "high"}) + "\n")
@@ -244,7 +248,7 @@ def test_demo_on_a_tiny_dataset(runner, tmp_path, ml_slice):
     store = tmp_path / "demo-store"
     out = ok(runner, "demo", "--store", str(store), "--data", str(data)).stdout
     assert "Building a store" in out and f"Embedded and indexed {len(keep)} items" in out
-    assert "Learned from 60 logged events" in out
+    assert "Imported and learned from 60 logged events" in out
     assert "Top 10 from the profile alone" in out
     assert "clicks three movies: Toy Story (1995); Finding Nemo (2003); Monsters, Inc. (2001)" in out
     assert "Top 10 after three clicks" in out

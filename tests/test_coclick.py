@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import Config, Engine, Item
-from engine.coclick import CoClicks
+from engine.state.coclick import CoClicks
 
 from conftest import FakeEncoder
 
@@ -49,19 +49,19 @@ def test_counts_survive_a_restart_and_the_log(tmp_path: Path) -> None:
         for i in seq:
             eng.record(user, f"it{i}", "click")
     rows = np.arange(6)
-    before = eng._ranker.coclicks.scores([2], rows)
+    before = eng._state.ranker.coclicks.scores([2], rows)
     np.testing.assert_array_equal(before, [1, 2, 0, 1, 0, 0])
     eng.close(save=False)  # the clicks are only in the event log
     again = Engine.open(tmp_path / "s", encoder=FakeEncoder(dim=16))
-    np.testing.assert_array_equal(again._ranker.coclicks.scores([2], rows), before)
+    np.testing.assert_array_equal(again._state.ranker.coclicks.scores([2], rows), before)
     again.close()  # now they are in the snapshot's click histories
     third = Engine.open(tmp_path / "s", encoder=FakeEncoder(dim=16))
-    np.testing.assert_array_equal(third._ranker.coclicks.scores([2], rows), before)
+    np.testing.assert_array_equal(third._state.ranker.coclicks.scores([2], rows), before)
     third.close()
 
 
 def test_folding_the_overlay_keeps_every_count(monkeypatch) -> None:
-    import engine.coclick as cc
+    import engine.state.coclick as cc
 
     rng = np.random.default_rng(2)
     histories = [list(rng.integers(0, 15, size=int(rng.integers(2, 12)))) for _ in range(25)]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from engine import InvalidInputError, ModelLoadError
-from engine.encoder import Encoder, check_model_dir, default_model_path
+from engine.text.encoder import Encoder, check_model_dir, default_model_path
 
 pytestmark = pytest.mark.model
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from engine import Config, Engine, Item, ModelLoadError
-from engine.encoder import Encoder
-from engine.encoder_onnx import check_mean_pooled
+from engine.text.encoder import Encoder
+from engine.text.encoder_onnx import check_mean_pooled
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

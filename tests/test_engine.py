@@ -336,3 +336,25 @@ def test_readers_and_a_writer_in_threads(engine):
         t.join()
     assert errors == []
     assert engine.stats()["events"] == 30
+
+
+@pytest.mark.parametrize("history", [False, True])
+def test_k_beyond_the_candidate_pool_still_gives_k_items(tmp_path, history):
+    """Candidates grow with k: k items whenever k live unseen items exist."""
+    from engine import Config
+
+    items = [Item(f"x{n}", f"item {n}", f"word{n % 9} thing{n % 4} part{n % 13}") for n in range(120)]
+    eng = Engine.create(tmp_path / "s", Config(retrieve=10, popular_candidates=5, coclick_candidates=5),
+                        encoder=FakeEncoder())
+    eng.add_items(items)
+    eng.remove_items(["x0", "x1"])
+    kw = {"history": ["x5", "x6"]} if history else {}
+    if not history:
+        eng.record("u", "x5")
+        eng.record("u", "x6", "skip")
+    for k in (11, 50, 116):
+        got = ids(eng.recommend("u", k=k, **kw))
+        assert len(got) == k == len(set(got)) and not {"x0", "x1", "x5", "x6"} & set(got)
+    assert len(eng.recommend("u", k=1000, **kw)) == 116  # all the live unseen items, no more
+    assert len(eng.recommend("new", k=60)) == 60  # no vector: the popular prior, topped up
+    eng.close(save=False)

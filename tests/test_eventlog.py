@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import CorruptStoreError
-from engine.eventlog import HEADER, EventLog, TornTailWarning, read_log
+from engine.storage.eventlog import HEADER, EventLog, TornTailWarning, read_log
 
 json_value = st.recursive(
     st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.text(max_size=20)
@@ -89,3 +89,27 @@ def test_appending_continues_after_reopen(tmp_path):
 
 def test_missing_log_reads_as_empty(tmp_path):
     assert list(read_log(tmp_path / "nope.log")) == []
+
+
+@pytest.mark.parametrize("payload, rule", [
+    ({"op": "merge", "u": "a"}, "unknown record op 'merge'"),
+    ({"op": "event", "u": "a"}, "malformed 'event' record"),
+    ({"u": "a", "i": "b"}, "unknown record op None"),
+])
+def test_replay_refuses_a_record_it_does_not_know(tmp_path, payload, rule):
+    from engine import Engine, Item
+
+    from conftest import FakeEncoder
+
+    path = tmp_path / "s"
+    eng = Engine.create(path, encoder=FakeEncoder())
+    eng.add_items([Item("a", "A"), Item("b", "B")])
+    eng.record("u", "a")
+    log_path, seq = eng._log.path, eng._log.next_seq
+    eng.close(save=False)
+    log = EventLog(log_path, seq)
+    log.append(payload)  # intact framing and CRC: only its content is unknown
+    log.close()
+    with pytest.raises(CorruptStoreError, match=rule) as err:
+        Engine.open(path, encoder=FakeEncoder())
+    assert f"{log_path.name}, record {seq}" in str(err.value)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine import Config, Engine, InvalidInputError, Item
-from engine.index import VectorIndex, check_vectors
+from engine.serving.index import VectorIndex, check_vectors
 
 DIM = 16
 N = 200
@@ -259,3 +259,11 @@ def test_auto_kind_survives_reopen_after_compaction(tmp_path, fake_encoder, cata
     with Engine.open(tmp_path / "s", encoder=fake_encoder) as eng:
         assert eng.stats()["index"]["kind"] == "flat"
         assert [r.item_id for r in eng.similar_items("food-0", k=5)] == before
+
+
+def test_every_configurable_index_kind_can_be_built():
+    """One list of index kinds: config.INDEX_KINDS; FAISS builds each but 'auto'."""
+    from engine.config import INDEX_KINDS
+    from engine.serving.index import FACTORY
+
+    assert set(FACTORY) == set(INDEX_KINDS) - {"auto"}

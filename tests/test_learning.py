@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file
 
 from engine import Config, Engine, Event, Item
-from engine.rerank import N_INPUTS, Reranker, listwise_grads, listwise_loss
-from engine.towers import tau_bucket
+from engine.models.projection import tau_bucket
+from engine.models.rerank import N_INPUTS, Reranker, column, listwise_grads
+from engine.training.reranker import listwise_loss, to_net
 
 from conftest import FakeEncoder
 
@@ -67,7 +67,9 @@ def build(tmp_path: Path, name: str, config: Config, seed: int = 7, users: int =
     warm, cold = items[:180], items[180:]
     eng = Engine.create(tmp_path / name, config, encoder=FakeEncoder(dim=512))
     eng.add_items(items)
-    eng.fit(topic_clicks(rng, warm, users, per_user), progress=False)
+    events = topic_clicks(rng, warm, users, per_user)
+    eng.import_events(events)
+    eng.fit(events, progress=False)
     return eng, cold
 
 
@@ -101,30 +103,27 @@ def test_online_step_raises_the_clicked_candidates_probability() -> None:
 def test_online_gradients_match_autograd() -> None:
     rng = np.random.default_rng(1)
     rr = Reranker(hidden=16, lr=0.01, replay_size=64, replay_batch=8, seed=0)
-    with torch.no_grad():
-        for p in rr.net.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-        rr.net.mean.copy_(torch.randn(N_INPUTS))
-        rr.net.std.copy_(torch.rand(N_INPUTS) + 0.5)
-    rr._sync()
+    weights = {k: (v + 0.3 * rng.normal(size=v.shape)).astype(np.float32) for k, v in rr.weights.items()}
+    weights["mean"] = rng.normal(size=N_INPUTS).astype(np.float32)
+    weights["std"] = (rng.random(N_INPUTS) + 0.5).astype(np.float32)
     batch = [(rng.normal(size=(n, N_INPUTS)).astype(np.float32), rng.choice(n, size=m, replace=False))
              for n, m in [(5, 1), (12, 3), (7, 2)]]
-    loss, grads = listwise_grads(rr._np, batch)
-    ref = listwise_loss(rr.net, batch)
-    rr.net.zero_grad()
+    loss, grads = listwise_grads(weights, batch)
+    net = to_net(weights, 16)
+    ref = listwise_loss(net, batch)
     ref.backward()
     assert loss == pytest.approx(float(ref.detach()), rel=1e-5)
-    for name, p in rr.net.named_parameters():
+    for name, p in net.named_parameters():
         np.testing.assert_allclose(grads[name], p.grad.numpy(), atol=1e-5, err_msg=name)
 
 
 def test_online_step_is_clipped() -> None:
     rr = Reranker(hidden=16, lr=1.0, replay_size=64, replay_batch=1, seed=0)
-    before = {k: v.copy() for k, v in rr._np.items()}
+    before = {k: v.copy() for k, v in rr.weights.items()}
     feats = np.zeros((10, N_INPUTS), np.float32)
-    feats[:, 0] = np.linspace(-100, 100, 10)  # a huge gradient on the linear weight of `tower`
+    feats[:, column("tower", 0)] = np.linspace(-100, 100, 10)  # a huge gradient on its linear weight
     rr.partial_fit(feats, np.array([0]))
-    moved = np.sqrt(sum(float(((rr._np[k] - before[k]) ** 2).sum()) for k in before))
+    moved = np.sqrt(sum(float(((rr.weights[k] - before[k]) ** 2).sum()) for k in before))
     assert 0.0 < moved <= 1.0 + 1e-5
 
 
@@ -135,13 +134,14 @@ def test_content_scores_stay_linear_so_new_items_keep_their_content_order() -> N
     examples = []
     for _ in range(60):
         f = rng.normal(size=(20, N_INPUTS)).astype(np.float32)
-        examples.append((f, np.array([int(np.argmax(f[:, 2] + f[:, 0] ** 2))])))  # a non-linear target
+        target = f[:, column("cooc", 0)] + f[:, column("tower", 0)] ** 2  # a non-linear target
+        examples.append((f, np.array([int(np.argmax(target))])))
     rr.fit(examples, epochs=3)
     cold = np.zeros((50, N_INPUTS), np.float32)
-    cold[:, 0] = np.linspace(-3, 3, 50)
-    cold[:, 7] = 1.0  # fresh
+    cold[:, column("tower", 0)] = np.linspace(-3, 3, 50)
+    cold[:, column("fresh", 0)] = 1.0
     s = rr.score(cold)
-    w = rr._np["linear.weight"][0, 0]
+    w = rr.weights["linear.weight"][0, column("tower", 0)]
     assert np.all(np.sign(np.diff(s)) == np.sign(w)) and w != 0
 
 
@@ -180,15 +180,15 @@ def test_exploration_is_deterministic_under_a_seed_and_can_be_switched_off(tmp_p
 
 
 def test_exploration_bonus_is_bounded_and_fades_with_feedback(engine: Engine) -> None:
-    ranker = engine._ranker
-    user = engine._users.get_or_create("x")
-    rows = engine._items.live_rows()
+    ranker = engine._state.ranker
+    user = engine._state.users.get_or_create("x")
+    rows = engine._state.items.live_rows()
     scores = np.linspace(0, 1, len(rows)).astype(np.float32)
     bonus_new = ranker.explore_bonus(user, rows, scores, "x")
     cap = 2 * engine.config.explore_weight * float(scores.std())
     assert np.all(np.abs(bonus_new) <= cap + 1e-6)
-    engine._items.impressions[rows] = 10_000.0
-    engine._items.clicks[rows] = 100.0
+    engine._state.items.impressions[rows] = 10_000.0
+    engine._state.items.clicks[rows] = 100.0
     bonus_old = ranker.explore_bonus(user, rows, scores, "x")
     assert np.abs(bonus_old).mean() < 0.2 * np.abs(bonus_new).mean()
 
@@ -215,7 +215,9 @@ def test_temperature_bucket_of_a_history_length(n: int, bucket: int) -> None:
 
 
 def test_a_reranker_saved_with_other_features_is_set_aside() -> None:
-    old = Reranker(hidden=8, lr=0.01, replay_size=8, replay_batch=2, seed=0).tensors()
+    saved = Reranker(hidden=8, lr=0.01, replay_size=8, replay_batch=2, seed=0)
+    saved.weights  # noqa: B018 - drawn, so that tensors() holds them
+    old = saved.tensors()
     old["rerank.linear.weight"] = old["rerank.linear.weight"][:, :-1]  # one feature fewer
     old["rerank.trained"] = np.array([1], np.int64)
     rr = Reranker(hidden=8, lr=0.01, replay_size=8, replay_batch=2, seed=0)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.coclick import CoClicks
-from engine.lexical import Lexicon, term_counts
-from engine.rerank import FEATURES, N_BUCKETS, N_FEATURES, N_INPUTS, column, expand, history_bucket
+from engine.state.coclick import CoClicks
+from engine.state.lexical import Lexicon, term_counts
+from engine.models.rerank import FEATURES, N_BUCKETS, N_FEATURES, N_INPUTS, column, expand, history_bucket
 
 DOCS = ["HP 74 black ink cartridge", "HP 75 tri-color ink cartridge", "Avery white address labels",
         "Pilot gel pens, blue ink"]

@@ -33,9 +33,9 @@ from rel_fakes import (  # noqa: E402
     shared_zygote, wait_for_line, worker_env,
 )
 
-import engine.snapshot  # noqa: E402
+import engine.storage.snapshot  # noqa: E402
 from engine import CorruptStoreError, Engine, StoreError  # noqa: E402
-from engine.eventlog import TornTailWarning  # noqa: E402
+from engine.storage.eventlog import TornTailWarning  # noqa: E402
 
 LONG = env_long()
 HEADER = struct.Struct("<IIQ")
@@ -190,7 +190,7 @@ def test_f2_enospc_writing_snapshot_keeps_previous_state(tmp_path, monkeypatch):
     eng = make_store(tmp_path / "s", 60)
     eng.record("alice", "m1")
     before, files = fingerprint(eng), generation_files(eng.path)
-    real = engine.snapshot.save_file
+    real = engine.storage.snapshot.save_file
 
     def half_then_full(tensors, filename, metadata=None):
         real(tensors, filename, metadata=metadata)
@@ -198,7 +198,7 @@ def test_f2_enospc_writing_snapshot_keeps_previous_state(tmp_path, monkeypatch):
         Path(filename).write_bytes(data[: len(data) // 2])
         raise enospc()
 
-    monkeypatch.setattr(engine.snapshot, "save_file", half_then_full)
+    monkeypatch.setattr(engine.storage.snapshot, "save_file", half_then_full)
     with pytest.raises(StoreError, match="No space left"):
         eng.save()
     assert temp_files(eng.path) == [] and generation_files(eng.path) == files
@@ -404,7 +404,7 @@ def test_f3_every_manifest_bitflip_is_caught(pristine, tmp_path, size):
 
 def rewrite_manifest(store: Path) -> None:
     """Recompute the manifest's checksums after a damage, as a buggy writer (or an attacker) would."""
-    from engine.store import StoreDir
+    from engine.storage.store import StoreDir
 
     sd = StoreDir(store, read_only=True)
     manifest = sd.read_manifest()

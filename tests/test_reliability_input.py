@@ -25,9 +25,9 @@ from engine import (  # noqa: E402
     Config, Engine, Event, InvalidInputError, Item, ModelLoadError, StoreError,
     UnknownItemError, UnknownUserError,
 )
-from engine.catalog import read_events, read_items  # noqa: E402
+from engine.text.catalog import read_events, read_items  # noqa: E402
 from engine.cli import main  # noqa: E402
-from engine.encoder import Encoder, check_model_dir  # noqa: E402
+from engine.text.encoder import Encoder, check_model_dir  # noqa: E402
 
 
 @pytest.fixture
@@ -63,6 +63,7 @@ def test_b1_non_finite_vectors_and_values(eng, bad):
     refused(eng, lambda: eng.record("alice", "m2", value=float(bad)), match="finite")
     refused(eng, lambda: eng.record("alice", "m2", value=np.float64(bad)), match="finite")
     refused(eng, lambda: eng.fit([Event("alice", "m2", "click", float(bad))]), match="finite")
+    refused(eng, lambda: eng.import_events([Event("alice", "m2", "click", float(bad))]), match="finite")
 
 
 def test_b1_encoder_returning_nan_is_refused(tmp_path):
@@ -323,7 +324,7 @@ def test_b6_float64_encoder_output_is_accepted_as_float32(tmp_path):
 
 
 def test_b6_index_query_of_wrong_shape():
-    from engine.index import VectorIndex
+    from engine.serving.index import VectorIndex
 
     idx = VectorIndex(32)
     idx.build(np.arange(3), np.eye(3, 32, dtype=np.float32))
@@ -402,7 +403,7 @@ def test_b7_real_model_with_a_pickle_beside_it_loads_safetensors_only(tmp_path):
 @pytest.mark.parametrize("target", ["vectors", "items", "index", "manifest.json", "events"])
 @pytest.mark.parametrize("fix_checksums", [False, True])
 def test_b7_pickle_dropped_into_a_store_is_never_loaded(tmp_path, target, fix_checksums):
-    from engine.store import StoreDir
+    from engine.storage.store import StoreDir
 
     sentinel = tmp_path / "PWNED"
     eng = make_store(tmp_path / "s", 20)

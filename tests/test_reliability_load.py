@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 from rel_fakes import FakeEncoder, env_long, items, kill9, make_store, shared_zygote, wait_for_line  # noqa: E402
 
 from engine import Config, Engine, InvalidInputError, Item, StoreLockedError, UnknownItemError  # noqa: E402
-from engine.eventlog import TornTailWarning  # noqa: E402
+from engine.storage.eventlog import TornTailWarning  # noqa: E402
 
 LONG = env_long()
 

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from engine import (
     Config, CorruptStoreError, Engine, InvalidInputError, Item, StoreError, StoreLockedError,
 )
-from engine.eventlog import read_log
-from engine.store import FORMAT_VERSION
+from engine.storage.eventlog import read_log
+from engine.storage.store import FORMAT_VERSION
 
 from conftest import FakeEncoder, small_catalog
 
@@ -202,6 +202,40 @@ def test_checksum_mismatch_names_the_file(tmp_path, fake_encoder):
         Engine.open(tmp_path / "s", encoder=fake_encoder)
 
 
+def test_a_version_1_store_opens_and_is_saved_as_version_2(tmp_path, fake_encoder):
+    """Version 1 had no event identities, no held column, and untrained reranker weights in the
+    models file; such a store opens, keeps its state, and is written back as version 2."""
+    import pyarrow.parquet as pq
+    from safetensors.numpy import load_file, save_file
+
+    from engine.models.rerank import Reranker
+    from engine.storage.store import manifest_digest, sha256_file
+
+    with Engine.create(tmp_path / "s", encoder=fake_encoder) as eng:
+        populate(eng)
+        lists = {u: [r.item_id for r in eng.recommend(u, k=5)] for u in ("ann", "bob", "cy", "nobody")}
+    store = tmp_path / "s"
+    manifest = json.loads((store / "manifest.json").read_text())
+    for name in manifest["files"]:
+        path = store / name
+        if name.startswith("vectors-"):
+            save_file({k: v for k, v in load_file(str(path)).items() if k != "event_keys"}, str(path))
+        elif name.startswith("users-"):
+            pq.write_table(pq.read_table(path).drop(["held"]), path)
+        elif name.startswith("models-"):
+            old = Reranker(32, 0.0, 8, 2, 0)
+            old.weights  # noqa: B018 - version 1 saved the untrained weights
+            save_file({**load_file(str(path)), **old.tensors()}, str(path))
+        manifest["files"][name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    manifest["format_version"] = 1
+    manifest["checksum"] = manifest_digest(manifest)
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    with Engine.open(store, encoder=fake_encoder) as eng:
+        assert {u: [r.item_id for r in eng.recommend(u, k=5)] for u in lists} == lists
+        eng.record("cy", "food-3")
+    assert json.loads((store / "manifest.json").read_text())["format_version"] == FORMAT_VERSION == 2
+
+
 def test_failed_open_releases_the_lock(tmp_path, fake_encoder):
     with Engine.create(tmp_path / "s", encoder=fake_encoder) as eng:
         populate(eng)
@@ -210,7 +244,7 @@ def test_failed_open_releases_the_lock(tmp_path, fake_encoder):
     future = json.loads(good)
     future["format_version"] = 99
     if "checksum" in future:  # a manifest that checks itself must stay valid to reach the version check
-        from engine.store import manifest_digest
+        from engine.storage.store import manifest_digest
 
         future["checksum"] = manifest_digest(future)
     manifest.write_text(json.dumps(future))
@@ -258,7 +292,7 @@ def test_create_refuses_a_non_empty_directory(tmp_path, fake_encoder):
 
 
 def test_oversized_log_record_is_refused_before_it_is_written(engine, monkeypatch):
-    import engine.eventlog as eventlog
+    import engine.storage.eventlog as eventlog
 
     monkeypatch.setattr(eventlog, "MAX_RECORD", 6_000)  # above the catalog's own record
     many = [Item(f"bulk-{n}", f"Bulk {n}", "bulk words") for n in range(40)]
@@ -310,4 +344,4 @@ def test_any_history_round_trips(ops, save_at_end):
             assert {u: [(r.item_id, round(r.score, 6)) for r in again.recommend(u, k=6)]
                     for u in USERS} == before
             assert sorted(i.item_id for i in small_catalog() if i.item_id in again) == live
-            assert np.isfinite(again._index.ntotal)
+            assert np.isfinite(again._state.index.ntotal)

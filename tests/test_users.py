@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.users import UserState, UserTable, apply_click, apply_skip, click_step, normalise, rederive
+from engine.state.users import UserState, UserTable, apply_click, apply_skip, click_step, rederive
+from engine.vectors import normalise
 
 DIM = 8
 
@@ -141,8 +142,43 @@ def test_online_updates_flag(tmp_path, fake_encoder, catalog, online):
     with Engine.create(tmp_path / "s", Config(online_updates=online), encoder=fake_encoder) as eng:
         eng.add_items(catalog)
         eng.recommend("u", k=1, profile="football goal")
-        v0 = eng._users.get("u").vector.copy()
+        v0 = eng._state.users.get("u").vector.copy()
         eng.record("u", "space-0", "click")
-        moved = not np.allclose(eng._users.get("u").vector, v0)
+        moved = not np.allclose(eng._state.users.get("u").vector, v0)
         assert moved == online
         assert "space-0" not in {r.item_id for r in eng.recommend("u", k=12)}  # seen either way
+
+
+def test_a_frozen_store_stays_frozen_through_a_reopen(tmp_path, catalog):
+    """online_updates=False: recorded events change no list (apart from leaving seen items out),
+    no count and no co-click, neither at once nor when the log is replayed or the snapshot read."""
+    from engine import Config, Engine, Event
+
+    from conftest import FakeEncoder
+
+    history = [Event(u, i, "click", 1.0, t) for t, (u, i) in enumerate(
+        [("a", "space-0"), ("a", "space-1"), ("b", "space-1"), ("b", "space-2"), ("c", "food-0")])]
+
+    def picture(eng):
+        st = eng._state
+        return ([(r.item_id, r.score) for u in "abcz" for r in eng.recommend(u, k=12, exclude_seen=False)],
+                st.items.clicks[:len(st.items)].tolist(), st.ranker.coclicks.scores([1], np.arange(12)).tolist())
+
+    eng = Engine.create(tmp_path / "s", Config(online_updates=False, fsync=False), encoder=FakeEncoder())
+    eng.add_items(catalog)
+    eng.import_events(history)  # history comes in whatever the flag says
+    before = picture(eng)
+    for u, i in [("a", "space-2"), ("a", "space-3"), ("b", "space-3"), ("z", "ball-0"), ("z", "ball-1")]:
+        eng.record(u, i, "click")
+    eng.record("b", "food-1", "skip")
+    assert picture(eng) == before
+    assert "space-2" not in {r.item_id for r in eng.recommend("a", k=12)}  # seen all the same
+    eng.close(save=False)  # replayed from the log
+    eng = Engine.open(tmp_path / "s", encoder=FakeEncoder())
+    assert picture(eng) == before
+    eng.close()  # read from the snapshot
+    eng = Engine.open(tmp_path / "s", encoder=FakeEncoder(), read_only=True)
+    assert picture(eng) == before
+    assert "space-2" not in {r.item_id for r in eng.recommend("a", k=12)}
+    assert eng.stats()["events"] == len(history) + 6
+    eng.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.catalog import read_events, read_items, read_table
+from engine.text.catalog import read_events, read_items, read_table
 from engine.types import Item
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import Config, Engine, Event, Item
-from engine.encoder import TextEncoder
+from engine.text.encoder import TextEncoder
 
 from .baselines.base import Query, TrainSet
 
@@ -27,10 +27,13 @@ def click_events(train: TrainSet) -> list[Event]:
 
 def open_engine(path: Path, train: TrainSet, encoder: TextEncoder, config: Config,
                 items: Sequence[Item] | None = None) -> Engine:
-    """A new store holding `items` (default: the whole catalog), fitted on the training positives."""
+    """A new store holding `items` (default: the whole catalog) and the training positives as its
+    history, fitted on them."""
     eng = Engine.create(path, config=config, encoder=encoder)
     eng.add_items(train.items if items is None else items)
-    eng.fit(click_events(train), progress=False)
+    events = click_events(train)
+    eng.import_events(events)
+    eng.fit(events, progress=False)
     return eng
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from engine.encoder import TextEncoder
+from engine.text.encoder import TextEncoder
 
 from .baselines.base import Method
 from .baselines.bm25 import BM25Method

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import Engine
-from engine.encoder import TextEncoder
+from engine.text.encoder import TextEncoder
 
 from .baselines.base import TrainSet
 from .datasets import EvalDataset

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.encoder import TextEncoder
+from engine.text.encoder import TextEncoder
 
 from .baselines.base import TrainSet
 from .datasets import EvalDataset, EventTable, positives

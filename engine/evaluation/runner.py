@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.catalog import item_text
-from engine.encoder import Encoder, TextEncoder
+from engine.text.catalog import item_text
+from engine.text.encoder import Encoder, TextEncoder
 
 from .datasets import EvalDataset
 from .methods import METHODS, NEEDS_ENCODER, NEXT_ITEM_ONLY, build_methods, parse_methods

@@ -8,7 +8,7 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from sklearn.preprocessing import normalize
 
-from engine.catalog import clean_text, item_text
+from engine.text.catalog import clean_text, item_text
 from engine.types import Item
 
 from .base import Query, ScoringMethod, TrainSet, history_matrix

@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..vectors import normalise_rows
 
-def normalise_rows(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+#: History lengths where the temperature changes: one learned tau per bucket [edge_i, edge_i+1).
+#: A single click says less than twenty, so the similarity term earns less weight against the bias.
+TAU_EDGES = np.array([0, 1, 2, 3, 4, 6, 10, 20])
+
+
+def tau_bucket(n: int | np.ndarray) -> np.ndarray:
+    """Bucket of history length(s) `n`."""
+    return np.searchsorted(TAU_EDGES, n, side="right") - 1
 
 
 class Projection:
@@ -34,8 +40,6 @@ class Projection:
         """The temperature for a user whose history weighs `n` clicks."""
         if len(self.taus) == 1:
             return float(self.taus[0])
-        from .towers import tau_bucket
-
         return float(self.taus[int(tau_bucket(n))])
 
     @property

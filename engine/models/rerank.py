@@ -25,8 +25,6 @@ from __future__ import annotations
 from collections import deque
 
 import numpy as np
-import torch
-from torch import nn
 
 FEATURES = ("tower", "lexical", "cooc", "itemcf", "clicks", "ctr", "recent", "profile", "fresh")
 N_FEATURES = len(FEATURES)
@@ -43,6 +41,35 @@ N_INPUTS = N_FEATURES * N_BUCKETS + N_BUCKETS
 LINEAR_ONLY: tuple[str, ...] = FEATURES
 
 
+def initial_linear_weights(bucket: int) -> dict[str, float]:
+    """The linear part's starting weights in a bucket's block (all others start at 0): the tower
+    score as it is, so an untrained reranker ranks like the two-tower model; popularity, all that
+    is known of a user without history (training tunes it); and the profile similarity, the only
+    signal of a user without clicks (logs without profiles never move it)."""
+    return {"tower": 1.0, "clicks": 1.0 if bucket == 0 else 0.5, "profile": 0.5}
+
+
+def weight_shapes(hidden: int) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every weight of the network (rerank_train.RerankNet's state_dict)."""
+    return {"linear.weight": (1, N_INPUTS), "linear.bias": (1,),
+            "mlp.0.weight": (hidden, N_INPUTS), "mlp.0.bias": (hidden,),
+            "mlp.2.weight": (hidden, hidden), "mlp.2.bias": (hidden,),
+            "mlp.4.weight": (1, hidden), "mlp.4.bias": (1,),
+            "mean": (N_INPUTS,), "std": (N_INPUTS,)}
+
+
+def forward(p: dict[str, np.ndarray], x: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """Scores of inputs `x`, shape (n, N_INPUTS) float32, under weights `p`: shape (n,), with the
+    intermediates (z, a1, h1, a2, h2) that `listwise_grads` differentiates through."""
+    z = (x - p["mean"]) / p["std"]
+    a1 = z @ p["mlp.0.weight"].T + p["mlp.0.bias"]
+    h1 = np.maximum(a1, 0.0)
+    a2 = h1 @ p["mlp.2.weight"].T + p["mlp.2.bias"]
+    h2 = np.maximum(a2, 0.0)
+    s = x @ p["linear.weight"][0] + p["linear.bias"][0] + h2 @ p["mlp.4.weight"][0] + p["mlp.4.bias"][0]
+    return s, (z, a1, h1, a2, h2)
+
+
 def history_bucket(n: int) -> int:
     """The bucket of a user whose history weighs `n` clicks."""
     return int(np.searchsorted(BUCKET_EDGES, n, side="right") - 1)
@@ -51,6 +78,10 @@ def history_bucket(n: int) -> int:
 def column(name: str, bucket: int) -> int:
     """Input column of feature `name` in the block of `bucket`."""
     return bucket * N_FEATURES + FEATURES.index(name)
+
+
+#: A feature whose spread over one request's candidates is below this tells them nothing apart: 0.
+FLAT_STD = 1e-6
 
 
 def expand(raw: np.ndarray, n: int) -> np.ndarray:
@@ -62,8 +93,8 @@ def expand(raw: np.ndarray, n: int) -> np.ndarray:
     b = history_bucket(n)
     if len(raw):
         std = raw.std(axis=0)
-        z = (raw - raw.mean(axis=0)) / np.where(std > 1e-6, std, 1.0)
-        out[:, b * N_FEATURES:(b + 1) * N_FEATURES] = np.where(std > 1e-6, z, 0.0)
+        z = (raw - raw.mean(axis=0)) / np.where(std > FLAT_STD, std, 1.0)
+        out[:, b * N_FEATURES:(b + 1) * N_FEATURES] = np.where(std > FLAT_STD, z, 0.0)
         out[:, N_FEATURES * N_BUCKETS + b] = 1.0
     return out
 
@@ -86,54 +117,9 @@ def _one_blas_thread():
 ONLINE_CLIP = 1.0
 
 
-class RerankNet(nn.Module):
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(N_INPUTS, 1)
-        self.mlp = nn.Sequential(nn.Linear(N_INPUTS, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
-                                 nn.ReLU(), nn.Linear(hidden, 1))
-        with torch.no_grad():
-            self.linear.weight.zero_()
-            self.linear.bias.zero_()
-            for b in range(N_BUCKETS):
-                self.linear.weight[0, column("tower", b)] = 1.0
-                # popularity is what is known of a user without history; training tunes it
-                self.linear.weight[0, column("clicks", b)] = 1.0 if b == 0 else 0.5
-                # a profile is the only signal of a user without clicks; logs without profiles
-                # never move this weight
-                self.linear.weight[0, column("profile", b)] = 0.5
-            self.mlp[-1].weight.mul_(0.01)
-            self.mlp[-1].bias.zero_()
-        self.register_buffer("mean", torch.zeros(N_INPUTS))
-        self.register_buffer("std", torch.ones(N_INPUTS))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = (x - self.mean) / self.std
-        return self.linear(x).squeeze(-1) + self.mlp(z).squeeze(-1)
-
-
-def listwise_loss(net: RerankNet, batch: list[tuple[np.ndarray, np.ndarray]]) -> torch.Tensor:
-    """Mean over examples of the softmax cross-entropy of each positive among its candidates.
-
-    One forward pass over the padded batch (examples have different candidate counts).
-    """
-    sizes = [len(f) for f, _ in batch]
-    width = max(sizes)
-    feats = np.zeros((len(batch), width, N_INPUTS), np.float32)
-    valid = np.zeros((len(batch), width), bool)
-    target = np.zeros((len(batch), width), np.float32)
-    for b, (f, labels) in enumerate(batch):
-        feats[b, : len(f)] = f
-        valid[b, : len(f)] = True
-        target[b, labels] = 1.0 / len(labels)
-    logits = net(torch.from_numpy(feats)).masked_fill(~torch.from_numpy(valid), -1e9)
-    logp = torch.log_softmax(logits, dim=1)
-    return -(logp * torch.from_numpy(target)).sum(1).mean()
-
-
 def listwise_grads(p: dict[str, np.ndarray], batch: list[tuple[np.ndarray, np.ndarray]]
                    ) -> tuple[float, dict[str, np.ndarray]]:
-    """`listwise_loss` and its gradients for the numpy weights `p` (RerankNet's state_dict names).
+    """`rerank_train.listwise_loss` and its gradients for the numpy weights `p` (RerankNet's state_dict names).
 
     The candidates of all examples are stacked (no padding); softmaxes run per example segment.
     """
@@ -144,15 +130,8 @@ def listwise_grads(p: dict[str, np.ndarray], batch: list[tuple[np.ndarray, np.nd
     for s0, (_, labels) in zip(starts, batch):
         target[s0 + labels] = 1.0 / len(labels)
     seg = np.repeat(np.arange(len(batch)), sizes)
-    w0, b0 = p["mlp.0.weight"], p["mlp.0.bias"]
-    w2, b2 = p["mlp.2.weight"], p["mlp.2.bias"]
-    w4 = p["mlp.4.weight"][0]
-    z = (x - p["mean"]) / p["std"]
-    a1 = z @ w0.T + b0
-    h1 = np.maximum(a1, 0.0)
-    a2 = h1 @ w2.T + b2
-    h2 = np.maximum(a2, 0.0)
-    s = x @ p["linear.weight"][0] + p["linear.bias"][0] + h2 @ w4 + p["mlp.4.bias"][0]
+    w2, w4 = p["mlp.2.weight"], p["mlp.4.weight"][0]
+    s, (z, a1, h1, a2, h2) = forward(p, x)
     shifted = s - np.maximum.reduceat(s, starts)[seg]
     e = np.exp(shifted)
     total = np.add.reduceat(e, starts)
@@ -168,117 +147,56 @@ def listwise_grads(p: dict[str, np.ndarray], batch: list[tuple[np.ndarray, np.nd
     return loss, {k: g.astype(np.float32) for k, g in grads.items()}
 
 
-#: Early stopping of `Reranker.fit`: share of users held out, epochs without progress, and the
-#: fewest examples worth holding any out.
-VALID_SHARE = 0.2
-PATIENCE = 3
-#: Adam's step size in `fit` (0.02 fit the held-out users' noise on amazon-office validation).
-FIT_LR = 3e-3
-MIN_VALID = 200
-
-
-def _split(n: int, groups: np.ndarray | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(train, valid) example positions; whole groups go to one side."""
-    if n < MIN_VALID:
-        return np.arange(n), np.zeros(0, np.int64)
-    groups = np.arange(n) if groups is None else np.asarray(groups)
-    uniq = np.unique(groups)
-    held = rng.permutation(uniq)[: max(1, int(round(VALID_SHARE * len(uniq))))]
-    mask = np.isin(groups, held)
-    return np.flatnonzero(~mask), np.flatnonzero(mask)
-
-
 class Reranker:
-    """Holds the network, its optimiser for online steps and the replay buffer."""
+    """The network's weights (numpy), the replay buffer and the online step.
+
+    The weights are drawn on first use (`weights`, which loads torch) unless a store's file
+    supplies them; scoring and the online step run in numpy, so serving never imports torch.
+    """
 
     def __init__(self, hidden: int, lr: float, replay_size: int, replay_batch: int, seed: int) -> None:
-        torch.manual_seed(seed)
-        self.net = RerankNet(hidden)
+        self.hidden, self.seed = hidden, seed
         self.lr, self.replay_batch = lr, replay_batch
         self.buffer: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=max(replay_size, 1))
-        self._rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(seed)
         self.trained = False
         self.valid_recall: float | None = None
         self.set_aside = False  # a stored reranker of another feature set was not loaded
-        self._torch_stale = False
-        self._sync()
+        self._np: dict[str, np.ndarray] | None = None
 
-    def _sync(self) -> None:
-        """Copy the weights into numpy for allocation-light scoring on the hot path."""
-        sd = {k: v.detach().numpy().copy() for k, v in self.net.state_dict().items()}
-        self._np = sd
+    @property
+    def weights(self) -> dict[str, np.ndarray]:
+        """The weights by name (see weight_shapes); the seeded initial ones until trained."""
+        if self._np is None:
+            from ..training.reranker import initial_weights
+
+            self._np = initial_weights(self.hidden, self.seed)
+        return self._np
 
     def score(self, feats: np.ndarray) -> np.ndarray:
         """Scores of candidates, shape (n,), from inputs shape (n, N_INPUTS) float32 (see `expand`)."""
-        p = self._np
-        lin = feats @ p["linear.weight"][0] + p["linear.bias"][0]
-        z = (feats - p["mean"]) / p["std"]
-        h = np.maximum(z @ p["mlp.0.weight"].T + p["mlp.0.bias"], 0.0)
-        h = np.maximum(h @ p["mlp.2.weight"].T + p["mlp.2.bias"], 0.0)
-        return (lin + h @ p["mlp.4.weight"][0] + p["mlp.4.bias"][0]).astype(np.float32)
+        return forward(self.weights, feats)[0].astype(np.float32)
 
     def fit(self, examples: list[tuple[np.ndarray, np.ndarray]], epochs: int, batch: int = 64,
             progress: bool = False, groups: np.ndarray | None = None) -> list[float]:
-        """Offline training on (features, positive indices) examples; returns the epoch losses.
-
-        `epochs` is a ceiling: the examples of a seeded VALID_SHARE of the `groups` (users; each
-        example its own group when None) are held out, and training stops once their recall@20
-        has not improved for PATIENCE epochs, keeping the best weights (the listwise loss kept
-        falling on held-out users while their recall fell). Below MIN_VALID examples
-        every epoch runs on everything.
-        """
-        from tqdm.auto import tqdm
-
+        """Offline training (rerank_train.fit); returns the epoch losses."""
         if not examples:
             return []
-        self._load_np_into_net()
-        train, valid = _split(len(examples), groups, self._rng)
-        allf = np.concatenate([examples[i][0] for i in train])
-        with torch.no_grad():
-            self.net.mean.copy_(torch.from_numpy(allf.mean(0)))
-            std = allf.std(0)
-            # a feature constant in the logs carries nothing the MLP could learn: silence it there
-            std = np.where(std < 1e-4, 1e6, std)
-            # the content scores enter linearly only (see LINEAR_ONLY)
-            std[[column(name, b) for name in LINEAR_ONLY for b in range(N_BUCKETS)]] = 1e6
-            self.net.std.copy_(torch.from_numpy(std.astype(np.float32)))
-        opt = torch.optim.Adam(self.net.parameters(), lr=FIT_LR)
-        losses: list[float] = []
-        best, best_state, stale = np.inf, None, 0
-        for _ in tqdm(range(epochs), desc="reranker", disable=not progress):
-            order = train[self._rng.permutation(len(train))]
-            total = 0.0
-            for s in range(0, len(order), batch):
-                loss = listwise_loss(self.net, [examples[i] for i in order[s:s + batch]])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(order[s:s + batch])
-            losses.append(total / len(train))
-            if len(valid):
-                v = -self._valid_recall([examples[i] for i in valid])
-                if v < best - 1e-4:
-                    best, stale = v, 0
-                    best_state = {k: t.clone() for k, t in self.net.state_dict().items()}
-                else:
-                    stale += 1
-                    if stale >= PATIENCE:
-                        break
-        if best_state is not None:
-            self.net.load_state_dict(best_state)
-        self.trained = True
-        self.valid_recall = None if best == np.inf else -best
-        self._sync()
-        self.buffer.extend(examples[-self.buffer.maxlen:])
-        return losses
+        from ..training.reranker import fit
 
-    def _valid_recall(self, examples: list[tuple[np.ndarray, np.ndarray]], k: int = 20) -> float:
-        """Mean recall@k of the positives among each example's candidates: the quantity that the
-        evaluation reports, so early stopping follows it rather than the loss."""
-        self._sync()
+        return fit(self, examples, epochs, batch, progress, groups)
+
+    def install(self, weights: dict[str, np.ndarray], valid_recall: float | None) -> None:
+        """Adopt trained weights."""
+        self._np, self.trained, self.valid_recall = weights, True, valid_recall
+
+    def recall_at(self, weights: dict[str, np.ndarray], examples: list[tuple[np.ndarray, np.ndarray]],
+                  k: int = 20) -> float:
+        """Mean recall@k of the positives among each example's candidates under `weights`: the
+        quantity that the evaluation reports, so early stopping follows it rather than the loss."""
         out = []
         for feats, labels in examples:
-            top = np.argsort(-self.score(feats), kind="stable")[:k]
+            top = np.argsort(-forward(weights, feats)[0].astype(np.float32), kind="stable")[:k]
             out.append(np.isin(top, labels).sum() / min(k, len(labels)))
         return float(np.mean(out))
 
@@ -291,25 +209,21 @@ class Reranker:
         """
         self.buffer.append((feats.astype(np.float32), labels.astype(np.int64)))
         n = min(self.replay_batch, len(self.buffer))
-        picks = self._rng.choice(len(self.buffer) - 1, size=n - 1, replace=False) if n > 1 else []
+        picks = self.rng.choice(len(self.buffer) - 1, size=n - 1, replace=False) if n > 1 else []
         batch = [self.buffer[-1]] + [self.buffer[int(i)] for i in picks]
+        weights = self.weights
         with _one_blas_thread():
-            loss, grads = listwise_grads(self._np, batch)
+            loss, grads = listwise_grads(weights, batch)
         norm = float(np.sqrt(sum(float((g * g).sum()) for g in grads.values())))
         step = self.lr * min(1.0, ONLINE_CLIP / max(norm, 1e-12))
         for name, g in grads.items():
-            self._np[name] -= step * g
-        self._torch_stale = True
+            weights[name] -= step * g
         return loss
-
-    def _load_np_into_net(self) -> None:
-        if self._torch_stale:
-            self.net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in self._np.items()})
-            self._torch_stale = False
 
     # ---- persistence --------------------------------------------------------------------------
     def tensors(self) -> dict[str, np.ndarray]:
-        out = {f"rerank.{k}": v.astype(np.float32) for k, v in self._np.items()}
+        """What a snapshot keeps: the weights once drawn or loaded, the replay buffer, the flag."""
+        out = {} if self._np is None else {f"rerank.{k}": v.astype(np.float32) for k, v in self._np.items()}
         if self.buffer:
             out["replay.features"] = np.concatenate([f for f, _ in self.buffer]).astype(np.float32)
             out["replay.sizes"] = np.array([len(f) for f, _ in self.buffer], np.int64)
@@ -320,7 +234,11 @@ class Reranker:
 
     def load(self, tensors: dict[str, np.ndarray]) -> None:
         """Load saved weights. A reranker saved with another feature set (an older Kindling) is set
-        aside with a warning: the engine ranks with the untrained reranker until the next fit."""
+        aside with a warning: the engine ranks with the untrained reranker until the next fit.
+
+        Raises:
+            ValueError: some weights missing or misshapen.
+        """
         saved = tensors.get("rerank.linear.weight")
         if saved is not None and saved.shape[-1] != N_INPUTS:
             import warnings
@@ -331,11 +249,13 @@ class Reranker:
                           stacklevel=2)
             self.set_aside = True
             return
-        sd = {k[len("rerank."):]: torch.from_numpy(v.copy()) for k, v in tensors.items()
-              if k.startswith("rerank.") and k != "rerank.trained"}
+        sd = {k[len("rerank."):]: v for k, v in tensors.items() if k.startswith("rerank.") and k != "rerank.trained"}
         if sd:
-            self.net.load_state_dict(sd)
-        self._torch_stale = False
+            shapes = weight_shapes(self.hidden)
+            bad = sorted(k for k in set(shapes) | set(sd) if k not in sd or tuple(sd[k].shape) != shapes.get(k))
+            if bad:
+                raise ValueError(f"reranker weights missing, unexpected or misshapen: {', '.join(bad[:5])}")
+            self._np = {k: np.array(v, np.float32) for k, v in sd.items()}
         self.trained = bool(tensors.get("rerank.trained", np.zeros(1))[0])
         if "replay.features" in tensors:
             f_ends = np.cumsum(tensors["replay.sizes"])
@@ -344,4 +264,3 @@ class Reranker:
             labels = np.split(tensors["replay.labels"], l_ends[:-1])
             self.buffer.clear()
             self.buffer.extend(zip(feats, labels))
-        self._sync()

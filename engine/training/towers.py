@@ -22,18 +22,29 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..models.projection import TAU_EDGES
+
 log = logging.getLogger(__name__)
 
-#: History lengths where the temperature changes: one learned tau per bucket [edge_i, edge_i+1).
-#: A single click says less than twenty, so the similarity term earns less weight against the bias.
-TAU_EDGES = np.array([0, 1, 2, 3, 4, 6, 10, 20])
+
+#: Every temperature starts here: unit vectors' cosines span [-1, 1], and a softmax over a
+#: catalog needs logits a few units apart to prefer anything.
+TAU_START = 10.0
+#: Items whose text vectors start W at their principal directions (an SVD of more costs time and
+#: moves the directions little).
+PCA_SAMPLE = 20_000
+#: Scale of the random directions that pad W when the catalog has fewer items than dimensions.
+PAD_SCALE = 0.01
+#: AdamW's step size for the tower (two epochs must get there).
+TOWER_LR = 0.01
+#: L2 weight on the warm items' residuals: small, so that they explain what text cannot without
+#: W leaning on them.
+RESIDUAL_L2 = 1e-4
 
 
-def tau_bucket(n):
-    """Bucket of history length(s) `n` (numpy or torch)."""
-    if isinstance(n, torch.Tensor):
-        return torch.searchsorted(torch.from_numpy(TAU_EDGES), n, right=True) - 1
-    return np.searchsorted(TAU_EDGES, n, side="right") - 1
+def tau_bucket(n: torch.Tensor) -> torch.Tensor:
+    """projection.tau_bucket for a tensor of history lengths."""
+    return torch.searchsorted(torch.from_numpy(TAU_EDGES), n, right=True) - 1
 
 
 @dataclass
@@ -58,7 +69,7 @@ class ItemTower(nn.Module):
         self.bias_const = nn.Parameter(torch.zeros(()))
         self.residual = nn.Parameter(torch.zeros(n, d_out))
         self.item_bias = nn.Parameter(torch.zeros(n))
-        self.log_tau = nn.Parameter(torch.full((len(TAU_EDGES),), math.log(10.0)))
+        self.log_tau = nn.Parameter(torch.full((len(TAU_EDGES),), math.log(TAU_START)))
 
     def forward(self, rows: torch.Tensor, keep: torch.Tensor | None, dropout: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,12 +88,12 @@ class ItemTower(nn.Module):
 def pca_init(text: np.ndarray, d_out: int, seed: int) -> torch.Tensor:
     """Start W at the top principal directions of the catalog's text vectors."""
     x = torch.from_numpy(text - text.mean(0))
-    sample = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:20000]]
+    sample = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:PCA_SAMPLE]]
     _, _, vt = torch.linalg.svd(sample, full_matrices=False)
     w = vt[:d_out].T.contiguous()
     if w.shape[1] < d_out:  # fewer items than dimensions: pad with small random directions
         extra = torch.randn(w.shape[0], d_out - w.shape[1], generator=torch.Generator().manual_seed(seed))
-        w = torch.cat([w, 0.01 * extra], dim=1)
+        w = torch.cat([w, PAD_SCALE * extra], dim=1)
     return w
 
 
@@ -116,10 +127,20 @@ def train_towers(text: np.ndarray, histories: list[np.ndarray], live: np.ndarray
         live: rows that may be ranked (the softmax runs over them).
     Returns:
         The weights and the mean loss of each epoch.
+    The draws (residual dropout, softmax samples) come from torch's generator seeded with `seed`
+    inside a fork of it: the caller's torch random state is the same afterwards.
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _train(text, histories, live, d_out, epochs, seed, batch, max_hist, max_softmax,
+                      residual_keep, weight_decay, input_dropout, progress)
+
+
+def _train(text: np.ndarray, histories: list[np.ndarray], live: np.ndarray, d_out: int, epochs: int,
+           seed: int, batch: int, max_hist: int, max_softmax: int, residual_keep: float,
+           weight_decay: float, input_dropout: float, progress: bool) -> tuple[TowerWeights, list[float]]:
     from tqdm.auto import tqdm
 
-    torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     d_out = min(d_out, text.shape[1])
     model = ItemTower(torch.from_numpy(np.ascontiguousarray(text, np.float32)), d_out,
@@ -131,7 +152,7 @@ def train_towers(text: np.ndarray, histories: list[np.ndarray], live: np.ndarray
     opt = torch.optim.AdamW([
         {"params": [model.weight, model.bias_weight], "weight_decay": weight_decay},
         {"params": [model.bias_const, model.log_tau, model.residual, model.item_bias], "weight_decay": 0.0},
-    ], lr=0.01)
+    ], lr=TOWER_LR)
     live_t = torch.from_numpy(np.asarray(live, np.int64))
     losses = []
     hist_users = [np.asarray(h, np.int64) for h in histories if len(h) >= 2]
@@ -176,7 +197,7 @@ def _step(model: ItemTower, opt, target, hist, lens, live, warm, keep_p: float, 
     excl[torch.arange(len(pos)), pos] = False
     logits = logits.masked_fill(excl, -1e9)
     loss = nn.functional.cross_entropy(logits, pos)
-    reg = 1e-4 * (model.residual.pow(2).sum(1).mean() + model.item_bias.pow(2).mean())
+    reg = RESIDUAL_L2 * (model.residual.pow(2).sum(1).mean() + model.item_bias.pow(2).mean())
     opt.zero_grad()
     (loss + reg).backward()
     opt.step()

@@ -10,24 +10,33 @@ popularity weight fades as the user's history grows.
 from __future__ import annotations
 
 import zlib
-from typing import Any
 
 import numpy as np
 
-from .catalog import item_text
-from .coclick import CoClicks
-from .config import Config
+from ..text.catalog import item_text
+from ..state.coclick import CoClicks
+from ..config import Config
 from .index import VectorIndex
-from .items import ItemTable
-from .lexical import Lexicon
-from .projection import Projection
-from .rerank import FEATURES, N_FEATURES, Reranker, expand
-from .users import UserState, UserTable, apply_click, apply_skip, normalise
+from ..state.items import ItemTable
+from ..state.lexical import Lexicon
+from ..models.projection import Projection
+from ..models.rerank import FEATURES, N_FEATURES, Reranker, expand
+from ..state.users import UserState, UserTable, apply_click, apply_skip
+from ..vectors import grown, normalise
 
+#: Clicks after which the popular list is rebuilt: counts move slowly, and a rebuild sorts the catalog.
 POP_REFRESH_CLICKS = 64
+#: The popular list holds at least this many rows (4x what its first request needs, when more),
+#: so that requests with longer exclusions rarely need a rebuild.
+POP_MIN_CACHE = 256
 #: Weight of the learned popularity bias against log clicks where both rank (a tie-breaker).
 POP_TIEBREAK = 1e-3
+#: The online step learns the click among the user's best this many candidates (bounds its cost).
 ONLINE_CANDIDATES = 100
+#: The standard deviation of the uniform Beta(1, 1) CTR prior: exploration draws are measured in it.
+PRIOR_SD = float(np.sqrt(1.0 / 12.0))
+#: Exploration draws are clipped at this many prior deviations: the bonus stays bounded.
+EXPLORE_CLIP = 2.0
 #: The lexical profile is the mean TF-IDF vector of this many of the user's latest clicks.
 LEXICAL_HISTORY = 50
 #: Weight of a recent click in the co-click features, per click since: the item clicked last says
@@ -35,6 +44,10 @@ LEXICAL_HISTORY = 50
 #: validation split of amazon-office, 1.0 / 0.5 / 0.25 gave NDCG@10 0.117 / 0.125 / 0.122.
 RECENCY_DECAY = 0.5
 _COL = {name: i for i, name in enumerate(FEATURES)}
+
+
+class NeedsWrite(Exception):
+    """A request found a cache to rebuild; it runs again holding the write lock."""
 
 
 class Ranker:
@@ -50,8 +63,7 @@ class Ranker:
         self._pop_stale = 0
         self.coclicks = CoClicks()
         self.lexicon = Lexicon()
-        self.reranker = Reranker(config.rerank_hidden, config.online_lr, config.replay_size,
-                                 config.replay_batch, config.seed)
+        self.reset_reranker()
 
     # ---- retrieval space ---------------------------------------------------------------------
     @property
@@ -63,16 +75,10 @@ class Ranker:
         return self.projection.d_out + 1
 
     def _rows_capacity(self, n: int) -> None:
-        for name in ("_residual", "_item_bias", "_vecs"):
+        for name in ("_residual", "_item_bias", "_vecs", "_bias"):
             arr = getattr(self, name)
-            if arr is not None and len(arr) < n:
-                grown = np.zeros((max(n, 2 * len(arr)),) + arr.shape[1:], np.float32)
-                grown[: len(arr)] = arr
-                setattr(self, name, grown)
-        if len(self._bias) < n:
-            grown = np.zeros(max(n, 2 * len(self._bias)), np.float32)
-            grown[: len(self._bias)] = self._bias
-            self._bias = grown
+            if arr is not None:
+                setattr(self, name, grown(arr, n))
 
     def refresh_item_vectors(self, items: ItemTable, proj: Projection) -> None:
         """Recompute every item's retrieval vector and bias (after open or training)."""
@@ -108,6 +114,17 @@ class Ranker:
             self.lexicon.clear(int(r))
         self._pop_cache = None
 
+    def reset_reranker(self) -> None:
+        """A fresh, untrained reranker with the configured seed (what `fit` trains from)."""
+        c = self.config
+        self.reranker = Reranker(c.rerank_hidden, c.online_lr, c.replay_size, c.replay_batch, c.seed)
+
+    def prepare(self) -> None:
+        """Draw the reranker's initial weights now (a writer) if serving will score with them,
+        so that no request has to: only a trained tower without a trained reranker needs it."""
+        if self.trained and not self.reranker.trained:
+            self.reranker.weights  # noqa: B018 - drawn and kept
+
     def invalidate_popular(self) -> None:
         self._pop_cache = None
 
@@ -132,12 +149,11 @@ class Ranker:
         return np.append(self.item_vectors(np.array([row]))[0], np.float32(0.0)).astype(np.float32)
 
     # ---- online learning ---------------------------------------------------------------------
-    def on_event(self, user: UserState, row: int, kind: str, value: float, t: int, items: ItemTable,
-                 learn: bool = True, sgd: bool = True, index: VectorIndex | None = None) -> None:
-        """Apply one event: a reranker step (clicks), then the user's vector and the item's stats."""
-        if not learn:
-            return
-        if kind == "click" and sgd and index is not None and self.reranker.trained and self.config.online_lr > 0:
+    def on_event(self, user: UserState, row: int, kind: str, items: ItemTable,
+                 index: VectorIndex | None = None) -> None:
+        """Steps 1-4 of an event (see state/apply.py): with `index`, a click first takes the reranker's
+        online step; then co-clicks, the user's vector and the item's counts."""
+        if kind == "click" and index is not None and self.reranker.trained and self.config.online_lr > 0:
             self._online_step(user, row, index)
         vec = self.item_vectors(np.array([row]))[0]
         if kind == "click":
@@ -157,8 +173,9 @@ class Ranker:
 
     def _online_step(self, user: UserState, row: int, index: VectorIndex) -> None:
         """theta <- theta - alpha * grad J on this click (among the user's current candidates)."""
-        banned = np.fromiter(user.seen(), np.int64, len(user.seen()))
-        cand = self.candidates(user, index, banned)
+        seen = user.seen()
+        banned = np.fromiter(seen, np.int64, len(seen))
+        cand = self.candidates(user, index, banned, refresh=True)
         if len(cand) > ONLINE_CANDIDATES:
             cand = cand[np.argsort(-self.score(user, cand), kind="stable")[:ONLINE_CANDIDATES]]
         cand = np.union1d(cand, [row])
@@ -166,22 +183,40 @@ class Ranker:
         self.reranker.partial_fit(self.features(user, cand), label)
 
     # ---- candidates, features, scores --------------------------------------------------------
-    def popular(self, n: int) -> np.ndarray:
-        """The n most-clicked live rows (cached, refreshed every few dozen clicks)."""
-        items = self._items
-        if self._pop_cache is None or len(self._pop_cache) < n:
-            live = items.live_rows()
-            m = min(len(live), max(4 * n, 256))
-            score = items.clicks[live] + POP_TIEBREAK * self._bias[live]  # the learned prior breaks ties
-            top = np.argpartition(-score, m - 1)[:m] if m < len(live) else np.arange(len(live))
-            order = top[np.lexsort((live[top], -score[top]))]
-            self._pop_cache, self._pop_stale = live[order], 0
+    def popular(self, n: int, refresh: bool = False) -> np.ndarray:
+        """At least the n most-clicked live rows, best first (fewer when fewer are live).
+
+        The list is cached: dropped when items come or go and every POP_REFRESH_CLICKS clicks,
+        and rebuilt by the first request that finds it missing or too short, from the counts
+        of that moment. A rebuild is a write: with `refresh` false (the caller holds only the
+        read lock) a request that needs one raises NeedsWrite, and the engine asks again under
+        the write lock. Readers never change it.
+        """
+        cache = self._pop_cache
+        if cache is not None and len(cache) >= n:
+            return cache
+        if not refresh:
+            raise NeedsWrite("the popular list must be rebuilt")
+        self._pop_cache, self._pop_stale = self._most_clicked(max(4 * n, POP_MIN_CACHE)), 0
         return self._pop_cache
 
-    def candidates(self, user: UserState, index: VectorIndex, banned: np.ndarray) -> np.ndarray:
+    def _most_clicked(self, m: int, among: np.ndarray | None = None) -> np.ndarray:
+        """The m most-clicked rows of `among` (default: the live rows), ties to the larger
+        learned bias, then to the lower row."""
+        live = self._items.live_rows() if among is None else among
+        m = min(len(live), m)
+        score = self._items.clicks[live] + POP_TIEBREAK * self._bias[live]  # the learned prior breaks ties
+        top = np.argpartition(-score, m - 1)[:m] if m < len(live) else np.arange(len(live))
+        return live[top[np.lexsort((live[top], -score[top]))]]
+
+    def candidates(self, user: UserState, index: VectorIndex, banned: np.ndarray, k: int = 0,
+                   refresh: bool = False) -> np.ndarray:
+        """Rows to score: the ANN neighbours of the user's query (`retrieve`, or k when more),
+        the most co-clicked with the recent clicks, and the most clicked; topped up with the most
+        clicked others when that leaves fewer than k. None of `banned` (int64 rows)."""
         parts = []
         if user.vector.any() or self.trained:
-            rows, _ = index.search(self.query(user.vector, user.count + user.prior), self.config.retrieve,
+            rows, _ = index.search(self.query(user.vector, user.count + user.prior), max(self.config.retrieve, k),
                                    exclude=banned)
             parts.append(rows)
         if self.config.coclick_candidates and user.clicks:
@@ -191,14 +226,16 @@ class Ranker:
                 near = near[~np.isin(near, banned)]
             parts.append(near[: self.config.coclick_candidates])
         if self.config.popular_candidates:
-            pop = self.popular(self.config.popular_candidates + len(banned))
+            pop = self.popular(self.config.popular_candidates + len(banned), refresh)
             pop = pop[~self._items.removed[pop]]
             if len(banned):
                 pop = pop[~np.isin(pop, banned)]
             parts.append(pop[: self.config.popular_candidates])
-        if not parts:
-            return np.zeros(0, np.int64)
-        return np.unique(np.concatenate(parts))
+        rows = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+        if len(rows) < k:  # k beyond the pool: the most clicked of the other allowed rows
+            others = np.setdiff1d(self._items.live_rows(), np.union1d(rows, banned))
+            rows = np.union1d(rows, self._most_clicked(k - len(rows), others))
+        return rows
 
     def transient_user(self, rows: list[int], profile: str | None, profile_vec: np.ndarray | None) -> UserState:
         """A user built from `rows` (clicked item rows, oldest first) with the online rule, held by
@@ -294,14 +331,16 @@ class Ranker:
         a = 1.0 + clicks
         b = 1.0 + np.maximum(items.impressions[rows] - clicks, 0.0)
         theta = rng.beta(a, b)
-        z = np.clip((theta - a / (a + b)) / np.sqrt(1.0 / 12.0), -2.0, 2.0)
+        z = np.clip((theta - a / (a + b)) / PRIOR_SD, -EXPLORE_CLIP, EXPLORE_CLIP)
         spread = float(scores.std()) if len(scores) > 1 else 1.0
         return (self.config.explore_weight * spread * z).astype(np.float32)
 
-    def rank(self, user: UserState, items: ItemTable, index: VectorIndex, k: int, banned: np.ndarray,
-             cand_rows: np.ndarray | None, user_key: str = "") -> tuple[np.ndarray, np.ndarray]:
-        self._items = items
-        rows = self.candidates(user, index, banned) if cand_rows is None else cand_rows
+    def rank(self, user: UserState, index: VectorIndex, k: int, banned: np.ndarray,
+             cand_rows: np.ndarray | None, user_key: str = "", refresh: bool = False
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """The top k of `cand_rows` (default: `candidates`) for `user`: (rows, scores), best
+        first. Reads only, unless `refresh` (the caller holds the write lock; see `popular`)."""
+        rows = self.candidates(user, index, banned, k, refresh) if cand_rows is None else cand_rows
         if len(rows) == 0:
             return rows, np.zeros(0, np.float32)
         scores = self.score(user, rows)
@@ -327,6 +366,7 @@ class Ranker:
             self._item_bias = tensors["tower.item_bias"].astype(np.float32).copy()
         self.reranker.load(tensors)
         self.projection = proj
+        self.prepare()
         return proj
 
     def set_towers(self, proj: Projection, residual: np.ndarray, item_bias: np.ndarray) -> None:
@@ -342,4 +382,4 @@ def user_from_clicks(rows: list[int], vecs: np.ndarray, profile: np.ndarray | No
     return u
 
 
-__all__ = ["Ranker", "user_from_clicks", "apply_skip"]
+__all__ = ["NeedsWrite", "Ranker", "user_from_clicks"]

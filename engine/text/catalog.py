@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from .errors import InvalidInputError
-from .types import Event, Item
-from .vocab import check_id
+from ..errors import InvalidInputError
+from ..types import EVENT_KINDS, Event, Item
+from ..state.vocab import check_id
 
 MAX_TITLE_CHARS = 2_000
 MAX_TEXT_CHARS = 100_000
@@ -252,7 +252,7 @@ def read_events(path: str | Path, min_value: float | None = None) -> list[Event]
         kind = row.get("event") or "click"
         if not isinstance(kind, str):
             raise InvalidInputError(f"{where}: event must be a string; got {kind!r}")
-        if kind not in ("click", "skip", "impression"):
+        if kind not in EVENT_KINDS:
             kind = "click" if min_value is None or float(value) >= min_value else "skip"
         ts = row.get("timestamp")
         if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int)):

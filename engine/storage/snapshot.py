@@ -11,15 +11,17 @@ import pyarrow.parquet as pq
 from safetensors import SafetensorError
 from safetensors.numpy import load, load_file, save_file
 
-from .errors import CorruptStoreError
-from .items import ITEM_SCHEMA, ItemTable
+from ..errors import CorruptStoreError
+from ..state.items import ITEM_SCHEMA, ItemTable
 from .store import StoreDir, atomic_write
-from .users import UserState, UserTable
+from ..state.users import UserTable
 
 USER_SCHEMA = pa.schema([
     ("user_id", pa.string()), ("clicks", pa.list_(pa.int64())), ("skips", pa.list_(pa.int64())),
-    ("impressions", pa.int64()), ("profile", pa.string()),
+    ("impressions", pa.int64()), ("profile", pa.string()), ("held", pa.list_(pa.int64())),
 ])
+#: Columns a store written by an earlier version may lack (read as empty).
+OPTIONAL_USER_COLUMNS = ("held",)
 
 
 def users_to_arrow(users: UserTable) -> pa.Table:
@@ -27,7 +29,7 @@ def users_to_arrow(users: UserTable) -> pa.Table:
     return pa.Table.from_arrays([
         pa.array(users.vocab.ids(), pa.string()), pa.array([u.clicks for u in s], pa.list_(pa.int64())),
         pa.array([u.skips for u in s], pa.list_(pa.int64())), pa.array([u.impressions for u in s], pa.int64()),
-        pa.array([u.profile for u in s], pa.string()),
+        pa.array([u.profile for u in s], pa.string()), pa.array([u.held for u in s], pa.list_(pa.int64())),
     ], schema=USER_SCHEMA)
 
 
@@ -52,6 +54,7 @@ def users_from_arrow(table: pa.Table, vecs: np.ndarray, profiles: np.ndarray) ->
         state.impressions = int(cols["impressions"][r])
         state.profile = cols["profile"][r]
         state.profile_vec = profiles[r].copy() if state.profile is not None else None
+        state.held = list(cols["held"][r]) if "held" in cols else []
     return users
 
 
@@ -86,13 +89,14 @@ def read_tensors(path: Path, fh: BinaryIO | None = None) -> dict[str, np.ndarray
 
 
 def write_generation(store: StoreDir, gen: int, items: ItemTable, users: UserTable,
-                     models: dict[str, np.ndarray], index) -> list[Path]:
+                     models: dict[str, np.ndarray], index, event_keys: np.ndarray) -> list[Path]:
     """Write every state file of generation `gen`; returns their paths (not yet committed)."""
     paths = [store.file("items", gen, "parquet"), store.file("users", gen, "parquet"),
              store.file("vectors", gen, "safetensors")]
     write_parquet(paths[0], items.to_arrow())
     write_parquet(paths[1], users_to_arrow(users))
-    write_tensors(paths[2], {"item_text": items.vectors, **user_arrays(users, items.dim)})
+    write_tensors(paths[2], {"item_text": items.vectors, **user_arrays(users, items.dim),
+                             "event_keys": np.asarray(event_keys, np.uint64)})
     if models:
         paths.append(store.file("models", gen, "safetensors"))
         write_tensors(paths[-1], models)
@@ -104,7 +108,7 @@ def write_generation(store: StoreDir, gen: int, items: ItemTable, users: UserTab
 
 def read_generation(store: StoreDir, manifest: dict[str, Any], d_text: int,
                     handles: dict[str, BinaryIO] | None = None
-                    ) -> tuple[ItemTable, UserTable, dict[str, np.ndarray], Path | None]:
+                    ) -> tuple[ItemTable, UserTable, dict[str, np.ndarray] | None, Path | None, np.ndarray]:
     """Read generation G's files; anything not shaped as this module writes it is CorruptStoreError.
 
     The checksums catch damage; these checks catch a file that is intact but wrong (written by a
@@ -129,7 +133,8 @@ def read_generation(store: StoreDir, manifest: dict[str, Any], d_text: int,
                                 f"in {vec_path.name}")
     items = _parsed(items_path, lambda: ItemTable.from_arrow(items_table, item_vecs.reshape(-1, d_text)))
     users_path = store.file("users", gen, "parquet")
-    users_table = _with_schema(read_parquet(users_path, pinned.get(users_path.name)), USER_SCHEMA, users_path)
+    users_table = _with_schema(read_parquet(users_path, pinned.get(users_path.name)), USER_SCHEMA, users_path,
+                               OPTIONAL_USER_COLUMNS)
     if users_table.num_rows != len(tensors["user_vectors"]):
         raise CorruptStoreError(f"{users_path}: {users_table.num_rows} users but "
                                 f"{len(tensors['user_vectors'])} user vectors in {vec_path.name}")
@@ -137,13 +142,16 @@ def read_generation(store: StoreDir, manifest: dict[str, Any], d_text: int,
     users = _parsed(users_path, lambda: users_from_arrow(users_table, tensors["user_vectors"],
                                                          tensors["user_profiles"]))
     model_name = store.file("models", gen, "safetensors").name
-    models = read_tensors(store.path / model_name, pinned.get(model_name)) if model_name in files else {}
+    models = read_tensors(store.path / model_name, pinned.get(model_name)) if model_name in files else None
     index_name = store.file("index", gen, "faiss").name
-    return items, users, models, (store.path / index_name if index_name in files else None)
+    keys = tensors.get("event_keys", np.zeros(0, np.uint64))  # absent in stores written before imports
+    if keys.ndim != 1 or keys.dtype != np.uint64:
+        raise CorruptStoreError(f"{vec_path}: event_keys must be a 1-d uint64 tensor; got {keys.dtype} {keys.shape}")
+    return items, users, models, (store.path / index_name if index_name in files else None), keys
 
 
-def _with_schema(table: pa.Table, schema: pa.Schema, path: Path) -> pa.Table:
-    missing = [f.name for f in schema if f.name not in table.column_names]
+def _with_schema(table: pa.Table, schema: pa.Schema, path: Path, optional: tuple[str, ...] = ()) -> pa.Table:
+    missing = [f.name for f in schema if f.name not in table.column_names and f.name not in optional]
     if missing:
         raise CorruptStoreError(f"{path}: missing column(s) {', '.join(missing)}; not a Kindling table")
     return table
@@ -153,7 +161,7 @@ def _check_rows(users: pa.Table, n_items: int, path: Path) -> None:
     """Histories may only name item rows that exist."""
     import pyarrow.compute as pc
 
-    for col in ("clicks", "skips"):
+    for col in [c for c in ("clicks", "skips", "held") if c in users.column_names]:
         flat = pc.list_flatten(users.column(col))
         if len(flat) and (pc.min(flat).as_py() < 0 or pc.max(flat).as_py() >= n_items):
             raise CorruptStoreError(f"{path}: column {col!r} names item rows outside 0..{n_items - 1}")
@@ -165,6 +173,3 @@ def _parsed(path: Path, build):
     except (KeyError, ValueError, TypeError, IndexError, pa.ArrowException) as exc:
         raise CorruptStoreError(f"{path}: does not hold what a Kindling store needs ({exc})") from exc
 
-
-def new_user_state(dim: int) -> UserState:
-    return UserState(vector=np.zeros(dim, np.float32))

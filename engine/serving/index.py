@@ -16,10 +16,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .errors import CorruptStoreError, InvalidInputError
+from ..errors import CorruptStoreError, InvalidInputError
+from ..vectors import grown
 
 log = logging.getLogger(__name__)
 
+#: The FAISS factory string of every index kind of config.INDEX_KINDS but "auto".
 FACTORY = {"flat": "Flat", "hnsw": "HNSW{m}", "hnsw-sq8": "HNSW{m},SQ8", "ivf": "IVF{nlist},Flat",
            "ivf-pq": "IVF{nlist},PQ{pq}"}
 
@@ -129,14 +131,8 @@ class VectorIndex:
         self._n_removed += int(live.sum())
 
     def _grow(self, n_rows: int) -> None:
-        need = (n_rows + 7) // 8
-        if need > len(self._live):
-            size = max(need, 2 * len(self._live))
-            for name in ("_live", "_held"):
-                old = getattr(self, name)
-                grown = np.zeros(size, dtype=np.uint8)
-                grown[: len(old)] = old
-                setattr(self, name, grown)
+        need = (n_rows + 7) // 8  # bytes of the bitmaps
+        self._live, self._held = grown(self._live, need), grown(self._held, need)
 
     def _set_bits(self, rows: np.ndarray, value: bool, bitmap: np.ndarray | None = None) -> None:
         bitmap = self._live if bitmap is None else bitmap
@@ -176,12 +172,6 @@ class VectorIndex:
 
     def tombstone_ratio(self) -> float:
         return self._n_removed / self._n_added if self._n_added else 0.0
-
-    def memory_bytes(self) -> int:
-        """Bytes of the serialised FAISS index (a close proxy for its memory)."""
-        if self._faiss is None:
-            return 0
-        return int(faiss.serialize_index(self._faiss).nbytes)
 
     # ---- search -----------------------------------------------------------------------------
     def _params(self, exclude: np.ndarray | None, keep: list) -> faiss.SearchParameters:

@@ -27,10 +27,14 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import CorruptStoreError, StoreError, StoreLockedError
+from ..errors import CorruptStoreError, StoreError, StoreLockedError
 
 FORMAT = "kindling-store"
-FORMAT_VERSION = 1
+#: Written by this version. 2 added import records in the log, event identities in the vectors
+#: file and the users' held column; a reader of version 1 would skip import records silently, so
+#: it must refuse a version-2 store. Version 1 stores read as version 2 without those parts.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 LOCK = "LOCK"
 _GEN_FILE = re.compile(r"^(items|users|vectors|models|index|events)-(\d+)\.(parquet|safetensors|faiss|log)$")
@@ -160,9 +164,9 @@ class StoreDir:
             raise CorruptStoreError(f"{p}: not a Kindling manifest")
         if manifest.get("checksum") != manifest_digest(manifest):
             raise CorruptStoreError(f"{p}: checksum mismatch; the manifest is damaged")
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format_version") not in READABLE_VERSIONS:
             raise StoreError(f"{p}: format version {manifest.get('format_version')} is not supported "
-                             f"(this Kindling reads version {FORMAT_VERSION})")
+                             f"(this Kindling reads versions {', '.join(map(str, READABLE_VERSIONS))})")
         return manifest
 
     def pin(self, manifest: dict[str, Any]) -> dict[str, BinaryIO]:

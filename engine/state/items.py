@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from .types import Item
+from ..types import Item
+from ..vectors import grown
 from .vocab import Vocabulary
 
 ITEM_SCHEMA = pa.schema([
@@ -13,6 +14,10 @@ ITEM_SCHEMA = pa.schema([
     ("categories", pa.list_(pa.string())), ("added_at", pa.int64()), ("removed", pa.bool_()),
     ("impressions", pa.float64()), ("clicks", pa.float64()), ("skips", pa.float64()),
 ])
+
+
+#: Rows the arrays first make room for: a catalog of a few items should not regrow per add.
+MIN_CAPACITY = 1024
 
 
 class ItemTable:
@@ -51,19 +56,8 @@ class ItemTable:
         return Item(self.vocab.id(row), self.titles[row], self.texts[row], self.categories[row])
 
     def _reserve(self, n: int) -> None:
-        cap = len(self.removed)
-        if n <= cap:
-            return
-        new = max(n, 2 * cap, 1024)
-        for name, dtype in (("added_at", np.int64), ("removed", bool), ("impressions", np.float64),
-                            ("clicks", np.float64), ("skips", np.float64)):
-            old = getattr(self, name)
-            grown = np.zeros(new, dtype)
-            grown[:cap] = old
-            setattr(self, name, grown)
-        vecs = np.zeros((new, self.dim), np.float32)
-        vecs[: self._n] = self._vecs[: self._n]
-        self._vecs = vecs
+        for name in ("added_at", "removed", "impressions", "clicks", "skips", "_vecs"):
+            setattr(self, name, grown(getattr(self, name), n, MIN_CAPACITY))
 
     def append(self, item: Item, vec: np.ndarray, now: int) -> int:
         """Add a new row, or revive a removed id in place (same row, fresh record and stats)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 MAX_ID_LENGTH = 512
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from .catalog import clean_text
+from ..text.catalog import clean_text
 
 #: Hash buckets for terms: collisions stay rare for catalogs' vocabularies (usually < 10^6 words).
 BUCKETS = 1 << 20

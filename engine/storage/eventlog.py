@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import CorruptStoreError, InvalidInputError, StoreError
+from ..errors import CorruptStoreError, InvalidInputError, StoreError
 
 log = logging.getLogger(__name__)
 

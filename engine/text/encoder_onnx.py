@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
+from ..vectors import normalise_rows
 
 ONNX_OPSET = 17
 #: ONNX Runtime on a CPU runs fastest at about this many texts per call (measured on MiniLM);
@@ -92,7 +93,7 @@ class OnnxTransformer:
         hidden = self._session.run(None, feed)[0]
         mask = feed["attention_mask"][..., None].astype(np.float32)
         pooled = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
-        return (pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+        return normalise_rows(pooled)
 
 
 def _exported(st_model, model_dir: Path, names: list[str], quantize: bool, cache_dir: Path) -> Path:

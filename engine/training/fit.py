@@ -5,16 +5,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import Config
-from .index import VectorIndex
-from .items import ItemTable
-from .projection import Projection
-from .ranking import Ranker, user_from_clicks
-from .users import UserState, UserTable
+from ..config import Config
+from ..serving.index import VectorIndex
+from ..state.items import ItemTable
+from ..models.projection import Projection
+from ..serving.ranking import Ranker, user_from_clicks
+from ..storage.records import EventRecord
+from ..state.users import UserState, UserTable
+
+if TYPE_CHECKING:
+    from ..state.apply import State
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,57 @@ HOLDOUT_SHARE = 0.2
 MIN_HOLDOUT_USERS = 20
 #: Random catalog items added to each example's candidates (see _example).
 RANDOM_NEGATIVES = 64
+
+
+def fit_state(state: "State", events: Sequence[EventRecord], progress: bool) -> dict[str, Any]:
+    """`Engine.fit`: train the item tower, then the reranker, on the histories in `events`.
+
+    The users of `events` (live items only, in event order) are the training users; a share of
+    them is held out of the tower for the reranker (`holdout_users`). The stored users are not
+    changed except that, when the tower is retrained, every stored vector is re-derived in the
+    new space. The reranker starts afresh each time, so fitting the same events twice leaves the
+    same state as fitting once.
+    """
+    train = training_users(state, events)
+    holdout = holdout_users(train, state.config)
+    summary = {"events": sum(state.items.live_row(ev.item_id) is not None for ev in events),
+               "reranker_users": len(holdout),
+               **fit_towers(state.ranker, state.items, train, progress, holdout)}
+    if summary["projection"]:
+        state.proj = state.ranker.projection
+        state.ranker.refresh_item_vectors(state.items, state.proj)
+        state.users.dim = state.proj.d_out
+        state.rebuild_index()
+        for user in state.users.states:
+            state.rederive(user)
+    # the reranker learns on users whose clicks are in no co-click count it sees, as a new
+    # user's are not; the counts of every user come back for serving
+    held_ids = {train.vocab.id(int(i)) for i in holdout}
+    skip = np.array([r for r, uid in enumerate(state.users.vocab.ids()) if uid in held_ids], np.int64)
+    state.ranker.rebuild_coclicks(state.users, skip=skip)
+    state.ranker.reset_reranker()
+    summary.update(fit_reranker(state.ranker, state.items, train, state.index, progress, holdout))
+    state.ranker.rebuild_coclicks(state.users)
+    state.ranker.prepare()
+    return summary
+
+
+def training_users(state: "State", events: Sequence[EventRecord]) -> UserTable:
+    """The users of `events` as histories (clicks and skips on live items, in order), with the
+    profiles their stored namesakes have; vectors are not built (training does not read them)."""
+    users = UserTable(state.proj.d_out)
+    for ev in events:
+        row = state.items.live_row(ev.item_id)
+        if row is None:
+            continue
+        user = users.get_or_create(ev.user_id)
+        if ev.event != "impression":
+            (user.clicks if ev.event == "click" else user.skips).append(row)
+    for uid, user in zip(users.vocab.ids(), users.states):
+        stored = state.users.get(uid)
+        if stored is not None:
+            user.profile, user.profile_vec = stored.profile, stored.profile_vec
+    return users
 
 
 def click_histories(states: Sequence[UserState], items: ItemTable) -> list[np.ndarray]:
@@ -128,7 +183,7 @@ def _example(ranker: Ranker, items: ItemTable, index: VectorIndex, u, clicks: li
     state = user_from_clicks(prefix, ranker.item_vectors(np.array(prefix, np.int64)), prof,
                              ranker.config.user_min_step)
     state.profile, state.profile_vec = u.profile, u.profile_vec
-    cand = ranker.candidates(state, index, np.array(prefix, np.int64))
+    cand = ranker.candidates(state, index, np.array(prefix, np.int64), refresh=True)
     if RANDOM_NEGATIVES:
         # a few items from anywhere in the catalog: an application may hand `recommend` any
         # candidates, and the network must not extrapolate where retrieval never led it

@@ -7,15 +7,17 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from .config import ENCODER_BACKENDS, EncoderBackend
-from .errors import InvalidInputError, ModelLoadError
+from ..config import ENCODER_BACKENDS, EncoderBackend
+from ..errors import InvalidInputError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,34 @@ def _has_key(data: object, key: str) -> bool:
     return False
 
 
+#: What `offline` sets while a model loads: the Hugging Face libraries never reach the network.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+@contextmanager
+def offline() -> Iterator[None]:
+    """Load offline: OFFLINE_ENV is set (where the caller has not set those variables) and the
+    transformers progress bar is off, for the duration of the block only; both are put back as
+    they were afterwards. The process's environment is otherwise never touched."""
+    saved = {k: os.environ.get(k) for k in OFFLINE_ENV}
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class Encoder:
     """A sentence-transformers model behind `encode`, batched, normalised, cached by text hash.
 
@@ -124,6 +154,7 @@ class Encoder:
         self.batch_size = batch_size
         self.show_progress = show_progress
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._cache_lock = threading.Lock()
         self._cache_size = cache_size
         self._model = self._load(self.model_path)
         self.dim = int(self._model.get_embedding_dimension())
@@ -136,15 +167,12 @@ class Encoder:
     @staticmethod
     def _load(path: str):
         check_model_dir(path)
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         try:
-            from sentence_transformers import SentenceTransformer
-            from transformers.utils import logging as hf_logging
+            with offline():
+                from sentence_transformers import SentenceTransformer
 
-            hf_logging.disable_progress_bar()
-            return SentenceTransformer(str(path), device="cpu", trust_remote_code=False,
-                                       local_files_only=True)
+                return SentenceTransformer(str(path), device="cpu", trust_remote_code=False,
+                                           local_files_only=True)
         except ModelLoadError:
             raise
         except Exception as exc:  # the library raises many types; one clear error for callers
@@ -165,16 +193,21 @@ class Encoder:
                 raise InvalidInputError(f"text #{i} is empty; an embedded text must have non-space characters")
         keys = [hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts]
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        todo = [i for i, k in enumerate(keys) if k not in self._cache]
-        for i, k in enumerate(keys):
-            if k in self._cache:
-                out[i] = self._cache[k]
+        todo = []
+        with self._cache_lock:  # one lookup per key: another thread may evict between two
+            for i, k in enumerate(keys):
+                hit = self._cache.get(k)
+                if hit is None:
+                    todo.append(i)
+                else:
+                    out[i] = hit
         if todo:
             fresh = np.ascontiguousarray(self._embed([texts[i][:MAX_ENCODE_CHARS] for i in todo]),
                                          dtype=np.float32)
-            for j, i in enumerate(todo):
-                out[i] = fresh[j]
-                self._remember(keys[i], fresh[j])
+            with self._cache_lock:
+                for j, i in enumerate(todo):
+                    out[i] = fresh[j]
+                    self._remember(keys[i], fresh[j])
         return out
 
     def _embed(self, texts: list[str]) -> np.ndarray:

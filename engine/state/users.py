@@ -6,12 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..vectors import normalise
 from .vocab import Vocabulary
-
-
-def normalise(v: np.ndarray) -> np.ndarray:
-    n = float(np.linalg.norm(v))
-    return (v / n).astype(np.float32) if n > 1e-12 else np.zeros_like(v, dtype=np.float32)
 
 
 @dataclass
@@ -24,7 +20,7 @@ class UserState:
     impressions: int = 0
     profile: str | None = None
     profile_vec: np.ndarray | None = None  # raw text-space vector of the profile, for re-projection
-    _seen: set[int] | None = None
+    held: list[int] = field(default_factory=list)  # rows recorded while the store was frozen: seen only
 
     @property
     def count(self) -> int:
@@ -36,9 +32,9 @@ class UserState:
         return 1 if self.profile_vec is not None else 0
 
     def seen(self) -> set[int]:
-        if self._seen is None:
-            self._seen = set(self.clicks) | set(self.skips)
-        return self._seen
+        """Rows the user clicked, skipped, or acted on while the store was frozen (a new set each
+        call: a reader keeps nothing)."""
+        return set(self.clicks) | set(self.skips) | set(self.held)
 
     def recent(self, window: int) -> list[int]:
         return self.clicks[-window:]

@@ -1,0 +1,1 @@
+"""The learned models as serving uses them, in numpy: the item tower's projection and the reranker."""

@@ -1,0 +1,77 @@
+"""The read path of a request: the user it ranks for, the rows it may return, the ranked list.
+
+Each function reads `State` and builds what it needs per call; the caller holds a lock (see
+Engine._read). Ids are turned into rows here and back into ids with titles on the way out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from ..errors import UnknownItemError
+from ..state.apply import State
+from ..types import Recommendation
+from ..state.users import UserState
+
+
+def stored_or_new_user(state: State, user_id: str, profile: str | None,
+                       profile_vec: np.ndarray | None) -> UserState:
+    """The stored user, or a new one (seeded by `profile_vec`, the profile's text vector)."""
+    user = state.users.get(user_id)
+    if user is None:
+        user = UserState(vector=np.zeros(state.proj.d_out, np.float32))
+        if profile_vec is not None:
+            user.profile, user.profile_vec = profile, profile_vec
+            user.vector = state.proj.transform(profile_vec[None])[0]
+    return user
+
+
+def history_user(state: State, history: Sequence[str], profile: str | None,
+                 profile_vec: np.ndarray | None) -> UserState:
+    """A transient user whose clicks are `history` (item ids, oldest first; all must be live)."""
+    rows = []
+    for item_id in history:
+        row = state.items.live_row(item_id)
+        if row is None:
+            raise UnknownItemError(f"history names item {item_id!r}, which is not a live item")
+        rows.append(row)
+    return state.ranker.transient_user(rows, profile, profile_vec)
+
+
+def ranked(state: State, user: UserState, user_id: str, k: int, exclude_seen: bool,
+           candidates: Sequence[str] | None, exclude: Iterable[str] | None,
+           refresh: bool) -> list[Recommendation]:
+    """The top k for `user`, of `candidates` (ids; default: the ranker's candidates)."""
+    banned = banned_rows(state, user, exclude_seen, exclude)
+    cand_rows = None if candidates is None else candidate_rows(state, candidates, banned)
+    rows, scores = state.ranker.rank(user, state.index, k, banned, cand_rows, user_key=user_id, refresh=refresh)
+    return as_recommendations(state, rows, scores)
+
+
+def similar(state: State, row: int, k: int) -> list[Recommendation]:
+    """The k live items nearest item `row` in retrieval space (itself excluded)."""
+    rows, scores = state.index.search(state.ranker.similar_query(row), k, exclude=np.array([row], np.int64))
+    return as_recommendations(state, rows, scores)
+
+
+def as_recommendations(state: State, rows: np.ndarray, scores: np.ndarray) -> list[Recommendation]:
+    return [Recommendation(state.items.vocab.id(r), float(s), state.items.titles[r]) for r, s in zip(rows, scores)]
+
+
+def banned_rows(state: State, user: UserState, exclude_seen: bool, exclude: Iterable[str] | None) -> np.ndarray:
+    """Rows a request must not return: the user's seen items (when asked) and `exclude` (ids)."""
+    rows = user.seen() if exclude_seen else set()
+    for i in exclude or ():
+        r = state.items.vocab.row(i)
+        if r is not None:
+            rows.add(r)
+    return np.fromiter(rows, dtype=np.int64, count=len(rows))
+
+
+def candidate_rows(state: State, candidates: Sequence[str], banned: np.ndarray) -> np.ndarray:
+    """The live rows of `candidates` (ids; unknown and removed ones ignored), less `banned`."""
+    rows = [state.items.live_row(i) for i in candidates]
+    arr = np.array([r for r in rows if r is not None], dtype=np.int64)
+    return np.setdiff1d(arr, banned) if len(banned) else np.unique(arr)

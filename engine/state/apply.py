@@ -1,0 +1,176 @@
+"""The engine's in-memory state and the one path every logged mutation takes into it.
+
+`State.apply` is called for a record as it is acknowledged (`Engine.record`, `add_items`, ...) and
+for the same record when the log is replayed on open, so the live path and recovery cannot drift
+apart. An event changes the state in this order (`apply_event`):
+
+1. the reranker's online step (a click, when the reranker is trained and `online_lr > 0`): it
+   learns from the candidates the user had *before* this click moved anything;
+2. co-click counts: the click pairs with the user's previous clicks (the history before it);
+3. the user's vector (`users.apply_click` / `apply_skip`), with a step set by the history length
+   before the event;
+4. the item's counts (clicks, skips, impressions);
+5. the user's history, last, because steps 2 and 3 read the history as it was before the event;
+6. the event's identity, so that `import_events` skips it later.
+
+With `Config.online_updates=False` the store is frozen: a recorded click or skip only marks the
+item as seen (`UserState.held`, which no vector, count or co-click is ever derived from, so
+nothing moves on reopen either); an impression is only logged. Imported events (history, not
+live feedback) always take steps 2-6; the online step (1) is training, which `fit` does in batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import Config
+from ..errors import CorruptStoreError
+from ..serving.index import VectorIndex
+from .items import ItemTable
+from ..models.projection import Projection
+from ..serving.ranking import Ranker
+from ..storage.records import AddRecord, EventRecord, ImportRecord, ProfileRecord, Record, RemoveRecord
+from .users import UserState, UserTable, rederive
+
+
+class State:
+    """Items, users, the item tower, the index and the ranker of one store, in memory."""
+
+    def __init__(self, config: Config, d_text: int) -> None:
+        self.config = config
+        self.items = ItemTable(d_text)
+        self.proj = Projection(d_text)
+        self.users = UserTable(self.proj.d_out)
+        self.ranker = Ranker(config)
+        self.index: VectorIndex | None = None
+        self.event_keys: set[int] = set()  # identities of every event applied (see EventRecord.key)
+
+    # ---- the index policy --------------------------------------------------------------------
+    def index_kind(self, n: int) -> str:
+        """The index kind for n live items: the configured one, or exact below `exact_threshold`."""
+        if self.config.index != "auto":
+            return self.config.index
+        return "flat" if n < self.config.exact_threshold else "hnsw"
+
+    def new_index(self, kind: str) -> VectorIndex:
+        c = self.config
+        return VectorIndex(self.ranker.index_dim, kind, hnsw_m=c.hnsw_m, ef_construction=c.hnsw_ef_construction,
+                           ef_search=c.hnsw_ef_search, nlist=c.ivf_nlist, nprobe=c.ivf_nprobe,
+                           search_threads=c.search_threads)
+
+    def rebuild_index(self) -> None:
+        """Rebuild FAISS from the live rows (compaction, a kind change, or a new projection)."""
+        rows = self.items.live_rows()
+        self.index = self.new_index(self.index_kind(len(rows)))
+        self.index.build(rows, self.ranker.index_vectors(rows))
+
+    def load(self, items: ItemTable, users: UserTable, models: dict[str, np.ndarray] | None,
+             index_path: Path | None, index_fh: Any, models_path: Path, event_keys: np.ndarray) -> None:
+        """Install a snapshot's parts (see snapshot.read_generation)."""
+        self.items, self.users = items, users
+        try:
+            self.proj = self.ranker.load_models(models or {}, items.dim)
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
+            raise CorruptStoreError(f"{models_path}: does not hold the models this store needs ({exc})") from exc
+        if index_path is not None:
+            self.index = self.new_index(self.index_kind(len(items)))
+            self.index.load(index_path, items.live_rows(), len(items), index_fh)
+        self.ranker.refresh_item_vectors(items, self.proj)
+        self.ranker.rebuild_coclicks(users)
+        self.event_keys = set(event_keys.tolist())
+        self.check_models(models, models_path)
+
+    def check_models(self, models: dict[str, np.ndarray] | None, path: Path) -> None:
+        """What the loaded models would save again must be in the file, shaped alike: a tensor a
+        loader skipped would otherwise leave a default-initialised model, silently. (None: the
+        snapshot has no models file, as one written before any item has not.)"""
+        if models is None:
+            return
+        aside = ("rerank.", "replay.") if self.ranker.reranker.set_aside else ()
+        bad = [k for k, v in self.ranker.model_tensors(self.proj).items()
+               if not k.startswith(aside) and (k not in models or models[k].shape != np.shape(v))]
+        if bad:
+            raise CorruptStoreError(f"{path}: missing or misshapen tensor(s) {', '.join(sorted(bad)[:5])}")
+
+    # ---- applying records (live and on replay) -----------------------------------------------
+    def apply(self, rec: Record) -> None:
+        """Apply one acknowledged record; the only way a logged mutation reaches the state."""
+        if isinstance(rec, EventRecord):
+            self.apply_event(rec, learn=self.config.online_updates, online_step=True)
+        elif isinstance(rec, ImportRecord):
+            for ev in rec.events:
+                self.apply_event(ev, learn=True, online_step=False)
+        elif isinstance(rec, AddRecord):
+            self.apply_add(rec)
+        elif isinstance(rec, RemoveRecord):
+            self.apply_remove(rec.ids)
+        elif isinstance(rec, ProfileRecord):
+            self.apply_profile(rec.user_id, rec.text, rec.vector)
+        else:  # from_payload refuses unknown records; this is a programming error
+            raise TypeError(f"not a log record: {type(rec).__name__}")
+
+    def apply_event(self, rec: EventRecord, learn: bool, online_step: bool) -> None:
+        """One event, in the order the module docstring gives (steps 1-6)."""
+        row = self.items.vocab.row(rec.item_id)
+        user = self.users.get_or_create(rec.user_id)
+        if not learn:  # frozen: a click or skip marks the item seen; nothing else moves, ever
+            if rec.event != "impression":
+                user.held.append(row)
+            self.event_keys.add(rec.key())
+            return
+        self.ranker.on_event(user, row, rec.event, self.items, index=self.index if online_step else None)
+        if rec.event == "click":
+            user.clicks.append(row)
+        elif rec.event == "skip":
+            user.skips.append(row)
+        else:
+            user.impressions += 1
+        self.event_keys.add(rec.key())
+
+    def apply_add(self, rec: AddRecord) -> None:
+        rows = np.array([self.items.append(item, rec.vectors[j], rec.t) for j, item in enumerate(rec.items)],
+                        dtype=np.int64)
+        self.ranker.on_items_added(self.items, self.proj, rows)
+        # An upserted or revived row still has its old vector in FAISS under the same id: rebuild.
+        replaced = self.index is not None and bool(self.index.holds(rows).any())
+        need_kind = self.index_kind(len(self.items.live_rows()))
+        if self.index is None or replaced or self.index.kind != need_kind or self.index.ntotal == 0:
+            self.rebuild_index()
+        else:
+            self.index.add(rows, self.ranker.index_vectors(rows))
+
+    def apply_remove(self, ids: tuple[str, ...]) -> None:
+        rows = np.array([self.items.vocab.row(i) for i in ids], dtype=np.int64)
+        self.items.removed[rows] = True
+        self.index.remove(rows)
+        self.ranker.on_items_removed(rows)
+        if self.index.tombstone_ratio() > self.config.compact_ratio and len(self.items.live_rows()):
+            self.rebuild_index()
+
+    def apply_profile(self, user_id: str, text: str, vec: np.ndarray) -> None:
+        user = self.users.get_or_create(user_id)
+        user.profile, user.profile_vec = text, vec
+        self.rederive(user)
+
+    def rederive(self, user: UserState) -> None:
+        """The user's vector again from the profile and the history (after the space changed)."""
+        rows = np.array(user.clicks + user.skips, dtype=np.int64)
+        item_vecs = self.ranker.item_vectors(rows)
+        prof = None if user.profile_vec is None else self.proj.transform(user.profile_vec[None])[0]
+        rederive(user, item_vecs, prof, self.config.user_min_step, self.config.skip_step)
+
+    # ---- reading -----------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        return {"items": len(self.items), "live_items": int(len(self.items.live_rows())),
+                "users": len(self.users)}
+
+    def events(self) -> int:
+        """Events in the users' histories (item statistics count a click as an impression too)."""
+        return sum(len(u.clicks) + len(u.skips) + len(u.held) + u.impressions for u in self.users.states)
+
+    def event_key_array(self) -> np.ndarray:
+        """The event identities as a sorted uint64 array, for the snapshot."""
+        return np.array(sorted(self.event_keys), dtype=np.uint64)

@@ -1,0 +1,123 @@
+"""The event log's records: one frozen dataclass per kind of mutation, and their JSON payloads.
+
+The payload keys are short because every recorded event is one record; they are the on-disk format
+(`docs/architecture.md`), read back by `from_payload`, which refuses what it does not know.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+
+from ..errors import CorruptStoreError
+from ..types import Item
+
+
+def b64(a: np.ndarray) -> str:
+    """float32 array -> base64 text (vectors travel in the log so replay needs no model)."""
+    return base64.b64encode(np.ascontiguousarray(a, np.float32).tobytes()).decode("ascii")
+
+
+def unb64(s: str, dim: int) -> np.ndarray:
+    """`b64` back to shape (n, dim) float32."""
+    return np.frombuffer(base64.b64decode(s), np.float32).reshape(-1, dim).copy()
+
+
+@dataclass(frozen=True)
+class AddRecord:
+    """Items added (or replaced) at time `t`, with their text vectors, shape (n, dim) float32."""
+
+    t: int
+    items: tuple[Item, ...]
+    vectors: np.ndarray
+
+
+@dataclass(frozen=True)
+class RemoveRecord:
+    ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One click, skip or impression, as `Engine.record` took it."""
+
+    user_id: str
+    item_id: str
+    event: str
+    value: float
+    t: int
+
+    def key(self) -> int:
+        """The event's identity (user, item, kind, time) as a 64-bit hash: what makes an import
+        idempotent. The value is not part of it: the same event reported twice is one event."""
+        raw = "\0".join((self.user_id, self.item_id, self.event, str(self.t))).encode("utf-8", "surrogatepass")
+        return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+
+
+@dataclass(frozen=True)
+class ProfileRecord:
+    """A user's profile text and its text vector, shape (dim,) float32."""
+
+    user_id: str
+    text: str
+    vector: np.ndarray
+
+
+@dataclass(frozen=True)
+class ImportRecord:
+    """Past events brought into the store (`Engine.import_events`), oldest first."""
+
+    events: tuple[EventRecord, ...]
+
+
+Record = Union[AddRecord, RemoveRecord, EventRecord, ProfileRecord, ImportRecord]
+
+
+def _event_payload(r: EventRecord) -> list[Any]:
+    return [r.user_id, r.item_id, r.event, r.value, r.t]
+
+
+def to_payload(rec: Record) -> dict[str, Any]:
+    """The JSON object written to the log for `rec`."""
+    if isinstance(rec, EventRecord):
+        return {"op": "event", "u": rec.user_id, "i": rec.item_id, "e": rec.event, "v": rec.value, "t": rec.t}
+    if isinstance(rec, AddRecord):
+        return {"op": "add", "t": rec.t, "dim": int(rec.vectors.shape[1]), "vec": b64(rec.vectors),
+                "items": [[i.item_id, i.title, i.text, list(i.categories)] for i in rec.items]}
+    if isinstance(rec, RemoveRecord):
+        return {"op": "remove", "ids": list(rec.ids)}
+    if isinstance(rec, ProfileRecord):
+        return {"op": "profile", "u": rec.user_id, "text": rec.text, "vec": b64(rec.vector)}
+    if isinstance(rec, ImportRecord):
+        return {"op": "import", "events": [_event_payload(e) for e in rec.events]}
+    raise TypeError(f"not a log record: {type(rec).__name__}")
+
+
+def from_payload(data: dict[str, Any], dim: int | None, where: str) -> Record:
+    """The record a payload holds. `dim` is the store's text-vector width (None before any item).
+
+    Raises:
+        CorruptStoreError: an unknown `op` or a payload not shaped as `to_payload` writes it;
+            the message names `where` (the log file and the record's sequence number).
+    """
+    op = data.get("op") if isinstance(data, dict) else None
+    try:
+        if op == "event":
+            return EventRecord(data["u"], data["i"], data["e"], float(data["v"]), int(data["t"]))
+        if op == "add":
+            items = tuple(Item(i, t, x, tuple(c)) for i, t, x, c in data["items"])
+            return AddRecord(int(data["t"]), items, unb64(data["vec"], int(data["dim"])))
+        if op == "remove":
+            return RemoveRecord(tuple(data["ids"]))
+        if op == "profile":
+            return ProfileRecord(data["u"], data["text"], unb64(data["vec"], int(dim or 0))[0])
+        if op == "import":
+            return ImportRecord(tuple(EventRecord(u, i, e, float(v), int(t)) for u, i, e, v, t in data["events"]))
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise CorruptStoreError(f"{where}: a malformed {op!r} record ({exc!r})") from exc
+    raise CorruptStoreError(f"{where}: unknown record op {op!r}; this store was written by a newer "
+                            "or a foreign program, and replaying past it would lose state")

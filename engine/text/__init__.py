@@ -1,0 +1,1 @@
+"""Item text in and vectors out: reading catalogs and events, the language model, embedding checks."""

@@ -1,0 +1,1 @@
+"""Training with torch: the item tower, the reranker, and fit's orchestration."""

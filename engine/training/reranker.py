@@ -1,0 +1,162 @@
+"""Training the reranker with torch: the network as a module, its listwise loss, and `fit`.
+
+Serving never imports this module (it scores with numpy, rerank.py); it loads when a reranker is
+trained or its first weights are drawn.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models.rerank import LINEAR_ONLY, N_BUCKETS, N_INPUTS, column, initial_linear_weights
+
+if TYPE_CHECKING:
+    from ..models.rerank import Reranker
+
+#: Early stopping of `fit`: share of users held out, epochs without progress, and the fewest
+#: examples worth holding any out.
+VALID_SHARE = 0.2
+PATIENCE = 3
+#: Adam's step size in `fit` (0.02 fit the held-out users' noise on amazon-office validation).
+FIT_LR = 3e-3
+MIN_VALID = 200
+#: Recall gain that counts as progress for early stopping (smaller is noise between epochs).
+MIN_GAIN = 1e-4
+#: Input std given to features the MLP must not see: it divides them to nothing (see LINEAR_ONLY).
+SILENCED_STD = 1e6
+#: Input std below which a feature counts as constant in the training logs.
+CONSTANT_STD = 1e-4
+#: The MLP's output layer starts this small, so an untrained reranker ranks by its linear part.
+MLP_OUT_SCALE = 0.01
+
+
+class RerankNet(nn.Module):
+    """`linear(x) + mlp((x - mean) / std)`: the torch twin of `rerank.forward`."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(N_INPUTS, 1)
+        self.mlp = nn.Sequential(nn.Linear(N_INPUTS, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                                 nn.ReLU(), nn.Linear(hidden, 1))
+        with torch.no_grad():
+            self.linear.weight.zero_()
+            self.linear.bias.zero_()
+            for b in range(N_BUCKETS):
+                for name, weight in initial_linear_weights(b).items():
+                    self.linear.weight[0, column(name, b)] = weight
+            self.mlp[-1].weight.mul_(MLP_OUT_SCALE)
+            self.mlp[-1].bias.zero_()
+        self.register_buffer("mean", torch.zeros(N_INPUTS))
+        self.register_buffer("std", torch.ones(N_INPUTS))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x - self.mean) / self.std
+        return self.linear(x).squeeze(-1) + self.mlp(z).squeeze(-1)
+
+
+def initial_weights(hidden: int, seed: int) -> dict[str, np.ndarray]:
+    """The untrained network's weights, drawn from `seed` with torch's generator forked: the
+    caller's torch random state is the same afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = RerankNet(hidden)
+    return to_numpy(net)
+
+
+def to_numpy(net: RerankNet) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
+
+
+def to_net(weights: dict[str, np.ndarray], hidden: int) -> RerankNet:
+    """A module holding `weights` (named as RerankNet's state_dict)."""
+    with torch.random.fork_rng(devices=[]):
+        net = RerankNet(hidden)  # its random start is overwritten at once
+    net.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in weights.items()})
+    return net
+
+
+def listwise_loss(net: RerankNet, batch: list[tuple[np.ndarray, np.ndarray]]) -> torch.Tensor:
+    """Mean over examples of the softmax cross-entropy of each positive among its candidates.
+
+    One forward pass over the padded batch (examples have different candidate counts).
+    """
+    sizes = [len(f) for f, _ in batch]
+    width = max(sizes)
+    feats = np.zeros((len(batch), width, N_INPUTS), np.float32)
+    valid = np.zeros((len(batch), width), bool)
+    target = np.zeros((len(batch), width), np.float32)
+    for b, (f, labels) in enumerate(batch):
+        feats[b, : len(f)] = f
+        valid[b, : len(f)] = True
+        target[b, labels] = 1.0 / len(labels)
+    logits = net(torch.from_numpy(feats)).masked_fill(~torch.from_numpy(valid), -1e9)
+    logp = torch.log_softmax(logits, dim=1)
+    return -(logp * torch.from_numpy(target)).sum(1).mean()
+
+
+
+def _split(n: int, groups: np.ndarray | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(train, valid) example positions; whole groups go to one side."""
+    if n < MIN_VALID:
+        return np.arange(n), np.zeros(0, np.int64)
+    groups = np.arange(n) if groups is None else np.asarray(groups)
+    uniq = np.unique(groups)
+    held = rng.permutation(uniq)[: max(1, int(round(VALID_SHARE * len(uniq))))]
+    mask = np.isin(groups, held)
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def fit(rr: "Reranker", examples: list[tuple[np.ndarray, np.ndarray]], epochs: int, batch: int = 64,
+        progress: bool = False, groups: np.ndarray | None = None) -> list[float]:
+    """Offline training of `rr` on (features, positive indices) examples; the epoch losses.
+
+    `epochs` is a ceiling: the examples of a seeded VALID_SHARE of the `groups` (users; each
+    example its own group when None) are held out, and training stops once their recall@20
+    has not improved for PATIENCE epochs, keeping the best weights (the listwise loss kept
+    falling on held-out users while their recall fell). Below MIN_VALID examples
+    every epoch runs on everything.
+    """
+    from tqdm.auto import tqdm
+
+    net = to_net(rr.weights, rr.hidden)
+    train, valid = _split(len(examples), groups, rr.rng)
+    allf = np.concatenate([examples[i][0] for i in train])
+    with torch.no_grad():
+        net.mean.copy_(torch.from_numpy(allf.mean(0)))
+        std = allf.std(0)
+        # a feature constant in the logs carries nothing the MLP could learn: silence it there
+        std = np.where(std < CONSTANT_STD, SILENCED_STD, std)
+        # the content scores enter linearly only (see LINEAR_ONLY)
+        std[[column(name, b) for name in LINEAR_ONLY for b in range(N_BUCKETS)]] = SILENCED_STD
+        net.std.copy_(torch.from_numpy(std.astype(np.float32)))
+    opt = torch.optim.Adam(net.parameters(), lr=FIT_LR)
+    losses: list[float] = []
+    best, best_state, stale = np.inf, None, 0
+    for _ in tqdm(range(epochs), desc="reranker", disable=not progress):
+        order = train[rr.rng.permutation(len(train))]
+        total = 0.0
+        for s in range(0, len(order), batch):
+            loss = listwise_loss(net, [examples[i] for i in order[s:s + batch]])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(order[s:s + batch])
+        losses.append(total / len(train))
+        if len(valid):
+            v = -rr.recall_at(to_numpy(net), [examples[i] for i in valid])
+            if v < best - MIN_GAIN:
+                best, stale = v, 0
+                best_state = {k: t.clone() for k, t in net.state_dict().items()}
+            else:
+                stale += 1
+                if stale >= PATIENCE:
+                    break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    rr.install(to_numpy(net), valid_recall=None if best == np.inf else -best)
+    rr.buffer.extend(examples[-rr.buffer.maxlen:])
+    return losses

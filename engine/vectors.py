@@ -1,0 +1,35 @@
+"""Small array helpers every part shares: unit length, and arrays that grow by doubling."""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Norms below this count as zero: far under any real embedding's norm, far above float32 noise
+#: around 0 that dividing by would blow up.
+ZERO_NORM = 1e-12
+
+
+def normalise(v: np.ndarray) -> np.ndarray:
+    """One vector at unit length, float32; the zero vector stays zero (a user with no signal).
+
+    Kept apart from `normalise_rows`: a 1-d norm and a row-wise one may round differently in the
+    last bit, and every stored user vector was computed with this one.
+    """
+    n = float(np.linalg.norm(v))
+    return (v / n).astype(np.float32) if n > ZERO_NORM else np.zeros_like(v, dtype=np.float32)
+
+
+def normalise_rows(x: np.ndarray) -> np.ndarray:
+    """Each row at unit length, float32; zero rows stay zero."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, ZERO_NORM)).astype(np.float32)
+
+
+def grown(arr: np.ndarray, n: int, at_least: int = 0) -> np.ndarray:
+    """`arr` if it has n rows, else a zero-filled copy with room for max(n, 2 * rows, at_least)
+    rows (doubling keeps appends amortised O(1)); same dtype and trailing shape."""
+    if len(arr) >= n:
+        return arr
+    out = np.zeros((max(n, 2 * len(arr), at_least),) + arr.shape[1:], arr.dtype)
+    out[: len(arr)] = arr
+    return out

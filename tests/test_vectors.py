@@ -1,0 +1,25 @@
+"""The shared array helpers: unit length, and growth by doubling."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.vectors import grown, normalise, normalise_rows
+
+
+def test_normalise_rows_gives_unit_rows_and_keeps_zero_rows_zero(rng):
+    x = rng.normal(size=(5, 7)).astype(np.float32)
+    x[2] = 0.0
+    out = normalise_rows(x)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(out[[0, 1, 3, 4]], axis=1), 1.0, atol=1e-6)
+    assert not out[2].any()
+    np.testing.assert_allclose(normalise(x[0]), out[0], atol=1e-7)
+
+
+def test_grown_doubles_keeps_content_dtype_and_shape():
+    a = np.arange(6, dtype=np.int64).reshape(3, 2)
+    assert grown(a, 3) is a
+    b = grown(a, 4)
+    assert b.shape == (6, 2) and b.dtype == np.int64 and (b[:3] == a).all() and not b[3:].any()
+    assert len(grown(a, 20)) == 20 and len(grown(np.zeros(0, bool), 1, at_least=1024)) == 1024
