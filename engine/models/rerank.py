@@ -4,7 +4,7 @@ Raw features of (user, candidate item), in order (FEATURES):
   tower    tau(n) * <u, v_i> + b_i, the two-tower score (similarity plus the item's learned prior)
   lexical  cosine between the item's TF-IDF vector and the mean of the user's clicked items' (lexical.py)
   cooc     log(1 + how often other users clicked the item near the user's recent clicks), coclick.py;
-           each recent click weighs RECENCY_DECAY ** (clicks since it) (ranking.py)
+           each recent click weighs RECENCY_DECAY ** (clicks since it) (serving/ranking.py)
   itemcf   the same weighted counts normalised item-item-cosine style: sum_i w_i co(i, j) / sqrt(c_i c_j)
   clicks   log(1 + online click count of the item)
   ctr      posterior mean CTR, (clicks + 1) / (impressions + 2)
