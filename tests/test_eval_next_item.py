@@ -144,6 +144,7 @@ def test_the_json_holds_per_user_values(chains_result: dict) -> None:
         values = per_user["results"][name]["ndcg@10"]
         assert np.mean(values) == pytest.approx(metrics["ndcg@10"], abs=1e-4)
     assert chains_result["ks"] == list(NEXT_ITEM_KS) and chains_result["protocol"] == "next-item"
+    assert set(chains_result["chosen"]["sasrec"]) == {"dropout", "validation_ndcg", "epochs", "stopped_by_budget"}
 
 
 class Spy:
@@ -200,3 +201,4 @@ def test_sasrec_leaves_the_global_torch_seed_alone() -> None:
     method.fit(train)
     assert torch.equal(torch.rand(3), expected)
     assert method.chosen["dropout"] == 0.2 and 1 <= method.chosen["epochs"] <= 3
+    assert method.chosen["stopped_by_budget"] is False

@@ -140,6 +140,8 @@ def measure(out: dict, methods: Sequence[Method], train: TrainSet, users: list[s
         scores = score(ranked)
         out["results"][method.name] = means(scores)
         per_user["results"][method.name] = {m: compact(v) for m, v in scores.items()}
+        if getattr(method, "chosen", None):  # what a method picked on its own validation data
+            out.setdefault("chosen", {})[method.name] = method.chosen
         progress(f"{out['protocol']} {method.name}: {_short(out['results'][method.name])} "
                  f"({_seconds(out['timings_s'][method.name])})")
     out["per_user"] = per_user

@@ -155,13 +155,14 @@ class SASRecMethod(ScoringMethod):
         with torch.random.fork_rng():  # the caller's global torch seed stays as it was
             for dropout in cfg.dropouts:
                 torch.manual_seed(self.seed)
-                model, score, epochs = self._train(train.n_items, dropout, inputs, targets, val)
+                model, score, epochs, out_of_time = self._train(train.n_items, dropout, inputs, targets, val)
                 log.info("sasrec dropout %.2f: validation ndcg@%d %.4f after %d epochs", dropout, cfg.eval_k, score, epochs)
                 if best is None or score > best[1]:
-                    best = (model, score, dropout, epochs)
-        self._net, score, dropout, epochs = best
+                    best = (model, score, dropout, epochs, out_of_time)
+        self._net, score, dropout, epochs, out_of_time = best
         self._net.eval()
-        self.chosen = {"dropout": dropout, "validation_ndcg": round(score, 4), "epochs": epochs}
+        self.chosen = {"dropout": dropout, "validation_ndcg": round(score, 4), "epochs": epochs,
+                       "stopped_by_budget": out_of_time}
 
     def _validation(self, train: TrainSet, seqs: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
         """(histories, targets) for early stopping: the holdout item after each user's training
@@ -181,7 +182,7 @@ class SASRecMethod(ScoringMethod):
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         rng = np.random.default_rng(self.seed)
         x_all, y_all = torch.from_numpy(inputs), torch.from_numpy(targets)
-        best_score, best_state, best_epoch, stale = -1.0, None, 0, 0
+        best_score, best_state, best_epoch, stale, out_of_time = -1.0, None, 0, 0, False
         start = time.perf_counter()
         for epoch in range(1, cfg.max_epochs + 1):
             model.train()
@@ -201,10 +202,13 @@ class SASRecMethod(ScoringMethod):
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 stale += 1
-            if stale >= cfg.patience or time.perf_counter() - start > cfg.budget_s:
+            if stale >= cfg.patience:
+                break
+            if time.perf_counter() - start > cfg.budget_s:
+                out_of_time = True
                 break
         model.load_state_dict(best_state)
-        return model, best_score, best_epoch
+        return model, best_score, best_epoch, out_of_time
 
     def _ndcg(self, model, histories: list[np.ndarray], targets: np.ndarray) -> float:
         """Mean NDCG@eval_k of the targets, each history masked, ties by the method's tiebreak."""
