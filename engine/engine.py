@@ -33,6 +33,7 @@ from .storage.records import (
 )
 from .storage.snapshot import read_generation, write_generation
 from .serving import queries
+from .serving.filters import Filter, check_filter
 from .serving.ranking import NeedsWrite
 from .state.apply import State
 from .storage.store import FORMAT, FORMAT_VERSION, StoreDir
@@ -422,7 +423,7 @@ class Engine:
     # ---- queries -----------------------------------------------------------------------------
     def recommend(self, user_id: str, k: int = 10, profile: str | None = None, exclude_seen: bool = True,
                   candidates: Sequence[str] | None = None, exclude: Iterable[str] | None = None,
-                  history: Sequence[str] | None = None) -> list[Recommendation]:
+                  history: Sequence[str] | None = None, filter: Filter | None = None) -> list[Recommendation]:
         """Top-k items for a user, new or known.
 
         Args:
@@ -435,16 +436,20 @@ class Engine:
                 (oldest first), built with the online rule from the model as it stands. Nothing
                 is recorded or saved and the stored user `user_id` (if any) is not consulted;
                 `profile`, when given, seeds that transient user only.
+            filter: business rules (`engine.Filter`: categories and ids to keep or leave out),
+                applied inside the search: k items come back whenever k items qualify.
 
         Raises:
             UnknownItemError: an id in `history` is not a live item.
+            InvalidInputError: a rule broken by an argument (nothing is saved then).
         """
         check_id(user_id, "user_id")
         _check_k(k)
+        flt = check_filter(filter)
         if profile is not None:
             check_text(profile, "profile")
         if history is not None:
-            return self._recommend_stateless(user_id, k, profile, exclude_seen, candidates, exclude, history)
+            return self._recommend_stateless(user_id, k, profile, exclude_seen, candidates, exclude, history, flt)
         if profile is not None and not self._store.read_only:
             with self._lock.read():
                 user = self._state.users.get(user_id) if self._state is not None else None
@@ -463,7 +468,7 @@ class Engine:
             if st is None or st.index is None:
                 return []
             user = queries.stored_or_new_user(st, user_id, profile, profile_vec)
-            return queries.ranked(st, user, user_id, k, exclude_seen, candidates, exclude, refresh)
+            return queries.ranked(st, user, user_id, k, exclude_seen, candidates, exclude, refresh, flt)
 
         return self._read(answer)
 
@@ -480,7 +485,7 @@ class Engine:
 
     def _recommend_stateless(self, user_id: str, k: int, profile: str | None, exclude_seen: bool,
                              candidates: Sequence[str] | None, exclude: Iterable[str] | None,
-                             history: Sequence[str]) -> list[Recommendation]:
+                             history: Sequence[str], flt: Filter | None) -> list[Recommendation]:
         if isinstance(history, str):
             raise TypeError("history must be a sequence of item ids, not one string")
         for item_id in history:
@@ -492,7 +497,7 @@ class Engine:
             if st is None or st.index is None:
                 return []
             user = queries.history_user(st, history, profile, profile_vec)
-            return queries.ranked(st, user, user_id, k, exclude_seen, candidates, exclude, refresh)
+            return queries.ranked(st, user, user_id, k, exclude_seen, candidates, exclude, refresh, flt)
 
         return self._read(answer)
 

@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import UnknownItemError
 from ..state.apply import State
 from ..types import Recommendation
+from .filters import Filter, allowed_rows
 from ..state.users import UserState
 
 
@@ -42,11 +43,14 @@ def history_user(state: State, history: Sequence[str], profile: str | None,
 
 def ranked(state: State, user: UserState, user_id: str, k: int, exclude_seen: bool,
            candidates: Sequence[str] | None, exclude: Iterable[str] | None,
-           refresh: bool) -> list[Recommendation]:
-    """The top k for `user`, of `candidates` (ids; default: the ranker's candidates)."""
+           refresh: bool, flt: Filter | None = None) -> list[Recommendation]:
+    """The top k for `user`, of `candidates` (ids; default: the ranker's candidates), within
+    the rules of `flt`."""
     banned = banned_rows(state, user, exclude_seen, exclude)
-    cand_rows = None if candidates is None else candidate_rows(state, candidates, banned)
-    rows, scores = state.ranker.rank(user, state.index, k, banned, cand_rows, user_key=user_id, refresh=refresh)
+    allowed = allowed_rows(state.items, flt)
+    cand_rows = None if candidates is None else candidate_rows(state, candidates, banned, allowed)
+    rows, scores = state.ranker.rank(user, state.index, k, banned, cand_rows, user_key=user_id, refresh=refresh,
+                                     allowed=allowed)
     return as_recommendations(state, rows, scores)
 
 
@@ -70,8 +74,12 @@ def banned_rows(state: State, user: UserState, exclude_seen: bool, exclude: Iter
     return np.fromiter(rows, dtype=np.int64, count=len(rows))
 
 
-def candidate_rows(state: State, candidates: Sequence[str], banned: np.ndarray) -> np.ndarray:
-    """The live rows of `candidates` (ids; unknown and removed ones ignored), less `banned`."""
+def candidate_rows(state: State, candidates: Sequence[str], banned: np.ndarray,
+                   allowed: np.ndarray | None = None) -> np.ndarray:
+    """The live rows of `candidates` (ids; unknown and removed ones ignored), less `banned`,
+    and only those `allowed` lets through (bool by row) when given."""
     rows = [state.items.live_row(i) for i in candidates]
     arr = np.array([r for r in rows if r is not None], dtype=np.int64)
+    if allowed is not None:
+        arr = arr[allowed[arr]]
     return np.setdiff1d(arr, banned) if len(banned) else np.unique(arr)

@@ -210,14 +210,19 @@ class Ranker:
         return live[top[np.lexsort((live[top], -score[top]))]]
 
     def candidates(self, user: UserState, index: VectorIndex, banned: np.ndarray, k: int = 0,
-                   refresh: bool = False) -> np.ndarray:
+                   refresh: bool = False, allowed: np.ndarray | None = None) -> np.ndarray:
         """Rows to score: the ANN neighbours of the user's query (`retrieve`, or k when more),
         the most co-clicked with the recent clicks, and the most clicked; topped up with the most
-        clicked others when that leaves fewer than k. None of `banned` (int64 rows)."""
+        clicked others when that leaves fewer than k. None of `banned` (int64 rows).
+
+        `allowed` (bool by row, from filters.allowed_rows) restricts every source before it
+        picks its best, so a filtered request still finds k rows whenever k qualify.
+        """
+        if allowed is not None:
+            return self._filtered_candidates(user, index, banned, k, allowed)
         parts = []
-        if user.vector.any() or self.trained:
-            rows, _ = index.search(self.query(user.vector, user.count + user.prior), max(self.config.retrieve, k),
-                                   exclude=banned)
+        if self.searches(user):
+            rows, _ = index.search(self.user_query(user), max(self.config.retrieve, k), exclude=banned)
             parts.append(rows)
         if self.config.coclick_candidates and user.clicks:
             near = self.coclicks.neighbours(self._recent(user), self.config.coclick_candidates + len(banned))
@@ -236,6 +241,33 @@ class Ranker:
             others = np.setdiff1d(self._items.live_rows(), np.union1d(rows, banned))
             rows = np.union1d(rows, self._most_clicked(k - len(rows), others))
         return rows
+
+    def _filtered_candidates(self, user: UserState, index: VectorIndex, banned: np.ndarray, k: int,
+                             allowed: np.ndarray) -> np.ndarray:
+        """`candidates` under a filter: every source picks among the eligible rows only (one
+        mask: allowed, live, not banned), FAISS through an IDSelector; nothing is dropped after."""
+        ok = allowed & ~self._items.removed[: len(allowed)]
+        ok[banned] = False
+        parts = []
+        if self.searches(user):
+            parts.append(index.search(self.user_query(user), max(self.config.retrieve, k), allowed=ok)[0])
+        if self.config.coclick_candidates and user.clicks:
+            parts.append(self.coclicks.neighbours(self._recent(user), self.config.coclick_candidates, among=ok))
+        eligible = np.flatnonzero(ok)
+        if self.config.popular_candidates:
+            parts.append(self._most_clicked(self.config.popular_candidates, eligible))
+        rows = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+        if len(rows) < k:
+            rows = np.union1d(rows, self._most_clicked(k - len(rows), np.setdiff1d(eligible, rows)))
+        return rows
+
+    def searches(self, user: UserState) -> bool:
+        """Whether the user's candidates include an ANN search (a vector, or a trained bias)."""
+        return bool(user.vector.any() or self.trained)
+
+    def user_query(self, user: UserState) -> np.ndarray:
+        """The FAISS query of a user: `query` at the user's history length."""
+        return self.query(user.vector, user.count + user.prior)
 
     def transient_user(self, rows: list[int], profile: str | None, profile_vec: np.ndarray | None) -> UserState:
         """A user built from `rows` (clicked item rows, oldest first) with the online rule, held by
@@ -336,11 +368,12 @@ class Ranker:
         return (self.config.explore_weight * spread * z).astype(np.float32)
 
     def rank(self, user: UserState, index: VectorIndex, k: int, banned: np.ndarray,
-             cand_rows: np.ndarray | None, user_key: str = "", refresh: bool = False
-             ) -> tuple[np.ndarray, np.ndarray]:
-        """The top k of `cand_rows` (default: `candidates`) for `user`: (rows, scores), best
-        first. Reads only, unless `refresh` (the caller holds the write lock; see `popular`)."""
-        rows = self.candidates(user, index, banned, k, refresh) if cand_rows is None else cand_rows
+             cand_rows: np.ndarray | None, user_key: str = "", refresh: bool = False,
+             allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The top k of `cand_rows` (default: `candidates`, within `allowed`) for `user`: (rows,
+        scores), best first. Reads only, unless `refresh` (the caller holds the write lock; see
+        `popular`)."""
+        rows = self.candidates(user, index, banned, k, refresh, allowed) if cand_rows is None else cand_rows
         if len(rows) == 0:
             return rows, np.zeros(0, np.float32)
         scores = self.score(user, rows)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import pyarrow as pa
 
@@ -36,6 +38,7 @@ class ItemTable:
         self.skips = np.zeros(0, np.float64)
         self._vecs = np.zeros((0, dim), np.float32)
         self._n = 0
+        self._by_category: dict[str, set[int]] = {}  # category -> rows carrying it (for filters)
 
     def __len__(self) -> int:
         return self._n
@@ -52,6 +55,25 @@ class ItemTable:
     def live_rows(self) -> np.ndarray:
         return np.flatnonzero(~self.removed[: self._n])
 
+    def category_mask(self, categories: Iterable[str]) -> np.ndarray:
+        """Rows carrying at least one of `categories`: shape (len(self),), bool."""
+        mask = np.zeros(self._n, bool)
+        for c in categories:
+            rows = self._by_category.get(c)
+            if rows:
+                mask[np.fromiter(rows, np.int64, len(rows))] = True
+        return mask
+
+    def _set_categories(self, row: int, categories: tuple[str, ...]) -> None:
+        if row < len(self.categories):
+            for c in self.categories[row]:
+                self._by_category.get(c, set()).discard(row)
+            self.categories[row] = categories
+        else:
+            self.categories.append(categories)
+        for c in categories:
+            self._by_category.setdefault(c, set()).add(row)
+
     def item(self, row: int) -> Item:
         return Item(self.vocab.id(row), self.titles[row], self.texts[row], self.categories[row])
 
@@ -67,11 +89,11 @@ class ItemTable:
             row = self.vocab.add(item.item_id)
             self.titles.append(item.title)
             self.texts.append(item.text)
-            self.categories.append(tuple(item.categories))
+            self._set_categories(row, tuple(item.categories))
             self._n += 1
         else:
             self.titles[row], self.texts[row] = item.title, item.text
-            self.categories[row] = tuple(item.categories)
+            self._set_categories(row, tuple(item.categories))
             self.impressions[row] = self.clicks[row] = self.skips[row] = 0.0
         self.added_at[row], self.removed[row] = now, False
         self._vecs[row] = vec
@@ -96,7 +118,8 @@ class ItemTable:
         for r in range(n):
             t.vocab.add(cols["item_id"][r])
         t.titles, t.texts = cols["title"], cols["text"]
-        t.categories = [tuple(c or ()) for c in cols["categories"]]
+        for r, c in enumerate(cols["categories"]):
+            t._set_categories(r, tuple(c or ()))
         for name in ("added_at", "removed", "impressions", "clicks", "skips"):
             getattr(t, name)[:n] = table.column(name).to_numpy(zero_copy_only=False)
         t._vecs[:n] = vectors
