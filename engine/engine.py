@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 #: Events per import record: a record stays far below the log's 64 MiB cap, and a crash in the
 #: middle of a long import leaves whole records that a second import completes.
 IMPORT_CHUNK = 20_000
+#: Users one `recommend_many` call may ask for: a batch's ANN results are held in memory at once.
+MAX_BATCH_USERS = 10_000
 
 
 class Engine:
@@ -469,6 +471,37 @@ class Engine:
                 return []
             user = queries.stored_or_new_user(st, user_id, profile, profile_vec)
             return queries.ranked(st, user, user_id, k, exclude_seen, candidates, exclude, refresh, flt)
+
+        return self._read(answer)
+
+    def recommend_many(self, user_ids: Sequence[str], k: int = 10, exclude_seen: bool = True,
+                       filter: Filter | None = None) -> list[list[Recommendation]]:
+        """`recommend` for several stored (or unknown, hence new) users at once.
+
+        The users' ANN candidates come from one batched FAISS search; on an exact index each
+        list is what `recommend(user_id, k, exclude_seen=..., filter=...)` returns (on HNSW or
+        IVF it can differ where the approximate search does; see Ranker.search_many).
+
+        Returns:
+            One list per id of `user_ids`, in that order.
+        Raises:
+            InvalidInputError: `user_ids` is one string, too long, or holds an invalid id.
+        """
+        if isinstance(user_ids, str) or not isinstance(user_ids, Sequence):
+            raise InvalidInputError(f"user_ids must be a list of user ids; got {type(user_ids).__name__}")
+        if len(user_ids) > MAX_BATCH_USERS:
+            raise InvalidInputError(f"user_ids must hold at most {MAX_BATCH_USERS:,} ids; got {len(user_ids):,}")
+        for user_id in user_ids:
+            check_id(user_id, "each user_id")
+        _check_k(k)
+        flt = check_filter(filter)
+
+        def answer(refresh: bool) -> list[list[Recommendation]]:
+            st = self._state
+            if st is None or st.index is None:
+                return [[] for _ in user_ids]
+            users = [queries.stored_or_new_user(st, u, None, None) for u in user_ids]
+            return queries.ranked_many(st, users, user_ids, k, exclude_seen, refresh, flt)
 
         return self._read(answer)
 

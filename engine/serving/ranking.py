@@ -210,20 +210,22 @@ class Ranker:
         return live[top[np.lexsort((live[top], -score[top]))]]
 
     def candidates(self, user: UserState, index: VectorIndex, banned: np.ndarray, k: int = 0,
-                   refresh: bool = False, allowed: np.ndarray | None = None) -> np.ndarray:
+                   refresh: bool = False, allowed: np.ndarray | None = None,
+                   ann: np.ndarray | None = None) -> np.ndarray:
         """Rows to score: the ANN neighbours of the user's query (`retrieve`, or k when more),
         the most co-clicked with the recent clicks, and the most clicked; topped up with the most
         clicked others when that leaves fewer than k. None of `banned` (int64 rows).
 
         `allowed` (bool by row, from filters.allowed_rows) restricts every source before it
-        picks its best, so a filtered request still finds k rows whenever k qualify.
+        picks its best, so a filtered request still finds k rows whenever k qualify. `ann`: the
+        ANN rows when already searched (`search_many`).
         """
         if allowed is not None:
-            return self._filtered_candidates(user, index, banned, k, allowed)
+            return self._filtered_candidates(user, index, banned, k, allowed, ann)
         parts = []
         if self.searches(user):
-            rows, _ = index.search(self.user_query(user), max(self.config.retrieve, k), exclude=banned)
-            parts.append(rows)
+            parts.append(ann if ann is not None else
+                         index.search(self.user_query(user), max(self.config.retrieve, k), exclude=banned)[0])
         if self.config.coclick_candidates and user.clicks:
             near = self.coclicks.neighbours(self._recent(user), self.config.coclick_candidates + len(banned))
             near = near[~self._items.removed[near]]
@@ -243,14 +245,15 @@ class Ranker:
         return rows
 
     def _filtered_candidates(self, user: UserState, index: VectorIndex, banned: np.ndarray, k: int,
-                             allowed: np.ndarray) -> np.ndarray:
+                             allowed: np.ndarray, ann: np.ndarray | None) -> np.ndarray:
         """`candidates` under a filter: every source picks among the eligible rows only (one
         mask: allowed, live, not banned), FAISS through an IDSelector; nothing is dropped after."""
         ok = allowed & ~self._items.removed[: len(allowed)]
         ok[banned] = False
         parts = []
         if self.searches(user):
-            parts.append(index.search(self.user_query(user), max(self.config.retrieve, k), allowed=ok)[0])
+            parts.append(ann if ann is not None else
+                         index.search(self.user_query(user), max(self.config.retrieve, k), allowed=ok)[0])
         if self.config.coclick_candidates and user.clicks:
             parts.append(self.coclicks.neighbours(self._recent(user), self.config.coclick_candidates, among=ok))
         eligible = np.flatnonzero(ok)
@@ -260,6 +263,30 @@ class Ranker:
         if len(rows) < k:
             rows = np.union1d(rows, self._most_clicked(k - len(rows), np.setdiff1d(eligible, rows)))
         return rows
+
+    def search_many(self, users: list[UserState], index: VectorIndex, banned: list[np.ndarray], k: int,
+                    allowed: np.ndarray | None = None) -> list[np.ndarray | None]:
+        """The ANN rows `candidates` would fetch for each user, in one FAISS call (None for a
+        user who does not search).
+
+        FAISS takes one selector per call, so the shared rules (live rows, `allowed`) act inside
+        the search and each user's `banned` rows are looked past: the search fetches as many
+        more rows as the longest `banned` list and each user's are then left out. On an exact
+        index that is the single search's answer; on HNSW or IVF it can differ where the
+        approximate search does.
+        """
+        out: list[np.ndarray | None] = [None] * len(users)
+        who = [j for j, u in enumerate(users) if self.searches(u)]
+        if not who:
+            return out
+        n = max(self.config.retrieve, k)
+        queries = np.stack([self.user_query(users[j]) for j in who])
+        found = index.search_batch(queries, n + max(len(banned[j]) for j in who), allowed=allowed)
+        for j, (rows, _) in zip(who, found):
+            if len(banned[j]):
+                rows = rows[~np.isin(rows, banned[j])]
+            out[j] = rows[:n]
+        return out
 
     def searches(self, user: UserState) -> bool:
         """Whether the user's candidates include an ANN search (a vector, or a trained bias)."""
@@ -369,11 +396,12 @@ class Ranker:
 
     def rank(self, user: UserState, index: VectorIndex, k: int, banned: np.ndarray,
              cand_rows: np.ndarray | None, user_key: str = "", refresh: bool = False,
-             allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+             allowed: np.ndarray | None = None, ann: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
         """The top k of `cand_rows` (default: `candidates`, within `allowed`) for `user`: (rows,
         scores), best first. Reads only, unless `refresh` (the caller holds the write lock; see
         `popular`)."""
-        rows = self.candidates(user, index, banned, k, refresh, allowed) if cand_rows is None else cand_rows
+        rows = self.candidates(user, index, banned, k, refresh, allowed, ann) if cand_rows is None else cand_rows
         if len(rows) == 0:
             return rows, np.zeros(0, np.float32)
         scores = self.score(user, rows)
