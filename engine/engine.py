@@ -425,7 +425,8 @@ class Engine:
     # ---- queries -----------------------------------------------------------------------------
     def recommend(self, user_id: str, k: int = 10, profile: str | None = None, exclude_seen: bool = True,
                   candidates: Sequence[str] | None = None, exclude: Iterable[str] | None = None,
-                  history: Sequence[str] | None = None, filter: Filter | None = None) -> list[Recommendation]:
+                  history: Sequence[str] | None = None, filter: Filter | None = None,
+                  explain: bool = False) -> list[Recommendation]:
         """Top-k items for a user, new or known.
 
         Args:
@@ -440,6 +441,9 @@ class Engine:
                 `profile`, when given, seeds that transient user only.
             filter: business rules (`engine.Filter`: categories and ids to keep or leave out),
                 applied inside the search: k items come back whenever k items qualify.
+            explain: give each Recommendation a `because` (`engine.Because`): the click or the
+                profile its text is nearest to (with the cosine), or "popular" (with the click
+                count), or "new item".
 
         Raises:
             UnknownItemError: an id in `history` is not a live item.
@@ -451,7 +455,8 @@ class Engine:
         if profile is not None:
             check_text(profile, "profile")
         if history is not None:
-            return self._recommend_stateless(user_id, k, profile, exclude_seen, candidates, exclude, history, flt)
+            return self._recommend_stateless(user_id, k, profile, exclude_seen, candidates, exclude, history, flt,
+                                             explain)
         if profile is not None and not self._store.read_only:
             with self._lock.read():
                 user = self._state.users.get(user_id) if self._state is not None else None
@@ -470,16 +475,16 @@ class Engine:
             if st is None or st.index is None:
                 return []
             user = queries.stored_or_new_user(st, user_id, profile, profile_vec)
-            return queries.ranked(st, user, user_id, k, exclude_seen, candidates, exclude, refresh, flt)
+            return queries.ranked(st, user, user_id, k, exclude_seen, candidates, exclude, refresh, flt, explain)
 
         return self._read(answer)
 
     def recommend_many(self, user_ids: Sequence[str], k: int = 10, exclude_seen: bool = True,
-                       filter: Filter | None = None) -> list[list[Recommendation]]:
+                       filter: Filter | None = None, explain: bool = False) -> list[list[Recommendation]]:
         """`recommend` for several stored (or unknown, hence new) users at once.
 
         The users' ANN candidates come from one batched FAISS search; on an exact index each
-        list is what `recommend(user_id, k, exclude_seen=..., filter=...)` returns (on HNSW or
+        list is what `recommend(user_id, k, exclude_seen=..., filter=..., explain=...)` returns (on HNSW or
         IVF it can differ where the approximate search does; see Ranker.search_many).
 
         Returns:
@@ -501,7 +506,7 @@ class Engine:
             if st is None or st.index is None:
                 return [[] for _ in user_ids]
             users = [queries.stored_or_new_user(st, u, None, None) for u in user_ids]
-            return queries.ranked_many(st, users, user_ids, k, exclude_seen, refresh, flt)
+            return queries.ranked_many(st, users, user_ids, k, exclude_seen, refresh, flt, explain)
 
         return self._read(answer)
 
@@ -518,7 +523,7 @@ class Engine:
 
     def _recommend_stateless(self, user_id: str, k: int, profile: str | None, exclude_seen: bool,
                              candidates: Sequence[str] | None, exclude: Iterable[str] | None,
-                             history: Sequence[str], flt: Filter | None) -> list[Recommendation]:
+                             history: Sequence[str], flt: Filter | None, explain: bool) -> list[Recommendation]:
         if isinstance(history, str):
             raise TypeError("history must be a sequence of item ids, not one string")
         for item_id in history:
@@ -530,7 +535,7 @@ class Engine:
             if st is None or st.index is None:
                 return []
             user = queries.history_user(st, history, profile, profile_vec)
-            return queries.ranked(st, user, user_id, k, exclude_seen, candidates, exclude, refresh, flt)
+            return queries.ranked(st, user, user_id, k, exclude_seen, candidates, exclude, refresh, flt, explain)
 
         return self._read(answer)
 

@@ -39,10 +39,40 @@ class Event:
     timestamp: int | None = None
 
 
+#: Why an item was recommended (see Because).
+Reason = Literal["clicked", "profile", "popular", "new item"]
+
+
+@dataclass(frozen=True)
+class Because:
+    """Why an item is in a list (`recommend(..., explain=True)`), with the number behind it.
+
+    - "clicked": its text is nearest to `item_id`, one of the user's clicks; `value` is the cosine
+      of the two text vectors.
+    - "profile": its text is nearest to the user's profile; `value` is that cosine.
+    - "popular": nothing the user did is near it; `value` is its click count.
+    - "new item": nothing near it and no clicks yet; `value` is when it was added (unix seconds).
+    """
+
+    reason: Reason
+    value: float
+    item_id: str | None = None
+
+    def __str__(self) -> str:
+        if self.reason == "clicked":
+            return f"near your click on {self.item_id} (cosine {self.value:.2f})"
+        if self.reason == "profile":
+            return f"near your profile (cosine {self.value:.2f})"
+        if self.reason == "popular":
+            return f"popular ({self.value:.0f} clicks)"
+        return f"new item (added at {self.value:.0f})"
+
+
 @dataclass(frozen=True)
 class Recommendation:
-    """One ranked result."""
+    """One ranked result; `because` is set only when the request asked for explanations."""
 
     item_id: str
     score: float
     title: str
+    because: Because | None = None

@@ -12,7 +12,8 @@ import numpy as np
 
 from ..errors import UnknownItemError
 from ..state.apply import State
-from ..types import Recommendation
+from ..types import Because, Recommendation
+from .explain import reasons
 from .filters import Filter, allowed_rows
 from ..state.users import UserState
 
@@ -43,19 +44,19 @@ def history_user(state: State, history: Sequence[str], profile: str | None,
 
 def ranked(state: State, user: UserState, user_id: str, k: int, exclude_seen: bool,
            candidates: Sequence[str] | None, exclude: Iterable[str] | None,
-           refresh: bool, flt: Filter | None = None) -> list[Recommendation]:
+           refresh: bool, flt: Filter | None = None, explain: bool = False) -> list[Recommendation]:
     """The top k for `user`, of `candidates` (ids; default: the ranker's candidates), within
-    the rules of `flt`."""
+    the rules of `flt`; with `explain`, each says why it is there."""
     banned = banned_rows(state, user, exclude_seen, exclude)
     allowed = allowed_rows(state.items, flt)
     cand_rows = None if candidates is None else candidate_rows(state, candidates, banned, allowed)
     rows, scores = state.ranker.rank(user, state.index, k, banned, cand_rows, user_key=user_id, refresh=refresh,
                                      allowed=allowed)
-    return as_recommendations(state, rows, scores)
+    return as_recommendations(state, rows, scores, reasons(state, user, rows) if explain else None)
 
 
 def ranked_many(state: State, users: list[UserState], user_ids: Sequence[str], k: int, exclude_seen: bool,
-                refresh: bool, flt: Filter | None = None) -> list[list[Recommendation]]:
+                refresh: bool, flt: Filter | None = None, explain: bool = False) -> list[list[Recommendation]]:
     """`ranked` for several users, their ANN candidates from one batched FAISS search."""
     banned = [banned_rows(state, u, exclude_seen, None) for u in users]
     allowed = allowed_rows(state.items, flt)
@@ -64,7 +65,7 @@ def ranked_many(state: State, users: list[UserState], user_ids: Sequence[str], k
     for user, user_id, b, a in zip(users, user_ids, banned, ann):
         rows, scores = state.ranker.rank(user, state.index, k, b, None, user_key=user_id, refresh=refresh,
                                          allowed=allowed, ann=a)
-        out.append(as_recommendations(state, rows, scores))
+        out.append(as_recommendations(state, rows, scores, reasons(state, user, rows) if explain else None))
     return out
 
 
@@ -74,8 +75,12 @@ def similar(state: State, row: int, k: int) -> list[Recommendation]:
     return as_recommendations(state, rows, scores)
 
 
-def as_recommendations(state: State, rows: np.ndarray, scores: np.ndarray) -> list[Recommendation]:
-    return [Recommendation(state.items.vocab.id(r), float(s), state.items.titles[r]) for r, s in zip(rows, scores)]
+def as_recommendations(state: State, rows: np.ndarray, scores: np.ndarray,
+                       because: list[Because] | None = None) -> list[Recommendation]:
+    """Rows and scores as Recommendations (ids, titles; `because` in the same order, if given)."""
+    why = because if because is not None else [None] * len(rows)
+    return [Recommendation(state.items.vocab.id(r), float(s), state.items.titles[r], b)
+            for r, s, b in zip(rows, scores, why)]
 
 
 def banned_rows(state: State, user: UserState, exclude_seen: bool, exclude: Iterable[str] | None) -> np.ndarray:
