@@ -186,7 +186,9 @@ def similar(store: Path, item_id: str, k: int, as_json: bool) -> None:
 @click.option("--event", type=click.Choice(EVENT_KINDS), default="click", show_default=True)
 @user_errors
 def feedback(store: Path, user_id: str, item_id: str, event: str) -> None:
-    """Record a click, skip or impression. Durable when this returns."""
+    """Record a click, skip, impression or dislike. Durable when this returns.
+
+    A dislike hides the item from the user for good and moves the user away from it."""
     eng = Engine.open(store)
     try:
         eng.record(user_id, item_id, event)

@@ -30,6 +30,7 @@ class Config:
         user_min_step: the smallest step of the user-vector update (the step is
             1 / (count + prior + 1), floored here, so warm users keep tracking their taste).
         skip_step: how far a skip pushes the user vector away from the item, relative to a click.
+        dislike_step: the same for a dislike (a strong skip; it also hides the item for good).
         online_updates: False freezes the store: record() is still logged and still marks the
             item as seen for the user, but no vector, history length, count, co-click or weight
             changes, then or when the store reopens. `import_events` and `fit` still work.
@@ -62,6 +63,7 @@ class Config:
     coclick_candidates: int = 100
     user_min_step: float = 0.05
     skip_step: float = 0.2
+    dislike_step: float = 1.0
     recent_window: int = 10
     online_updates: bool = True
     explore: bool = True
@@ -92,7 +94,7 @@ class Config:
                      "rerank_epochs", "replay_size"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
-        for name in ("user_min_step", "skip_step", "compact_ratio"):
+        for name in ("user_min_step", "skip_step", "dislike_step", "compact_ratio"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1]; got {getattr(self, name)!r}")
         for name in ("explore_weight", "online_lr"):

@@ -363,7 +363,10 @@ class Engine:
 
     def record(self, user_id: str, item_id: str, event: str = "click", value: float = 1.0,
                timestamp: int | None = None) -> None:
-        """Log one click, skip or impression durably, then learn from it at once.
+        """Log one click, skip, impression or dislike durably, then learn from it at once.
+
+        A dislike hides the item from this user for good (even with exclude_seen=False) and
+        pushes the user vector away from it `Config.dislike_step` times as far as a click pulls.
 
         `value` is kept in the log with the event (a rating, say); the update does not depend on
         it. Map graded feedback to clicks and skips before recording (`read_events(min_value=)`).

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-#: What happened: the engine knows these three (other kinds are mapped when read, catalog.py).
-EventKind = Literal["click", "skip", "impression"]
+#: What happened: the engine knows these four (other kinds are mapped when read, catalog.py). A
+#: dislike hides the item from the user for good and pushes the user away from it.
+EventKind = Literal["click", "skip", "impression", "dislike"]
 EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
 
 
@@ -26,7 +27,7 @@ class Item:
 
 @dataclass(frozen=True)
 class Event:
-    """One interaction: `event` is click, skip or impression.
+    """One interaction: `event` is click, skip, impression or dislike.
 
     `value` (a rating, say; 1.0 by default) is kept with the event in the log; no update depends
     on it. Graded feedback becomes clicks and skips when it is read (`read_events(min_value=)`).

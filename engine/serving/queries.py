@@ -84,8 +84,9 @@ def as_recommendations(state: State, rows: np.ndarray, scores: np.ndarray,
 
 
 def banned_rows(state: State, user: UserState, exclude_seen: bool, exclude: Iterable[str] | None) -> np.ndarray:
-    """Rows a request must not return: the user's seen items (when asked) and `exclude` (ids)."""
-    rows = user.seen() if exclude_seen else set()
+    """Rows a request must not return: the user's seen items (when asked), the disliked ones
+    (always) and `exclude` (ids)."""
+    rows = user.seen() if exclude_seen else set(user.dislikes)
     for i in exclude or ():
         r = state.items.vocab.row(i)
         if r is not None:

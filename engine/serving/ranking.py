@@ -21,7 +21,7 @@ from ..state.items import ItemTable
 from ..state.lexical import Lexicon
 from ..models.projection import Projection
 from ..models.rerank import FEATURES, N_FEATURES, Reranker, expand
-from ..state.users import UserState, UserTable, apply_click, apply_skip
+from ..state.users import UserState, UserTable, apply_click, apply_dislike, apply_skip
 from ..vectors import grown, normalise
 
 #: Clicks after which the popular list is rebuilt: counts move slowly, and a rebuild sorts the catalog.
@@ -166,6 +166,10 @@ class Ranker:
                 self._pop_cache = None
         elif kind == "skip":
             apply_skip(user, vec, self.config.user_min_step, self.config.skip_step)
+            items.skips[row] += 1.0
+            items.impressions[row] += 1.0
+        elif kind == "dislike":  # a strong skip; the item's counts take it as one
+            apply_dislike(user, vec, self.config.user_min_step, self.config.dislike_step)
             items.skips[row] += 1.0
             items.impressions[row] += 1.0
         else:

@@ -43,7 +43,7 @@ class RemoveRecord:
 
 @dataclass(frozen=True)
 class EventRecord:
-    """One click, skip or impression, as `Engine.record` took it."""
+    """One click, skip, impression or dislike, as `Engine.record` took it."""
 
     user_id: str
     item_id: str

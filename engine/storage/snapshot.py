@@ -19,9 +19,10 @@ from ..state.users import UserTable
 USER_SCHEMA = pa.schema([
     ("user_id", pa.string()), ("clicks", pa.list_(pa.int64())), ("skips", pa.list_(pa.int64())),
     ("impressions", pa.int64()), ("profile", pa.string()), ("held", pa.list_(pa.int64())),
+    ("dislikes", pa.list_(pa.int64())),
 ])
 #: Columns a store written by an earlier version may lack (read as empty).
-OPTIONAL_USER_COLUMNS = ("held",)
+OPTIONAL_USER_COLUMNS = ("held", "dislikes")
 
 
 def users_to_arrow(users: UserTable) -> pa.Table:
@@ -30,6 +31,7 @@ def users_to_arrow(users: UserTable) -> pa.Table:
         pa.array(users.vocab.ids(), pa.string()), pa.array([u.clicks for u in s], pa.list_(pa.int64())),
         pa.array([u.skips for u in s], pa.list_(pa.int64())), pa.array([u.impressions for u in s], pa.int64()),
         pa.array([u.profile for u in s], pa.string()), pa.array([u.held for u in s], pa.list_(pa.int64())),
+        pa.array([u.dislikes for u in s], pa.list_(pa.int64())),
     ], schema=USER_SCHEMA)
 
 
@@ -55,6 +57,7 @@ def users_from_arrow(table: pa.Table, vecs: np.ndarray, profiles: np.ndarray) ->
         state.profile = cols["profile"][r]
         state.profile_vec = profiles[r].copy() if state.profile is not None else None
         state.held = list(cols["held"][r]) if "held" in cols else []
+        state.dislikes = list(cols["dislikes"][r]) if "dislikes" in cols else []
     return users
 
 
@@ -161,7 +164,7 @@ def _check_rows(users: pa.Table, n_items: int, path: Path) -> None:
     """Histories may only name item rows that exist."""
     import pyarrow.compute as pc
 
-    for col in [c for c in ("clicks", "skips", "held") if c in users.column_names]:
+    for col in [c for c in ("clicks", "skips", "held", "dislikes") if c in users.column_names]:
         flat = pc.list_flatten(users.column(col))
         if len(flat) and (pc.min(flat).as_py() < 0 or pc.max(flat).as_py() >= n_items):
             raise CorruptStoreError(f"{path}: column {col!r} names item rows outside 0..{n_items - 1}")
