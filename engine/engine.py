@@ -298,7 +298,8 @@ class Engine:
         """Embed and index new items; they are recommendable when this returns.
 
         Args:
-            items: Item objects or dicts with item_id, title, text, categories.
+            items: Item objects or dicts with item_id, title, text, categories and, optionally,
+                expires_at (unix seconds: from then on the item is never returned).
             vectors: optional precomputed text vectors, shape (n, dim) float32 (skips the model).
             upsert: replace items whose id is already live instead of rejecting the batch.
         Returns:
@@ -478,7 +479,8 @@ class Engine:
             if st is None or st.index is None:
                 return []
             user = queries.stored_or_new_user(st, user_id, profile, profile_vec)
-            return queries.ranked(st, user, user_id, k, exclude_seen, candidates, exclude, refresh, flt, explain)
+            return queries.ranked(st, user, user_id, k, exclude_seen, candidates, exclude, refresh, flt, explain,
+                                  int(time.time()))
 
         return self._read(answer)
 
@@ -509,7 +511,7 @@ class Engine:
             if st is None or st.index is None:
                 return [[] for _ in user_ids]
             users = [queries.stored_or_new_user(st, u, None, None) for u in user_ids]
-            return queries.ranked_many(st, users, user_ids, k, exclude_seen, refresh, flt, explain)
+            return queries.ranked_many(st, users, user_ids, k, exclude_seen, refresh, flt, explain, int(time.time()))
 
         return self._read(answer)
 
@@ -538,7 +540,8 @@ class Engine:
             if st is None or st.index is None:
                 return []
             user = queries.history_user(st, history, profile, profile_vec)
-            return queries.ranked(st, user, user_id, k, exclude_seen, candidates, exclude, refresh, flt, explain)
+            return queries.ranked(st, user, user_id, k, exclude_seen, candidates, exclude, refresh, flt, explain,
+                                  int(time.time()))
 
         return self._read(answer)
 
@@ -551,7 +554,7 @@ class Engine:
             row = None if st is None else st.items.live_row(item_id)
             if row is None:
                 raise UnknownItemError(f"unknown item id {item_id!r}")
-            return queries.similar(st, row, k)
+            return queries.similar(st, row, k, int(time.time()))
 
     def get_item(self, item_id: str) -> Item:
         with self._lock.read():

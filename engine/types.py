@@ -13,12 +13,17 @@ EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
 
 @dataclass(frozen=True)
 class Item:
-    """A catalog item: its external id and the text it is embedded from."""
+    """A catalog item: its external id and the text it is embedded from.
+
+    `expires_at` (unix seconds, optional): from that time on the item is never returned by
+    recommend, recommend_many or similar_items (it stays in the store).
+    """
 
     item_id: str
     title: str
     text: str = ""
     categories: tuple[str, ...] = field(default_factory=tuple)
+    expires_at: int | None = None
 
     def __post_init__(self) -> None:
         # Accept any iterable of categories but store an immutable tuple.

@@ -1,5 +1,7 @@
 """Business rules as data: the `Filter` of a request and the rows it lets through.
 
+Expired items (`Item.expires_at`) are held back here too, for every request.
+
 A `Filter` names categories and item ids; `allowed_rows` turns it into a boolean mask over the
 item table, where the categories and ids live. The ranker hands that mask to FAISS as an
 IDSelector and applies it to every other candidate source (co-clicks, popular items, explicit
@@ -78,13 +80,22 @@ def check_filter(flt: object) -> Filter | None:
     return flt
 
 
-def allowed_rows(items: ItemTable, flt: Filter | None) -> np.ndarray | None:
-    """The rows `flt` lets through: shape (len(items),), bool; None when it restricts nothing.
+def allowed_rows(items: ItemTable, flt: Filter | None, now: int | None = None) -> np.ndarray | None:
+    """The rows `flt` lets through and, with `now` (unix seconds), that have not expired: shape
+    (len(items),), bool; None when nothing is held back.
 
     Removed rows are not cleared here: every candidate source skips them already.
     """
-    if flt is None or flt == Filter():
+    expired = None if now is None else items.expired(now)
+    if (flt is None or flt == Filter()) and expired is None:
         return None
+    mask = _filter_mask(items, flt or Filter())
+    if expired is not None:
+        mask &= ~expired
+    return mask
+
+
+def _filter_mask(items: ItemTable, flt: Filter) -> np.ndarray:
     n = len(items)
     if flt.allow is not None:
         mask = np.zeros(n, bool)

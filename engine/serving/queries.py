@@ -44,11 +44,12 @@ def history_user(state: State, history: Sequence[str], profile: str | None,
 
 def ranked(state: State, user: UserState, user_id: str, k: int, exclude_seen: bool,
            candidates: Sequence[str] | None, exclude: Iterable[str] | None,
-           refresh: bool, flt: Filter | None = None, explain: bool = False) -> list[Recommendation]:
+           refresh: bool, flt: Filter | None = None, explain: bool = False,
+           now: int | None = None) -> list[Recommendation]:
     """The top k for `user`, of `candidates` (ids; default: the ranker's candidates), within
-    the rules of `flt`; with `explain`, each says why it is there."""
+    the rules of `flt` and not expired at `now`; with `explain`, each says why it is there."""
     banned = banned_rows(state, user, exclude_seen, exclude)
-    allowed = allowed_rows(state.items, flt)
+    allowed = allowed_rows(state.items, flt, now)
     cand_rows = None if candidates is None else candidate_rows(state, candidates, banned, allowed)
     rows, scores = state.ranker.rank(user, state.index, k, banned, cand_rows, user_key=user_id, refresh=refresh,
                                      allowed=allowed)
@@ -56,10 +57,11 @@ def ranked(state: State, user: UserState, user_id: str, k: int, exclude_seen: bo
 
 
 def ranked_many(state: State, users: list[UserState], user_ids: Sequence[str], k: int, exclude_seen: bool,
-                refresh: bool, flt: Filter | None = None, explain: bool = False) -> list[list[Recommendation]]:
+                refresh: bool, flt: Filter | None = None, explain: bool = False,
+                now: int | None = None) -> list[list[Recommendation]]:
     """`ranked` for several users, their ANN candidates from one batched FAISS search."""
     banned = [banned_rows(state, u, exclude_seen, None) for u in users]
-    allowed = allowed_rows(state.items, flt)
+    allowed = allowed_rows(state.items, flt, now)
     ann = state.ranker.search_many(users, state.index, banned, k, allowed)
     out = []
     for user, user_id, b, a in zip(users, user_ids, banned, ann):
@@ -69,9 +71,11 @@ def ranked_many(state: State, users: list[UserState], user_ids: Sequence[str], k
     return out
 
 
-def similar(state: State, row: int, k: int) -> list[Recommendation]:
-    """The k live items nearest item `row` in retrieval space (itself excluded)."""
-    rows, scores = state.index.search(state.ranker.similar_query(row), k, exclude=np.array([row], np.int64))
+def similar(state: State, row: int, k: int, now: int | None = None) -> list[Recommendation]:
+    """The k live items nearest item `row` in retrieval space (itself excluded, and those
+    expired at `now`)."""
+    rows, scores = state.index.search(state.ranker.similar_query(row), k, exclude=np.array([row], np.int64),
+                                      allowed=allowed_rows(state.items, None, now))
     return as_recommendations(state, rows, scores)
 
 

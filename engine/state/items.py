@@ -15,7 +15,12 @@ ITEM_SCHEMA = pa.schema([
     ("item_id", pa.string()), ("title", pa.string()), ("text", pa.string()),
     ("categories", pa.list_(pa.string())), ("added_at", pa.int64()), ("removed", pa.bool_()),
     ("impressions", pa.float64()), ("clicks", pa.float64()), ("skips", pa.float64()),
+    ("expires_at", pa.int64()),
 ])
+#: Columns a store written by an earlier version may lack (read as "never expires").
+OPTIONAL_ITEM_COLUMNS = ("expires_at",)
+#: `expires_at` of an item that never expires.
+NEVER = np.iinfo(np.int64).max
 
 
 #: Rows the arrays first make room for: a catalog of a few items should not regrow per add.
@@ -36,6 +41,7 @@ class ItemTable:
         self.impressions = np.zeros(0, np.float64)
         self.clicks = np.zeros(0, np.float64)
         self.skips = np.zeros(0, np.float64)
+        self.expires_at = np.zeros(0, np.int64)  # NEVER when the item does not expire
         self._vecs = np.zeros((0, dim), np.float32)
         self._n = 0
         self._by_category: dict[str, set[int]] = {}  # category -> rows carrying it (for filters)
@@ -54,6 +60,13 @@ class ItemTable:
 
     def live_rows(self) -> np.ndarray:
         return np.flatnonzero(~self.removed[: self._n])
+
+    def expired(self, now: int) -> np.ndarray | None:
+        """Rows whose `expires_at` has come (at or before `now`): shape (len(self),), bool; None
+        when no live row has expired."""
+        mask = self.expires_at[: self._n] <= now
+        mask &= ~self.removed[: self._n]
+        return mask if mask.any() else None
 
     def category_mask(self, categories: Iterable[str]) -> np.ndarray:
         """Rows carrying at least one of `categories`: shape (len(self),), bool."""
@@ -75,10 +88,12 @@ class ItemTable:
             self._by_category.setdefault(c, set()).add(row)
 
     def item(self, row: int) -> Item:
-        return Item(self.vocab.id(row), self.titles[row], self.texts[row], self.categories[row])
+        e = int(self.expires_at[row])
+        return Item(self.vocab.id(row), self.titles[row], self.texts[row], self.categories[row],
+                    None if e == NEVER else e)
 
     def _reserve(self, n: int) -> None:
-        for name in ("added_at", "removed", "impressions", "clicks", "skips", "_vecs"):
+        for name in ("added_at", "removed", "impressions", "clicks", "skips", "expires_at", "_vecs"):
             setattr(self, name, grown(getattr(self, name), n, MIN_CAPACITY))
 
     def append(self, item: Item, vec: np.ndarray, now: int) -> int:
@@ -96,6 +111,7 @@ class ItemTable:
             self._set_categories(row, tuple(item.categories))
             self.impressions[row] = self.clicks[row] = self.skips[row] = 0.0
         self.added_at[row], self.removed[row] = now, False
+        self.expires_at[row] = NEVER if item.expires_at is None else item.expires_at
         self._vecs[row] = vec
         return row
 
@@ -107,6 +123,7 @@ class ItemTable:
                                                          pa.list_(pa.string())),
             pa.array(self.added_at[:n]), pa.array(self.removed[:n]), pa.array(self.impressions[:n]),
             pa.array(self.clicks[:n]), pa.array(self.skips[:n]),
+            pa.array(self.expires_at[:n], mask=self.expires_at[:n] == NEVER),
         ], schema=ITEM_SCHEMA)
 
     @classmethod
@@ -122,6 +139,9 @@ class ItemTable:
             t._set_categories(r, tuple(c or ()))
         for name in ("added_at", "removed", "impressions", "clicks", "skips"):
             getattr(t, name)[:n] = table.column(name).to_numpy(zero_copy_only=False)
+        t.expires_at[:n] = NEVER
+        if "expires_at" in table.column_names:
+            t.expires_at[:n] = table.column("expires_at").fill_null(NEVER).to_numpy(zero_copy_only=False)
         t._vecs[:n] = vectors
         t._n = n
         return t

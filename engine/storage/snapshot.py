@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load, load_file, save_file
 
 from ..errors import CorruptStoreError
-from ..state.items import ITEM_SCHEMA, ItemTable
+from ..state.items import ITEM_SCHEMA, OPTIONAL_ITEM_COLUMNS, ItemTable
 from .store import StoreDir, atomic_write
 from ..state.users import UserTable
 
@@ -130,7 +130,8 @@ def read_generation(store: StoreDir, manifest: dict[str, Any], d_text: int,
         if key not in tensors or tensors[key].ndim != 2:
             raise CorruptStoreError(f"{vec_path}: no 2-d tensor {key!r}; not a Kindling vectors file")
     items_path = store.file("items", gen, "parquet")
-    items_table = _with_schema(read_parquet(items_path, pinned.get(items_path.name)), ITEM_SCHEMA, items_path)
+    items_table = _with_schema(read_parquet(items_path, pinned.get(items_path.name)), ITEM_SCHEMA, items_path,
+                               OPTIONAL_ITEM_COLUMNS)
     if items_table.num_rows != len(item_vecs):
         raise CorruptStoreError(f"{items_path}: {items_table.num_rows} items but {len(item_vecs)} vectors "
                                 f"in {vec_path.name}")
