@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -430,7 +431,7 @@ class Engine:
     def recommend(self, user_id: str, k: int = 10, profile: str | None = None, exclude_seen: bool = True,
                   candidates: Sequence[str] | None = None, exclude: Iterable[str] | None = None,
                   history: Sequence[str] | None = None, filter: Filter | None = None,
-                  explain: bool = False) -> list[Recommendation]:
+                  explain: bool = False, diversity: float = 0.0) -> list[Recommendation]:
         """Top-k items for a user, new or known.
 
         Args:
@@ -448,19 +449,20 @@ class Engine:
             explain: give each Recommendation a `because` (`engine.Because`): the click or the
                 profile its text is nearest to (with the cosine), or "popular" (with the click
                 count), or "new item".
+            diversity: 0 (default) to 1: reorder the scored candidates by maximal marginal
+                relevance on their item vectors, trading score for items unlike those above
+                them; 0 keeps the score order exactly.
 
         Raises:
             UnknownItemError: an id in `history` is not a live item.
             InvalidInputError: a rule broken by an argument (nothing is saved then).
         """
         check_id(user_id, "user_id")
-        _check_k(k)
-        flt = check_filter(filter)
+        q = _query(k, exclude_seen, candidates, exclude, filter, explain, diversity)
         if profile is not None:
             check_text(profile, "profile")
         if history is not None:
-            return self._recommend_stateless(user_id, k, profile, exclude_seen, candidates, exclude, history, flt,
-                                             explain)
+            return self._recommend_stateless(user_id, profile, history, q)
         if profile is not None and not self._store.read_only:
             with self._lock.read():
                 user = self._state.users.get(user_id) if self._state is not None else None
@@ -479,17 +481,17 @@ class Engine:
             if st is None or st.index is None:
                 return []
             user = queries.stored_or_new_user(st, user_id, profile, profile_vec)
-            return queries.ranked(st, user, user_id, k, exclude_seen, candidates, exclude, refresh, flt, explain,
-                                  int(time.time()))
+            return queries.ranked(st, user, user_id, replace(q, now=int(time.time())), refresh)
 
         return self._read(answer)
 
     def recommend_many(self, user_ids: Sequence[str], k: int = 10, exclude_seen: bool = True,
-                       filter: Filter | None = None, explain: bool = False) -> list[list[Recommendation]]:
+                       filter: Filter | None = None, explain: bool = False,
+                       diversity: float = 0.0) -> list[list[Recommendation]]:
         """`recommend` for several stored (or unknown, hence new) users at once.
 
         The users' ANN candidates come from one batched FAISS search; on an exact index each
-        list is what `recommend(user_id, k, exclude_seen=..., filter=..., explain=...)` returns (on HNSW or
+        list is what `recommend(user_id, k, ...)` with the same arguments returns (on HNSW or
         IVF it can differ where the approximate search does; see Ranker.search_many).
 
         Returns:
@@ -503,15 +505,14 @@ class Engine:
             raise InvalidInputError(f"user_ids must hold at most {MAX_BATCH_USERS:,} ids; got {len(user_ids):,}")
         for user_id in user_ids:
             check_id(user_id, "each user_id")
-        _check_k(k)
-        flt = check_filter(filter)
+        q = _query(k, exclude_seen, None, None, filter, explain, diversity)
 
         def answer(refresh: bool) -> list[list[Recommendation]]:
             st = self._state
             if st is None or st.index is None:
                 return [[] for _ in user_ids]
             users = [queries.stored_or_new_user(st, u, None, None) for u in user_ids]
-            return queries.ranked_many(st, users, user_ids, k, exclude_seen, refresh, flt, explain, int(time.time()))
+            return queries.ranked_many(st, users, user_ids, replace(q, now=int(time.time())), refresh)
 
         return self._read(answer)
 
@@ -526,9 +527,8 @@ class Engine:
         with self._lock.write():
             return query(True)
 
-    def _recommend_stateless(self, user_id: str, k: int, profile: str | None, exclude_seen: bool,
-                             candidates: Sequence[str] | None, exclude: Iterable[str] | None,
-                             history: Sequence[str], flt: Filter | None, explain: bool) -> list[Recommendation]:
+    def _recommend_stateless(self, user_id: str, profile: str | None, history: Sequence[str],
+                             q: queries.Query) -> list[Recommendation]:
         if isinstance(history, str):
             raise TypeError("history must be a sequence of item ids, not one string")
         for item_id in history:
@@ -540,8 +540,7 @@ class Engine:
             if st is None or st.index is None:
                 return []
             user = queries.history_user(st, history, profile, profile_vec)
-            return queries.ranked(st, user, user_id, k, exclude_seen, candidates, exclude, refresh, flt, explain,
-                                  int(time.time()))
+            return queries.ranked(st, user, user_id, replace(q, now=int(time.time())), refresh)
 
         return self._read(answer)
 
@@ -635,6 +634,15 @@ def _event_record(user_id: str, item_id: str, event: str, value: float, timestam
 def _reason(exc: BaseException) -> str:
     """The short cause of an I/O failure, e.g. 'No space left on device'."""
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _query(k: int, exclude_seen: bool, candidates: Sequence[str] | None, exclude: Iterable[str] | None,
+           flt: Filter | None, explain: bool, diversity: float) -> queries.Query:
+    """A request's options, checked against their rules (the message names the rule broken)."""
+    _check_k(k)
+    if isinstance(diversity, bool) or not isinstance(diversity, (int, float)) or not 0.0 <= diversity <= 1.0:
+        raise InvalidInputError(f"diversity must be a number between 0 and 1; got {diversity!r}")
+    return queries.Query(k, exclude_seen, candidates, exclude, check_filter(flt), bool(explain), float(diversity))
 
 
 def _check_k(k: int) -> None:

@@ -7,6 +7,7 @@ Engine._read). Ids are turned into rows here and back into ids with titles on th
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -42,32 +43,46 @@ def history_user(state: State, history: Sequence[str], profile: str | None,
     return state.ranker.transient_user(rows, profile, profile_vec)
 
 
-def ranked(state: State, user: UserState, user_id: str, k: int, exclude_seen: bool,
-           candidates: Sequence[str] | None, exclude: Iterable[str] | None,
-           refresh: bool, flt: Filter | None = None, explain: bool = False,
-           now: int | None = None) -> list[Recommendation]:
-    """The top k for `user`, of `candidates` (ids; default: the ranker's candidates), within
-    the rules of `flt` and not expired at `now`; with `explain`, each says why it is there."""
-    banned = banned_rows(state, user, exclude_seen, exclude)
-    allowed = allowed_rows(state.items, flt, now)
-    cand_rows = None if candidates is None else candidate_rows(state, candidates, banned, allowed)
-    rows, scores = state.ranker.rank(user, state.index, k, banned, cand_rows, user_key=user_id, refresh=refresh,
-                                     allowed=allowed)
-    return as_recommendations(state, rows, scores, reasons(state, user, rows) if explain else None)
+@dataclass(frozen=True)
+class Query:
+    """What a request asks for, as the facade checked it (see Engine.recommend).
+
+    `now` (unix seconds) is the time items' `expires_at` is compared with; None: never expire.
+    """
+
+    k: int
+    exclude_seen: bool = True
+    candidates: Sequence[str] | None = None
+    exclude: Iterable[str] | None = None
+    filter: Filter | None = None
+    explain: bool = False
+    diversity: float = 0.0
+    now: int | None = None
 
 
-def ranked_many(state: State, users: list[UserState], user_ids: Sequence[str], k: int, exclude_seen: bool,
-                refresh: bool, flt: Filter | None = None, explain: bool = False,
-                now: int | None = None) -> list[list[Recommendation]]:
-    """`ranked` for several users, their ANN candidates from one batched FAISS search."""
-    banned = [banned_rows(state, u, exclude_seen, None) for u in users]
-    allowed = allowed_rows(state.items, flt, now)
-    ann = state.ranker.search_many(users, state.index, banned, k, allowed)
+def ranked(state: State, user: UserState, user_id: str, q: Query, refresh: bool) -> list[Recommendation]:
+    """The top q.k for `user`, of `q.candidates` (ids; default: the ranker's candidates), within
+    the rules of `q.filter` and not expired at `q.now`; with `q.explain`, each says why."""
+    banned = banned_rows(state, user, q.exclude_seen, q.exclude)
+    allowed = allowed_rows(state.items, q.filter, q.now)
+    cand_rows = None if q.candidates is None else candidate_rows(state, q.candidates, banned, allowed)
+    rows, scores = state.ranker.rank(user, state.index, q.k, banned, cand_rows, user_key=user_id, refresh=refresh,
+                                     allowed=allowed, diversity=q.diversity)
+    return as_recommendations(state, rows, scores, reasons(state, user, rows) if q.explain else None)
+
+
+def ranked_many(state: State, users: list[UserState], user_ids: Sequence[str], q: Query,
+                refresh: bool) -> list[list[Recommendation]]:
+    """`ranked` for several users (`q.candidates` and `q.exclude` unused), their ANN candidates
+    from one batched FAISS search."""
+    banned = [banned_rows(state, u, q.exclude_seen, None) for u in users]
+    allowed = allowed_rows(state.items, q.filter, q.now)
+    ann = state.ranker.search_many(users, state.index, banned, q.k, allowed)
     out = []
     for user, user_id, b, a in zip(users, user_ids, banned, ann):
-        rows, scores = state.ranker.rank(user, state.index, k, b, None, user_key=user_id, refresh=refresh,
-                                         allowed=allowed, ann=a)
-        out.append(as_recommendations(state, rows, scores, reasons(state, user, rows) if explain else None))
+        rows, scores = state.ranker.rank(user, state.index, q.k, b, None, user_key=user_id, refresh=refresh,
+                                         allowed=allowed, ann=a, diversity=q.diversity)
+        out.append(as_recommendations(state, rows, scores, reasons(state, user, rows) if q.explain else None))
     return out
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from ..text.catalog import item_text
 from ..state.coclick import CoClicks
 from ..config import Config
+from .diversity import mmr
 from .index import VectorIndex
 from ..state.items import ItemTable
 from ..state.lexical import Lexicon
@@ -400,10 +401,11 @@ class Ranker:
 
     def rank(self, user: UserState, index: VectorIndex, k: int, banned: np.ndarray,
              cand_rows: np.ndarray | None, user_key: str = "", refresh: bool = False,
-             allowed: np.ndarray | None = None, ann: np.ndarray | None = None
+             allowed: np.ndarray | None = None, ann: np.ndarray | None = None, diversity: float = 0.0
              ) -> tuple[np.ndarray, np.ndarray]:
         """The top k of `cand_rows` (default: `candidates`, within `allowed`) for `user`: (rows,
-        scores), best first. Reads only, unless `refresh` (the caller holds the write lock; see
+        scores), best first; with `diversity` > 0 in maximal-marginal-relevance order (each row
+        keeps its score). Reads only, unless `refresh` (the caller holds the write lock; see
         `popular`)."""
         rows = self.candidates(user, index, banned, k, refresh, allowed, ann) if cand_rows is None else cand_rows
         if len(rows) == 0:
@@ -411,7 +413,10 @@ class Ranker:
         scores = self.score(user, rows)
         if self.config.explore and self.config.explore_weight > 0:
             scores = scores + self.explore_bonus(user, rows, scores, user_key)
-        top = np.argsort(-scores, kind="stable")[:k]
+        if diversity > 0:
+            top = mmr(scores, self.item_vectors(rows), k, diversity)
+        else:
+            top = np.argsort(-scores, kind="stable")[:k]
         return rows[top], scores[top]
 
     # ---- persistence -------------------------------------------------------------------------
