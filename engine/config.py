@@ -41,6 +41,10 @@ class Config:
             at 1). 0 (off) by default: with the per-bucket standardised features, 0.001 gave 0.56x
             the fair frozen engine on the movielens replay validation split and 0 gave 1.03x
             (docs/results.md); user vectors, counts and co-clicks still learn from every click.
+        popularity_half_life_s: None (default) ranks popularity by click counts; a number of
+            seconds makes each click weigh half as much that long after it, by event time (the
+            latest click's time is "now"): the popular list, the popularity prior of a user with
+            no history, and the popularity term of the untrained blend use the decayed counts.
         fsync: fsync the event log on every record (survives power loss, not only a crash).
         encoder_backend: "torch" (default), or the opt-in "onnx" / "onnx-int8": ONNX Runtime on a
             graph exported locally from the same model (the `onnx` extra); "onnx-int8" embeds
@@ -69,6 +73,7 @@ class Config:
     explore: bool = True
     explore_weight: float = 0.05
     seed: int = 0
+    popularity_half_life_s: float | None = None
     fsync: bool = True
     encoder_backend: EncoderBackend = "torch"
     # Learning (see engine/models/rerank.py and engine/training/).
@@ -97,6 +102,9 @@ class Config:
         for name in ("user_min_step", "skip_step", "dislike_step", "compact_ratio"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1]; got {getattr(self, name)!r}")
+        h = self.popularity_half_life_s
+        if h is not None and (isinstance(h, bool) or not isinstance(h, (int, float)) or not h > 0):
+            raise ValueError(f"popularity_half_life_s must be None or a positive number of seconds; got {h!r}")
         for name in ("explore_weight", "online_lr"):
             if not float(getattr(self, name)) >= 0.0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")

@@ -151,9 +151,9 @@ class Ranker:
 
     # ---- online learning ---------------------------------------------------------------------
     def on_event(self, user: UserState, row: int, kind: str, items: ItemTable,
-                 index: VectorIndex | None = None) -> None:
-        """Steps 1-4 of an event (see state/apply.py): with `index`, a click first takes the reranker's
-        online step; then co-clicks, the user's vector and the item's counts."""
+                 index: VectorIndex | None = None, t: int = 0) -> None:
+        """Steps 1-4 of an event at time `t` (see state/apply.py): with `index`, a click first takes
+        the reranker's online step; then co-clicks, the user's vector and the item's counts."""
         if kind == "click" and index is not None and self.reranker.trained and self.config.online_lr > 0:
             self._online_step(user, row, index)
         vec = self.item_vectors(np.array([row]))[0]
@@ -161,6 +161,8 @@ class Ranker:
             self.coclicks.add_click(user.clicks, row)
             apply_click(user, vec, self.config.user_min_step)
             items.clicks[row] += 1.0
+            if self.config.popularity_half_life_s is not None:
+                items.add_decayed_click(row, t, self.config.popularity_half_life_s)
             items.impressions[row] += 1.0
             self._pop_stale += 1
             if self._pop_stale >= POP_REFRESH_CLICKS:
@@ -210,9 +212,17 @@ class Ranker:
         learned bias, then to the lower row."""
         live = self._items.live_rows() if among is None else among
         m = min(len(live), m)
-        score = self._items.clicks[live] + POP_TIEBREAK * self._bias[live]  # the learned prior breaks ties
+        score = self.popularity(live) + POP_TIEBREAK * self._bias[live]  # the learned prior breaks ties
         top = np.argpartition(-score, m - 1)[:m] if m < len(live) else np.arange(len(live))
         return live[top[np.lexsort((live[top], -score[top]))]]
+
+    def popularity(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """The click counts popularity ranks by, of `rows` (default: every row's slot): raw, or
+        decayed by `Config.popularity_half_life_s` when set."""
+        h = self.config.popularity_half_life_s
+        if h is None:
+            return self._items.clicks if rows is None else self._items.clicks[rows]
+        return self._items.decayed_clicks(np.arange(len(self._items)) if rows is None else rows, h)
 
     def candidates(self, user: UserState, index: VectorIndex, banned: np.ndarray, k: int = 0,
                    refresh: bool = False, allowed: np.ndarray | None = None,
@@ -372,12 +382,12 @@ class Ranker:
         if user.count + user.prior == 0:
             # nothing is known of this user: the exact popularity prior (the learned bias breaks
             # ties), which the bucket-0 weights only approximated (0.86x popularity on movielens)
-            return (np.log1p(items.clicks[rows]) + POP_TIEBREAK * self._bias[rows]).astype(np.float32)
+            return (np.log1p(self.popularity(rows)) + POP_TIEBREAK * self._bias[rows]).astype(np.float32)
         if self.trained or self.reranker.trained:
             return self.reranker.score(self.features(user, rows))
         sim = self.item_vectors(rows) @ user.vector
-        top = max(float(items.clicks.max()) if len(items) else 0.0, 1.0)
-        pop = np.log1p(items.clicks[rows]) / np.log1p(top)
+        top = max(float(self.popularity().max()) if len(items) else 0.0, 1.0)
+        pop = np.log1p(self.popularity(rows)) / np.log1p(top)
         return (sim + pop / (1.0 + user.count + user.prior)).astype(np.float32)
 
     def explore_bonus(self, user: UserState, rows: np.ndarray, scores: np.ndarray, user_key: str) -> np.ndarray:

@@ -122,7 +122,7 @@ class State:
                 user.held.append(row)
             self.event_keys.add(rec.key())
             return
-        self.ranker.on_event(user, row, rec.event, self.items, index=self.index if online_step else None)
+        self.ranker.on_event(user, row, rec.event, self.items, index=self.index if online_step else None, t=rec.t)
         if rec.event == "click":
             user.clicks.append(row)
         elif rec.event == "skip":

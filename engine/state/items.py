@@ -15,10 +15,10 @@ ITEM_SCHEMA = pa.schema([
     ("item_id", pa.string()), ("title", pa.string()), ("text", pa.string()),
     ("categories", pa.list_(pa.string())), ("added_at", pa.int64()), ("removed", pa.bool_()),
     ("impressions", pa.float64()), ("clicks", pa.float64()), ("skips", pa.float64()),
-    ("expires_at", pa.int64()),
+    ("expires_at", pa.int64()), ("pop_clicks", pa.float64()), ("pop_t", pa.int64()),
 ])
-#: Columns a store written by an earlier version may lack (read as "never expires").
-OPTIONAL_ITEM_COLUMNS = ("expires_at",)
+#: Columns a store written by an earlier version may lack (read as "never expires", no decayed clicks).
+OPTIONAL_ITEM_COLUMNS = ("expires_at", "pop_clicks", "pop_t")
 #: `expires_at` of an item that never expires.
 NEVER = np.iinfo(np.int64).max
 
@@ -42,6 +42,8 @@ class ItemTable:
         self.clicks = np.zeros(0, np.float64)
         self.skips = np.zeros(0, np.float64)
         self.expires_at = np.zeros(0, np.int64)  # NEVER when the item does not expire
+        self.pop_clicks = np.zeros(0, np.float64)  # clicks decayed to pop_t (popularity_half_life_s)
+        self.pop_t = np.zeros(0, np.int64)  # the time of the item's latest click
         self._vecs = np.zeros((0, dim), np.float32)
         self._n = 0
         self._by_category: dict[str, set[int]] = {}  # category -> rows carrying it (for filters)
@@ -60,6 +62,20 @@ class ItemTable:
 
     def live_rows(self) -> np.ndarray:
         return np.flatnonzero(~self.removed[: self._n])
+
+    def add_decayed_click(self, row: int, t: int, half_life: float) -> None:
+        """Count a click at time `t` (unix seconds) into row's decayed clicks, which are kept as
+        of its latest click: the sum over clicks of 2 ** -((pop_t - t_click) / half_life)."""
+        if t >= self.pop_t[row]:
+            self.pop_clicks[row] = self.pop_clicks[row] * 2.0 ** (-(t - self.pop_t[row]) / half_life) + 1.0
+            self.pop_t[row] = t
+        else:  # an older click arriving late (an import): it weighs as of the latest one
+            self.pop_clicks[row] += 2.0 ** (-(self.pop_t[row] - t) / half_life)
+
+    def decayed_clicks(self, rows: np.ndarray, half_life: float) -> np.ndarray:
+        """Rows' clicks decayed to the store's latest click time: shape (len(rows),), float64."""
+        now = int(self.pop_t[: self._n].max()) if self._n else 0
+        return self.pop_clicks[rows] * np.exp2(-(now - self.pop_t[rows]) / half_life)
 
     def expired(self, now: int) -> np.ndarray | None:
         """Rows whose `expires_at` has come (at or before `now`): shape (len(self),), bool; None
@@ -93,7 +109,8 @@ class ItemTable:
                     None if e == NEVER else e)
 
     def _reserve(self, n: int) -> None:
-        for name in ("added_at", "removed", "impressions", "clicks", "skips", "expires_at", "_vecs"):
+        for name in ("added_at", "removed", "impressions", "clicks", "skips", "expires_at", "pop_clicks", "pop_t",
+                     "_vecs"):
             setattr(self, name, grown(getattr(self, name), n, MIN_CAPACITY))
 
     def append(self, item: Item, vec: np.ndarray, now: int) -> int:
@@ -109,7 +126,8 @@ class ItemTable:
         else:
             self.titles[row], self.texts[row] = item.title, item.text
             self._set_categories(row, tuple(item.categories))
-            self.impressions[row] = self.clicks[row] = self.skips[row] = 0.0
+            self.impressions[row] = self.clicks[row] = self.skips[row] = self.pop_clicks[row] = 0.0
+            self.pop_t[row] = 0
         self.added_at[row], self.removed[row] = now, False
         self.expires_at[row] = NEVER if item.expires_at is None else item.expires_at
         self._vecs[row] = vec
@@ -124,6 +142,7 @@ class ItemTable:
             pa.array(self.added_at[:n]), pa.array(self.removed[:n]), pa.array(self.impressions[:n]),
             pa.array(self.clicks[:n]), pa.array(self.skips[:n]),
             pa.array(self.expires_at[:n], mask=self.expires_at[:n] == NEVER),
+            pa.array(self.pop_clicks[:n]), pa.array(self.pop_t[:n]),
         ], schema=ITEM_SCHEMA)
 
     @classmethod
@@ -139,6 +158,9 @@ class ItemTable:
             t._set_categories(r, tuple(c or ()))
         for name in ("added_at", "removed", "impressions", "clicks", "skips"):
             getattr(t, name)[:n] = table.column(name).to_numpy(zero_copy_only=False)
+        for name in ("pop_clicks", "pop_t"):
+            if name in table.column_names:
+                getattr(t, name)[:n] = table.column(name).to_numpy(zero_copy_only=False)
         t.expires_at[:n] = NEVER
         if "expires_at" in table.column_names:
             t.expires_at[:n] = table.column("expires_at").fill_null(NEVER).to_numpy(zero_copy_only=False)
