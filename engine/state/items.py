@@ -44,6 +44,7 @@ class ItemTable:
         self.expires_at = np.zeros(0, np.int64)  # NEVER when the item does not expire
         self.pop_clicks = np.zeros(0, np.float64)  # clicks decayed to pop_t (popularity_half_life_s)
         self.pop_t = np.zeros(0, np.int64)  # the time of the item's latest click
+        self._soonest = NEVER  # no row expires before this (a bound: an upsert may leave it early)
         self._vecs = np.zeros((0, dim), np.float32)
         self._n = 0
         self._by_category: dict[str, set[int]] = {}  # category -> rows carrying it (for filters)
@@ -80,6 +81,8 @@ class ItemTable:
     def expired(self, now: int) -> np.ndarray | None:
         """Rows whose `expires_at` has come (at or before `now`): shape (len(self),), bool; None
         when no live row has expired."""
+        if now < self._soonest:  # the common case, a catalog without expiry: no pass over the rows
+            return None
         mask = self.expires_at[: self._n] <= now
         mask &= ~self.removed[: self._n]
         return mask if mask.any() else None
@@ -130,6 +133,7 @@ class ItemTable:
             self.pop_t[row] = 0
         self.added_at[row], self.removed[row] = now, False
         self.expires_at[row] = NEVER if item.expires_at is None else item.expires_at
+        self._soonest = min(self._soonest, int(self.expires_at[row]))
         self._vecs[row] = vec
         return row
 
@@ -164,6 +168,7 @@ class ItemTable:
         t.expires_at[:n] = NEVER
         if "expires_at" in table.column_names:
             t.expires_at[:n] = table.column("expires_at").fill_null(NEVER).to_numpy(zero_copy_only=False)
+            t._soonest = int(t.expires_at[:n].min()) if n else NEVER
         t._vecs[:n] = vectors
         t._n = n
         return t
