@@ -113,3 +113,15 @@ def test_index_search_returns_only_allowed_rows(kind, rng):
     assert sorted(rows.tolist()) == [7, 11, 100, 299]  # removed row 5 stays out
     rows, _ = index.search(vecs[0], 10, exclude=np.array([7]), allowed=allowed[:120])
     assert sorted(rows.tolist()) == [11, 100]  # rows past the mask's end do not qualify
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_a_narrow_filter_fills_k_on_approximate_indexes(tmp_path, fake_encoder, rng, kind):
+    eng = Engine.create(tmp_path / kind, Config(index=kind, retrieve=5, ivf_nprobe=1), encoder=fake_encoder)
+    items = [Item(f"i{n}", f"Item {n}", categories=("rare",) if n % 50 == 7 else ("common",)) for n in range(400)]
+    vecs = rng.standard_normal((400, fake_encoder.dim)).astype(np.float32)
+    eng.add_items(items, vectors=vecs / np.linalg.norm(vecs, axis=1, keepdims=True))
+    eng.record("u", "i0", "click")
+    recs = eng.recommend("u", k=10, filter=Filter(categories_any=["rare"]))
+    assert sorted(ids(recs)) == sorted(f"i{n}" for n in range(7, 400, 50))  # all 8 that qualify
+    eng.close(save=False)
