@@ -12,12 +12,13 @@ from .errors import (  # noqa: E402
     CorruptStoreError, EngineError, InvalidInputError, ModelLoadError, StoreError, StoreLockedError,
     UnknownItemError, UnknownUserError,
 )
-from .types import Event, Item, Recommendation  # noqa: E402
+from .serving.filters import Filter  # noqa: E402
+from .types import Because, Event, Item, Recommendation  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "Config", "CorruptStoreError", "Engine", "EngineError", "Event", "InvalidInputError", "Item",
+    "Because", "Config", "CorruptStoreError", "Engine", "EngineError", "Event", "Filter", "InvalidInputError", "Item",
     "ModelLoadError", "Recommendation", "StoreError", "StoreLockedError", "UnknownItemError",
     "UnknownUserError", "__version__",
 ]

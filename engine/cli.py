@@ -17,7 +17,8 @@ from .text.catalog import read_events, read_items
 from .config import INDEX_KINDS, Config
 from .engine import Engine
 from .errors import EngineError
-from .types import EVENT_KINDS, Item
+from .serving.filters import Filter
+from .types import EVENT_KINDS, Item, Recommendation
 
 STORE = click.Path(path_type=Path)
 LOG_CHECKPOINT = 1000  # feedback saves a snapshot once this many records wait in the log
@@ -45,11 +46,20 @@ def emit(data: dict[str, Any], as_json: bool, lines: list[str]) -> None:
             click.echo(line)
 
 
-def ranked(key: str, who: str, recs) -> tuple[dict[str, Any], list[str]]:
-    data = {key: who, "items": [{"item_id": r.item_id, "score": round(r.score, 6), "title": r.title}
-                                for r in recs]}
-    lines = [f"{n:>3}. {r.title}  [{r.item_id}]  {r.score:.3f}" for n, r in enumerate(recs, 1)]
+def ranked(key: str, who: str, recs: list[Recommendation]) -> tuple[dict[str, Any], list[str]]:
+    """A list as one JSON-ready object and as text lines (with the reason, when it has one)."""
+    data = {key: who, "items": [_rec_json(r) for r in recs]}
+    lines = [f"{n:>3}. {r.title}  [{r.item_id}]  {r.score:.3f}" + (f"  ({r.because})" if r.because else "")
+             for n, r in enumerate(recs, 1)]
     return data, lines or ["(no items)"]
+
+
+def _rec_json(r: Recommendation) -> dict[str, Any]:
+    out: dict[str, Any] = {"item_id": r.item_id, "score": round(r.score, 6), "title": r.title}
+    if r.because is not None:
+        out["because"] = {"reason": r.because.reason, "value": round(r.because.value, 6),
+                          "item_id": r.because.item_id}
+    return out
 
 
 #: Commands loaded only when run (or asked for their --help), so that the others start fast: name
@@ -149,20 +159,57 @@ def remove_item(store: Path, item_ids: tuple[str, ...]) -> None:
 
 @main.command()
 @click.argument("store", type=STORE)
-@click.option("--user", "user_id", required=True)
+@click.option("--user", "user_id", default=None, help="The user to recommend for (or --users-file).")
+@click.option("--users-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A file of user ids, one per line (blank lines and surrounding spaces dropped): one "
+                   "list each, from one batched search.")
 @click.option("-k", type=click.IntRange(1, 10_000), default=10, show_default=True)
-@click.option("--profile", default=None, help="A new user's self-description (saved with the user).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--profile", default=None, help="A new user's self-description (saved with the user; --user only).")
+@click.option("--category", "categories", multiple=True,
+              help="Only items of this category; repeat to allow several (an item needs one of them).")
+@click.option("--not-category", "not_categories", multiple=True,
+              help="No items of this category; repeat for several.")
+@click.option("--diversity", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              help="0 to 1: trade score for items unlike those above them (maximal marginal relevance).")
+@click.option("--explain", is_flag=True, help="Say why each item is there (nearest click or profile, "
+                                              "popular, or new item, with the number behind it).")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print one JSON object ({"users": [...]}, one per user, with --users-file).')
 @user_errors
-def recommend(store: Path, user_id: str, k: int, profile: str | None, as_json: bool) -> None:
-    """Top-k recommendations for a user, new or known."""
+def recommend(store: Path, user_id: str | None, users_file: Path | None, k: int, profile: str | None,
+              categories: tuple[str, ...], not_categories: tuple[str, ...], diversity: float, explain: bool,
+              as_json: bool) -> None:
+    """Top-k recommendations for a user, new or known, or for every user of --users-file."""
+    if (user_id is None) == (users_file is None):
+        raise click.UsageError("give exactly one of --user and --users-file")
+    if users_file is not None and profile is not None:
+        raise click.UsageError("--profile goes with --user, not with --users-file")
+    flt = Filter(categories_any=categories, categories_none=not_categories) if categories or not_categories else None
+    user_ids = None if users_file is None else _user_ids(users_file)
     eng = Engine.open(store, read_only=profile is None)
     try:
-        recs = eng.recommend(user_id, k=k, profile=profile)
+        if user_ids is None:
+            lists = [eng.recommend(user_id, k=k, profile=profile, filter=flt, explain=explain, diversity=diversity)]
+        else:
+            lists = eng.recommend_many(user_ids, k=k, filter=flt, explain=explain, diversity=diversity)
     finally:
         eng.close(save=False)
-    data, lines = ranked("user", user_id, recs)
-    emit(data, as_json, lines)
+    if user_ids is None:
+        data, lines = ranked("user", user_id, lists[0])
+        emit(data, as_json, lines)
+        return
+    parts = [ranked("user", u, recs) for u, recs in zip(user_ids, lists)]
+    emit({"users": [data for data, _ in parts]}, as_json,
+         [line for u, (_, lines) in zip(user_ids, parts) for line in (f"{u}:", *lines)])
+
+
+def _user_ids(path: Path) -> list[str]:
+    """The ids of a users file: one a line, surrounding blanks and empty lines dropped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise click.BadParameter(f"{path} is not UTF-8 text ({exc.reason})", param_hint="'--users-file'") from exc
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 @main.command()
@@ -186,7 +233,9 @@ def similar(store: Path, item_id: str, k: int, as_json: bool) -> None:
 @click.option("--event", type=click.Choice(EVENT_KINDS), default="click", show_default=True)
 @user_errors
 def feedback(store: Path, user_id: str, item_id: str, event: str) -> None:
-    """Record a click, skip or impression. Durable when this returns."""
+    """Record a click, skip, impression or dislike. Durable when this returns.
+
+    A dislike hides the item from the user for good and moves the user away from it."""
     eng = Engine.open(store)
     try:
         eng.record(user_id, item_id, event)

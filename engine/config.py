@@ -30,6 +30,7 @@ class Config:
         user_min_step: the smallest step of the user-vector update (the step is
             1 / (count + prior + 1), floored here, so warm users keep tracking their taste).
         skip_step: how far a skip pushes the user vector away from the item, relative to a click.
+        dislike_step: the same for a dislike (a strong skip; it also hides the item for good).
         online_updates: False freezes the store: record() is still logged and still marks the
             item as seen for the user, but no vector, history length, count, co-click or weight
             changes, then or when the store reopens. `import_events` and `fit` still work.
@@ -40,6 +41,10 @@ class Config:
             at 1). 0 (off) by default: with the per-bucket standardised features, 0.001 gave 0.56x
             the fair frozen engine on the movielens replay validation split and 0 gave 1.03x
             (docs/results.md); user vectors, counts and co-clicks still learn from every click.
+        popularity_half_life_s: None (default) ranks popularity by click counts; a number of
+            seconds makes each click weigh half as much that long after it, by event time (the
+            latest click's time is "now"): the popular list, the popularity prior of a user with
+            no history, and the popularity term of the untrained blend use the decayed counts.
         fsync: fsync the event log on every record (survives power loss, not only a crash).
         encoder_backend: "torch" (default), or the opt-in "onnx" / "onnx-int8": ONNX Runtime on a
             graph exported locally from the same model (the `onnx` extra); "onnx-int8" embeds
@@ -62,11 +67,13 @@ class Config:
     coclick_candidates: int = 100
     user_min_step: float = 0.05
     skip_step: float = 0.2
+    dislike_step: float = 1.0
     recent_window: int = 10
     online_updates: bool = True
     explore: bool = True
     explore_weight: float = 0.05
     seed: int = 0
+    popularity_half_life_s: float | None = None
     fsync: bool = True
     encoder_backend: EncoderBackend = "torch"
     # Learning (see engine/models/rerank.py and engine/training/).
@@ -92,9 +99,12 @@ class Config:
                      "rerank_epochs", "replay_size"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
-        for name in ("user_min_step", "skip_step", "compact_ratio"):
+        for name in ("user_min_step", "skip_step", "dislike_step", "compact_ratio"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1]; got {getattr(self, name)!r}")
+        h = self.popularity_half_life_s
+        if h is not None and (isinstance(h, bool) or not isinstance(h, (int, float)) or not h > 0):
+            raise ValueError(f"popularity_half_life_s must be None or a positive number of seconds; got {h!r}")
         for name in ("explore_weight", "online_lr"):
             if not float(getattr(self, name)) >= 0.0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from .storage.records import (
 )
 from .storage.snapshot import read_generation, write_generation
 from .serving import queries
+from .serving.filters import Filter, check_filter
 from .serving.ranking import NeedsWrite
 from .state.apply import State
 from .storage.store import FORMAT, FORMAT_VERSION, StoreDir
@@ -45,6 +47,8 @@ log = logging.getLogger(__name__)
 #: Events per import record: a record stays far below the log's 64 MiB cap, and a crash in the
 #: middle of a long import leaves whole records that a second import completes.
 IMPORT_CHUNK = 20_000
+#: Users one `recommend_many` call may ask for: a batch's ANN results are held in memory at once.
+MAX_BATCH_USERS = 10_000
 
 
 class Engine:
@@ -295,7 +299,8 @@ class Engine:
         """Embed and index new items; they are recommendable when this returns.
 
         Args:
-            items: Item objects or dicts with item_id, title, text, categories.
+            items: Item objects or dicts with item_id, title, text, categories and, optionally,
+                expires_at (unix seconds: from then on the item is never returned).
             vectors: optional precomputed text vectors, shape (n, dim) float32 (skips the model).
             upsert: replace items whose id is already live instead of rejecting the batch.
         Returns:
@@ -360,7 +365,10 @@ class Engine:
 
     def record(self, user_id: str, item_id: str, event: str = "click", value: float = 1.0,
                timestamp: int | None = None) -> None:
-        """Log one click, skip or impression durably, then learn from it at once.
+        """Log one click, skip, impression or dislike durably, then learn from it at once.
+
+        A dislike hides the item from this user for good (even with exclude_seen=False) and
+        pushes the user vector away from it `Config.dislike_step` times as far as a click pulls.
 
         `value` is kept in the log with the event (a rating, say); the update does not depend on
         it. Map graded feedback to clicks and skips before recording (`read_events(min_value=)`).
@@ -422,7 +430,8 @@ class Engine:
     # ---- queries -----------------------------------------------------------------------------
     def recommend(self, user_id: str, k: int = 10, profile: str | None = None, exclude_seen: bool = True,
                   candidates: Sequence[str] | None = None, exclude: Iterable[str] | None = None,
-                  history: Sequence[str] | None = None) -> list[Recommendation]:
+                  history: Sequence[str] | None = None, filter: Filter | None = None,
+                  explain: bool = False, diversity: float = 0.0) -> list[Recommendation]:
         """Top-k items for a user, new or known.
 
         Args:
@@ -435,16 +444,25 @@ class Engine:
                 (oldest first), built with the online rule from the model as it stands. Nothing
                 is recorded or saved and the stored user `user_id` (if any) is not consulted;
                 `profile`, when given, seeds that transient user only.
+            filter: business rules (`engine.Filter`: categories and ids to keep or leave out),
+                applied inside the search: k items come back whenever k items qualify.
+            explain: give each Recommendation a `because` (`engine.Because`): the click or the
+                profile its text is nearest to (with the cosine), or "popular" (with the click
+                count), or "new item".
+            diversity: 0 (default) to 1: reorder the scored candidates by maximal marginal
+                relevance on their item vectors, trading score for items unlike those above
+                them; 0 keeps the score order exactly.
 
         Raises:
             UnknownItemError: an id in `history` is not a live item.
+            InvalidInputError: a rule broken by an argument (nothing is saved then).
         """
         check_id(user_id, "user_id")
-        _check_k(k)
+        q = _query(k, exclude_seen, candidates, exclude, filter, explain, diversity)
         if profile is not None:
             check_text(profile, "profile")
         if history is not None:
-            return self._recommend_stateless(user_id, k, profile, exclude_seen, candidates, exclude, history)
+            return self._recommend_stateless(user_id, profile, history, q)
         if profile is not None and not self._store.read_only:
             with self._lock.read():
                 user = self._state.users.get(user_id) if self._state is not None else None
@@ -463,7 +481,38 @@ class Engine:
             if st is None or st.index is None:
                 return []
             user = queries.stored_or_new_user(st, user_id, profile, profile_vec)
-            return queries.ranked(st, user, user_id, k, exclude_seen, candidates, exclude, refresh)
+            return queries.ranked(st, user, user_id, replace(q, now=int(time.time())), refresh)
+
+        return self._read(answer)
+
+    def recommend_many(self, user_ids: Sequence[str], k: int = 10, exclude_seen: bool = True,
+                       filter: Filter | None = None, explain: bool = False,
+                       diversity: float = 0.0) -> list[list[Recommendation]]:
+        """`recommend` for several stored (or unknown, hence new) users at once.
+
+        The users' ANN candidates come from one batched FAISS search; on an exact index each
+        list is what `recommend(user_id, k, ...)` with the same arguments returns (on HNSW or
+        IVF it can differ where the approximate search does; see Ranker.search_many).
+
+        Returns:
+            One list per id of `user_ids`, in that order.
+        Raises:
+            InvalidInputError: `user_ids` is one string, too long, or holds an invalid id.
+        """
+        if isinstance(user_ids, str) or not isinstance(user_ids, Sequence):
+            raise InvalidInputError(f"user_ids must be a list of user ids; got {type(user_ids).__name__}")
+        if len(user_ids) > MAX_BATCH_USERS:
+            raise InvalidInputError(f"user_ids must hold at most {MAX_BATCH_USERS:,} ids; got {len(user_ids):,}")
+        for user_id in user_ids:
+            check_id(user_id, "each user_id")
+        q = _query(k, exclude_seen, None, None, filter, explain, diversity)
+
+        def answer(refresh: bool) -> list[list[Recommendation]]:
+            st = self._state
+            if st is None or st.index is None:
+                return [[] for _ in user_ids]
+            users = [queries.stored_or_new_user(st, u, None, None) for u in user_ids]
+            return queries.ranked_many(st, users, user_ids, replace(q, now=int(time.time())), refresh)
 
         return self._read(answer)
 
@@ -478,9 +527,8 @@ class Engine:
         with self._lock.write():
             return query(True)
 
-    def _recommend_stateless(self, user_id: str, k: int, profile: str | None, exclude_seen: bool,
-                             candidates: Sequence[str] | None, exclude: Iterable[str] | None,
-                             history: Sequence[str]) -> list[Recommendation]:
+    def _recommend_stateless(self, user_id: str, profile: str | None, history: Sequence[str],
+                             q: queries.Query) -> list[Recommendation]:
         if isinstance(history, str):
             raise TypeError("history must be a sequence of item ids, not one string")
         for item_id in history:
@@ -492,7 +540,7 @@ class Engine:
             if st is None or st.index is None:
                 return []
             user = queries.history_user(st, history, profile, profile_vec)
-            return queries.ranked(st, user, user_id, k, exclude_seen, candidates, exclude, refresh)
+            return queries.ranked(st, user, user_id, replace(q, now=int(time.time())), refresh)
 
         return self._read(answer)
 
@@ -505,7 +553,7 @@ class Engine:
             row = None if st is None else st.items.live_row(item_id)
             if row is None:
                 raise UnknownItemError(f"unknown item id {item_id!r}")
-            return queries.similar(st, row, k)
+            return queries.similar(st, row, k, int(time.time()))
 
     def get_item(self, item_id: str) -> Item:
         with self._lock.read():
@@ -586,6 +634,15 @@ def _event_record(user_id: str, item_id: str, event: str, value: float, timestam
 def _reason(exc: BaseException) -> str:
     """The short cause of an I/O failure, e.g. 'No space left on device'."""
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _query(k: int, exclude_seen: bool, candidates: Sequence[str] | None, exclude: Iterable[str] | None,
+           flt: Filter | None, explain: bool, diversity: float) -> queries.Query:
+    """A request's options, checked against their rules (the message names the rule broken)."""
+    _check_k(k)
+    if isinstance(diversity, bool) or not isinstance(diversity, (int, float)) or not 0.0 <= diversity <= 1.0:
+        raise InvalidInputError(f"diversity must be a number between 0 and 1; got {diversity!r}")
+    return queries.Query(k, exclude_seen, candidates, exclude, check_filter(flt), bool(explain), float(diversity))
 
 
 def _check_k(k: int) -> None:

@@ -5,19 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-#: What happened: the engine knows these three (other kinds are mapped when read, catalog.py).
-EventKind = Literal["click", "skip", "impression"]
+#: What happened: the engine knows these four (other kinds are mapped when read, catalog.py). A
+#: dislike hides the item from the user for good and pushes the user away from it.
+EventKind = Literal["click", "skip", "impression", "dislike"]
 EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
 
 
 @dataclass(frozen=True)
 class Item:
-    """A catalog item: its external id and the text it is embedded from."""
+    """A catalog item: its external id and the text it is embedded from.
+
+    `expires_at` (unix seconds, optional): from that time on the item is never returned by
+    recommend, recommend_many or similar_items (it stays in the store).
+    """
 
     item_id: str
     title: str
     text: str = ""
     categories: tuple[str, ...] = field(default_factory=tuple)
+    expires_at: int | None = None
 
     def __post_init__(self) -> None:
         # Accept any iterable of categories but store an immutable tuple.
@@ -26,7 +32,7 @@ class Item:
 
 @dataclass(frozen=True)
 class Event:
-    """One interaction: `event` is click, skip or impression.
+    """One interaction: `event` is click, skip, impression or dislike.
 
     `value` (a rating, say; 1.0 by default) is kept with the event in the log; no update depends
     on it. Graded feedback becomes clicks and skips when it is read (`read_events(min_value=)`).
@@ -39,10 +45,40 @@ class Event:
     timestamp: int | None = None
 
 
+#: Why an item was recommended (see Because).
+Reason = Literal["clicked", "profile", "popular", "new item"]
+
+
+@dataclass(frozen=True)
+class Because:
+    """Why an item is in a list (`recommend(..., explain=True)`), with the number behind it.
+
+    - "clicked": its text is nearest to `item_id`, one of the user's clicks; `value` is the cosine
+      of the two text vectors.
+    - "profile": its text is nearest to the user's profile; `value` is that cosine.
+    - "popular": nothing the user did is near it; `value` is its click count.
+    - "new item": nothing near it and no clicks yet; `value` is when it was added (unix seconds).
+    """
+
+    reason: Reason
+    value: float
+    item_id: str | None = None
+
+    def __str__(self) -> str:
+        if self.reason == "clicked":
+            return f"near your click on {self.item_id} (cosine {self.value:.2f})"
+        if self.reason == "profile":
+            return f"near your profile (cosine {self.value:.2f})"
+        if self.reason == "popular":
+            return f"popular ({self.value:.0f} clicks)"
+        return f"new item (added at {self.value:.0f})"
+
+
 @dataclass(frozen=True)
 class Recommendation:
-    """One ranked result."""
+    """One ranked result; `because` is set only when the request asked for explanations."""
 
     item_id: str
     score: float
     title: str
+    because: Because | None = None

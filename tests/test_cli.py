@@ -261,3 +261,61 @@ def test_demo_on_a_tiny_dataset(runner, tmp_path, ml_slice):
 
 def test_demo_without_data_dir(runner, tmp_path):
     user_error(runner, "demo", "--store", str(tmp_path / "s"), "--data", str(tmp_path / "nope"), code=2)
+
+
+def test_recommend_with_categories_diversity_and_explain(runner, store):
+    args = ["recommend", str(store), "--user", "u", "-k", "5", "--json"]
+    ok(runner, "feedback", str(store), "--user", "u", "--item", "m1")
+    data = json.loads(ok(runner, *args, "--category", "food", "--category", "ball").stdout)
+    assert sorted(e["item_id"] for e in data["items"]) == ["m3", "m4", "m5"]  # k=5, only 3 qualify
+    data = json.loads(ok(runner, *args, "--not-category", "food").stdout)
+    assert sorted(e["item_id"] for e in data["items"]) == ["m2", "m5"]
+    plain = json.loads(ok(runner, *args).stdout)
+    assert json.loads(ok(runner, *args, "--diversity", "0").stdout) == plain
+    assert json.loads(ok(runner, *args, "--diversity", "0.8").stdout)["items"][0] == plain["items"][0]
+    told = json.loads(ok(runner, *args, "--explain").stdout)
+    assert [{k: v for k, v in e.items() if k != "because"} for e in told["items"]] == plain["items"]
+    first = told["items"][0]["because"]
+    assert first == {"reason": "clicked", "value": first["value"], "item_id": "m1"} and first["value"] > 0.3
+    text = ok(runner, "recommend", str(store), "--user", "u", "-k", "1", "--explain").stdout
+    assert "(near your click on m1 (cosine " in text
+
+
+def test_recommend_for_a_users_file(runner, store, tmp_path):
+    ok(runner, "feedback", str(store), "--user", "a", "--item", "m3")
+    ok(runner, "feedback", str(store), "--user", "b", "--item", "m5", "--event", "dislike")
+    users = tmp_path / "users.txt"
+    users.write_text("a\n\n  b \nnew\n", encoding="utf-8")
+    data = json.loads(ok(runner, "recommend", str(store), "--users-file", str(users), "-k", "3", "--json").stdout)
+    assert [d["user"] for d in data["users"]] == ["a", "b", "new"]
+    for entry in data["users"]:
+        single = json.loads(ok(runner, "recommend", str(store), "--user", entry["user"], "-k", "3", "--json").stdout)
+        assert entry == single
+    assert "m5" not in [e["item_id"] for e in data["users"][1]["items"]]
+    text = ok(runner, "recommend", str(store), "--users-file", str(users), "-k", "1").stdout.splitlines()
+    assert text[0] == "a:" and text[2] == "b:" and text[4] == "new:"
+
+
+def test_recommend_new_options_check_their_input(runner, store, tmp_path):
+    base = ["recommend", str(store)]
+    users = tmp_path / "users.txt"
+    users.write_text("a\n", encoding="utf-8")
+    assert "exactly one of --user and --users-file" in user_error(
+        runner, *base, "--user", "a", "--users-file", str(users), code=2)
+    assert "--profile goes with --user" in user_error(
+        runner, *base, "--users-file", str(users), "--profile", "x", code=2)
+    assert "--diversity" in user_error(runner, *base, "--user", "a", "--diversity", "1.5", code=2)
+    assert "Filter.categories_any: each category must be a non-empty string" in user_error(
+        runner, *base, "--user", "a", "--category", " ")
+    users.write_bytes(b"a\n\xff\n")
+    assert "not UTF-8" in user_error(runner, *base, "--users-file", str(users), code=2)
+    users.write_text("a\n" + "x" * 600 + "\n", encoding="utf-8")
+    assert "each user_id must be at most 512 characters" in user_error(runner, *base, "--users-file", str(users))
+
+
+def test_recommend_help_names_every_option(runner):
+    out = ok(runner, "recommend", "--help").output
+    for opt in ("--user", "--users-file", "--category", "--not-category", "--diversity", "--explain", "--json",
+                "--profile"):
+        assert opt in out
+    assert "dislike" in ok(runner, "feedback", "--help").output

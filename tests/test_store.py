@@ -203,7 +203,7 @@ def test_checksum_mismatch_names_the_file(tmp_path, fake_encoder):
 
 
 def test_a_version_1_store_opens_and_is_saved_as_version_2(tmp_path, fake_encoder):
-    """Version 1 had no event identities, no held column, and untrained reranker weights in the
+    """Version 1 had no event identities, no held, dislikes or expires_at column, and untrained reranker weights in the
     models file; such a store opens, keeps its state, and is written back as version 2."""
     import pyarrow.parquet as pq
     from safetensors.numpy import load_file, save_file
@@ -220,8 +220,10 @@ def test_a_version_1_store_opens_and_is_saved_as_version_2(tmp_path, fake_encode
         path = store / name
         if name.startswith("vectors-"):
             save_file({k: v for k, v in load_file(str(path)).items() if k != "event_keys"}, str(path))
+        elif name.startswith("items-"):
+            pq.write_table(pq.read_table(path).drop(["expires_at"]), path)
         elif name.startswith("users-"):
-            pq.write_table(pq.read_table(path).drop(["held"]), path)
+            pq.write_table(pq.read_table(path).drop(["held", "dislikes"]), path)
         elif name.startswith("models-"):
             old = Reranker(32, 0.0, 8, 2, 0)
             old.weights  # noqa: B018 - version 1 saved the untrained weights

@@ -174,8 +174,16 @@ class VectorIndex:
         return self._n_removed / self._n_added if self._n_added else 0.0
 
     # ---- search -----------------------------------------------------------------------------
-    def _params(self, exclude: np.ndarray | None, keep: list) -> faiss.SearchParameters:
-        sel = faiss.IDSelectorBitmap(len(self._live), faiss.swig_ptr(self._live))
+    def _params(self, exclude: np.ndarray | None, keep: list,
+                allowed: np.ndarray | None = None) -> faiss.SearchParameters:
+        bitmap = self._live
+        if allowed is not None:  # the request's rules, as one bitmap with the live rows
+            bits = np.packbits(np.asarray(allowed, bool), bitorder="little")[: len(bitmap)]
+            bitmap = bitmap.copy()
+            bitmap[: len(bits)] &= bits
+            bitmap[len(bits):] = 0
+            keep.append(bitmap)
+        sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
         keep.append(sel)
         if exclude is not None and len(exclude):
             batch = faiss.IDSelectorBatch(np.ascontiguousarray(exclude, dtype=np.int64))
@@ -188,23 +196,26 @@ class VectorIndex:
             return faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe)
         return faiss.SearchParameters(sel=sel)
 
-    def search(self, query: np.ndarray, k: int, exclude: np.ndarray | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, query: np.ndarray, k: int, exclude: np.ndarray | None = None,
+               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k live rows by inner product, skipping `exclude` inside the search.
 
         Args:
             query: shape (dim,) or (1, dim), float32.
+            exclude: rows to skip, int64.
+            allowed: when given, only rows r with allowed[r] true qualify (bool, indexed by row;
+                rows beyond its end do not qualify). Both act inside FAISS as IDSelectors.
         Returns:
             (rows int64, scores float32), best first, fewer than k when fewer rows qualify.
         """
         if not isinstance(query, np.ndarray) or query.size != self.dim:
             raise InvalidInputError(f"query must be a numpy array of shape ({self.dim},) or (1, {self.dim}); "
                                     f"got {getattr(query, 'shape', type(query).__name__)}")
-        return self.search_batch(query.reshape(1, -1), k, exclude)[0]
+        return self.search_batch(query.reshape(1, -1), k, exclude, allowed)[0]
 
-    def search_batch(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None
-                     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """`search` for many queries at once (one FAISS call), the same `exclude` for all.
+    def search_batch(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None,
+                     allowed: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`search` for many queries at once (one FAISS call), the same `exclude` and `allowed` for all.
 
         Args:
             queries: shape (n, dim), float32.
@@ -215,7 +226,7 @@ class VectorIndex:
         if self._faiss is None or self.n_live == 0 or k <= 0:
             return [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(q))]
         keep: list = []  # the selectors must outlive the search call
-        params = self._params(exclude, keep)
+        params = self._params(exclude, keep, allowed)
         scores, rows = self._search(q, int(min(k, self.ntotal)), params)
         out = []
         for r, s in zip(rows, scores):

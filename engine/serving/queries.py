@@ -7,12 +7,15 @@ Engine._read). Ids are turned into rows here and back into ids with titles on th
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import UnknownItemError
 from ..state.apply import State
-from ..types import Recommendation
+from ..types import Because, Recommendation
+from .explain import reasons
+from .filters import Filter, allowed_rows
 from ..state.users import UserState
 
 
@@ -40,29 +43,69 @@ def history_user(state: State, history: Sequence[str], profile: str | None,
     return state.ranker.transient_user(rows, profile, profile_vec)
 
 
-def ranked(state: State, user: UserState, user_id: str, k: int, exclude_seen: bool,
-           candidates: Sequence[str] | None, exclude: Iterable[str] | None,
-           refresh: bool) -> list[Recommendation]:
-    """The top k for `user`, of `candidates` (ids; default: the ranker's candidates)."""
-    banned = banned_rows(state, user, exclude_seen, exclude)
-    cand_rows = None if candidates is None else candidate_rows(state, candidates, banned)
-    rows, scores = state.ranker.rank(user, state.index, k, banned, cand_rows, user_key=user_id, refresh=refresh)
+@dataclass(frozen=True)
+class Query:
+    """What a request asks for, as the facade checked it (see Engine.recommend).
+
+    `now` (unix seconds) is the time items' `expires_at` is compared with; None: never expire.
+    """
+
+    k: int
+    exclude_seen: bool = True
+    candidates: Sequence[str] | None = None
+    exclude: Iterable[str] | None = None
+    filter: Filter | None = None
+    explain: bool = False
+    diversity: float = 0.0
+    now: int | None = None
+
+
+def ranked(state: State, user: UserState, user_id: str, q: Query, refresh: bool) -> list[Recommendation]:
+    """The top q.k for `user`, of `q.candidates` (ids; default: the ranker's candidates), within
+    the rules of `q.filter` and not expired at `q.now`; with `q.explain`, each says why."""
+    banned = banned_rows(state, user, q.exclude_seen, q.exclude)
+    allowed = allowed_rows(state.items, q.filter, q.now)
+    cand_rows = None if q.candidates is None else candidate_rows(state, q.candidates, banned, allowed)
+    rows, scores = state.ranker.rank(user, state.index, q.k, banned, cand_rows, user_key=user_id, refresh=refresh,
+                                     allowed=allowed, diversity=q.diversity)
+    return as_recommendations(state, rows, scores, reasons(state, user, rows) if q.explain else None)
+
+
+def ranked_many(state: State, users: list[UserState], user_ids: Sequence[str], q: Query,
+                refresh: bool) -> list[list[Recommendation]]:
+    """`ranked` for several users (`q.candidates` and `q.exclude` unused), their ANN candidates
+    from one batched FAISS search."""
+    banned = [banned_rows(state, u, q.exclude_seen, None) for u in users]
+    allowed = allowed_rows(state.items, q.filter, q.now)
+    ann = state.ranker.search_many(users, state.index, banned, q.k, allowed)
+    out = []
+    for user, user_id, b, a in zip(users, user_ids, banned, ann):
+        rows, scores = state.ranker.rank(user, state.index, q.k, b, None, user_key=user_id, refresh=refresh,
+                                         allowed=allowed, ann=a, diversity=q.diversity)
+        out.append(as_recommendations(state, rows, scores, reasons(state, user, rows) if q.explain else None))
+    return out
+
+
+def similar(state: State, row: int, k: int, now: int | None = None) -> list[Recommendation]:
+    """The k live items nearest item `row` in retrieval space (itself excluded, and those
+    expired at `now`)."""
+    rows, scores = state.index.search(state.ranker.similar_query(row), k, exclude=np.array([row], np.int64),
+                                      allowed=allowed_rows(state.items, None, now))
     return as_recommendations(state, rows, scores)
 
 
-def similar(state: State, row: int, k: int) -> list[Recommendation]:
-    """The k live items nearest item `row` in retrieval space (itself excluded)."""
-    rows, scores = state.index.search(state.ranker.similar_query(row), k, exclude=np.array([row], np.int64))
-    return as_recommendations(state, rows, scores)
-
-
-def as_recommendations(state: State, rows: np.ndarray, scores: np.ndarray) -> list[Recommendation]:
-    return [Recommendation(state.items.vocab.id(r), float(s), state.items.titles[r]) for r, s in zip(rows, scores)]
+def as_recommendations(state: State, rows: np.ndarray, scores: np.ndarray,
+                       because: list[Because] | None = None) -> list[Recommendation]:
+    """Rows and scores as Recommendations (ids, titles; `because` in the same order, if given)."""
+    why = because if because is not None else [None] * len(rows)
+    return [Recommendation(state.items.vocab.id(r), float(s), state.items.titles[r], b)
+            for r, s, b in zip(rows, scores, why)]
 
 
 def banned_rows(state: State, user: UserState, exclude_seen: bool, exclude: Iterable[str] | None) -> np.ndarray:
-    """Rows a request must not return: the user's seen items (when asked) and `exclude` (ids)."""
-    rows = user.seen() if exclude_seen else set()
+    """Rows a request must not return: the user's seen items (when asked), the disliked ones
+    (always) and `exclude` (ids)."""
+    rows = user.seen() if exclude_seen else set(user.dislikes)
     for i in exclude or ():
         r = state.items.vocab.row(i)
         if r is not None:
@@ -70,8 +113,12 @@ def banned_rows(state: State, user: UserState, exclude_seen: bool, exclude: Iter
     return np.fromiter(rows, dtype=np.int64, count=len(rows))
 
 
-def candidate_rows(state: State, candidates: Sequence[str], banned: np.ndarray) -> np.ndarray:
-    """The live rows of `candidates` (ids; unknown and removed ones ignored), less `banned`."""
+def candidate_rows(state: State, candidates: Sequence[str], banned: np.ndarray,
+                   allowed: np.ndarray | None = None) -> np.ndarray:
+    """The live rows of `candidates` (ids; unknown and removed ones ignored), less `banned`,
+    and only those `allowed` lets through (bool by row) when given."""
     rows = [state.items.live_row(i) for i in candidates]
     arr = np.array([r for r in rows if r is not None], dtype=np.int64)
+    if allowed is not None:
+        arr = arr[allowed[arr]]
     return np.setdiff1d(arr, banned) if len(banned) else np.unique(arr)

@@ -16,12 +16,13 @@ import numpy as np
 from ..text.catalog import item_text
 from ..state.coclick import CoClicks
 from ..config import Config
+from .diversity import mmr
 from .index import VectorIndex
 from ..state.items import ItemTable
 from ..state.lexical import Lexicon
 from ..models.projection import Projection
 from ..models.rerank import FEATURES, N_FEATURES, Reranker, expand
-from ..state.users import UserState, UserTable, apply_click, apply_skip
+from ..state.users import UserState, UserTable, apply_click, apply_dislike, apply_skip
 from ..vectors import grown, normalise
 
 #: Clicks after which the popular list is rebuilt: counts move slowly, and a rebuild sorts the catalog.
@@ -150,9 +151,9 @@ class Ranker:
 
     # ---- online learning ---------------------------------------------------------------------
     def on_event(self, user: UserState, row: int, kind: str, items: ItemTable,
-                 index: VectorIndex | None = None) -> None:
-        """Steps 1-4 of an event (see state/apply.py): with `index`, a click first takes the reranker's
-        online step; then co-clicks, the user's vector and the item's counts."""
+                 index: VectorIndex | None = None, t: int = 0) -> None:
+        """Steps 1-4 of an event at time `t` (see state/apply.py): with `index`, a click first takes
+        the reranker's online step; then co-clicks, the user's vector and the item's counts."""
         if kind == "click" and index is not None and self.reranker.trained and self.config.online_lr > 0:
             self._online_step(user, row, index)
         vec = self.item_vectors(np.array([row]))[0]
@@ -160,12 +161,18 @@ class Ranker:
             self.coclicks.add_click(user.clicks, row)
             apply_click(user, vec, self.config.user_min_step)
             items.clicks[row] += 1.0
+            if self.config.popularity_half_life_s is not None:
+                items.add_decayed_click(row, t, self.config.popularity_half_life_s)
             items.impressions[row] += 1.0
             self._pop_stale += 1
             if self._pop_stale >= POP_REFRESH_CLICKS:
                 self._pop_cache = None
         elif kind == "skip":
             apply_skip(user, vec, self.config.user_min_step, self.config.skip_step)
+            items.skips[row] += 1.0
+            items.impressions[row] += 1.0
+        elif kind == "dislike":  # a strong skip; the item's counts take it as one
+            apply_dislike(user, vec, self.config.user_min_step, self.config.dislike_step)
             items.skips[row] += 1.0
             items.impressions[row] += 1.0
         else:
@@ -205,20 +212,35 @@ class Ranker:
         learned bias, then to the lower row."""
         live = self._items.live_rows() if among is None else among
         m = min(len(live), m)
-        score = self._items.clicks[live] + POP_TIEBREAK * self._bias[live]  # the learned prior breaks ties
+        score = self.popularity(live) + POP_TIEBREAK * self._bias[live]  # the learned prior breaks ties
         top = np.argpartition(-score, m - 1)[:m] if m < len(live) else np.arange(len(live))
         return live[top[np.lexsort((live[top], -score[top]))]]
 
+    def popularity(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """The click counts popularity ranks by, of `rows` (default: every row's slot): raw, or
+        decayed by `Config.popularity_half_life_s` when set."""
+        h = self.config.popularity_half_life_s
+        if h is None:
+            return self._items.clicks if rows is None else self._items.clicks[rows]
+        return self._items.decayed_clicks(np.arange(len(self._items)) if rows is None else rows, h)
+
     def candidates(self, user: UserState, index: VectorIndex, banned: np.ndarray, k: int = 0,
-                   refresh: bool = False) -> np.ndarray:
+                   refresh: bool = False, allowed: np.ndarray | None = None,
+                   ann: np.ndarray | None = None) -> np.ndarray:
         """Rows to score: the ANN neighbours of the user's query (`retrieve`, or k when more),
         the most co-clicked with the recent clicks, and the most clicked; topped up with the most
-        clicked others when that leaves fewer than k. None of `banned` (int64 rows)."""
+        clicked others when that leaves fewer than k. None of `banned` (int64 rows).
+
+        `allowed` (bool by row, from filters.allowed_rows) restricts every source before it
+        picks its best, so a filtered request still finds k rows whenever k qualify. `ann`: the
+        ANN rows when already searched (`search_many`).
+        """
+        if allowed is not None:
+            return self._filtered_candidates(user, index, banned, k, allowed, ann)
         parts = []
-        if user.vector.any() or self.trained:
-            rows, _ = index.search(self.query(user.vector, user.count + user.prior), max(self.config.retrieve, k),
-                                   exclude=banned)
-            parts.append(rows)
+        if self.searches(user):
+            parts.append(ann if ann is not None else
+                         index.search(self.user_query(user), max(self.config.retrieve, k), exclude=banned)[0])
         if self.config.coclick_candidates and user.clicks:
             near = self.coclicks.neighbours(self._recent(user), self.config.coclick_candidates + len(banned))
             near = near[~self._items.removed[near]]
@@ -236,6 +258,58 @@ class Ranker:
             others = np.setdiff1d(self._items.live_rows(), np.union1d(rows, banned))
             rows = np.union1d(rows, self._most_clicked(k - len(rows), others))
         return rows
+
+    def _filtered_candidates(self, user: UserState, index: VectorIndex, banned: np.ndarray, k: int,
+                             allowed: np.ndarray, ann: np.ndarray | None) -> np.ndarray:
+        """`candidates` under a filter: every source picks among the eligible rows only (one
+        mask: allowed, live, not banned), FAISS through an IDSelector; nothing is dropped after."""
+        ok = allowed & ~self._items.removed[: len(allowed)]
+        ok[banned] = False
+        parts = []
+        if self.searches(user):
+            parts.append(ann if ann is not None else
+                         index.search(self.user_query(user), max(self.config.retrieve, k), allowed=ok)[0])
+        if self.config.coclick_candidates and user.clicks:
+            parts.append(self.coclicks.neighbours(self._recent(user), self.config.coclick_candidates, among=ok))
+        eligible = np.flatnonzero(ok)
+        if self.config.popular_candidates:
+            parts.append(self._most_clicked(self.config.popular_candidates, eligible))
+        rows = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+        if len(rows) < k:
+            rows = np.union1d(rows, self._most_clicked(k - len(rows), np.setdiff1d(eligible, rows)))
+        return rows
+
+    def search_many(self, users: list[UserState], index: VectorIndex, banned: list[np.ndarray], k: int,
+                    allowed: np.ndarray | None = None) -> list[np.ndarray | None]:
+        """The ANN rows `candidates` would fetch for each user, in one FAISS call (None for a
+        user who does not search).
+
+        FAISS takes one selector per call, so the shared rules (live rows, `allowed`) act inside
+        the search and each user's `banned` rows are looked past: the search fetches as many
+        more rows as the longest `banned` list and each user's are then left out. On an exact
+        index that is the single search's answer; on HNSW or IVF it can differ where the
+        approximate search does.
+        """
+        out: list[np.ndarray | None] = [None] * len(users)
+        who = [j for j, u in enumerate(users) if self.searches(u)]
+        if not who:
+            return out
+        n = max(self.config.retrieve, k)
+        queries = np.stack([self.user_query(users[j]) for j in who])
+        found = index.search_batch(queries, n + max(len(banned[j]) for j in who), allowed=allowed)
+        for j, (rows, _) in zip(who, found):
+            if len(banned[j]):
+                rows = rows[~np.isin(rows, banned[j])]
+            out[j] = rows[:n]
+        return out
+
+    def searches(self, user: UserState) -> bool:
+        """Whether the user's candidates include an ANN search (a vector, or a trained bias)."""
+        return bool(user.vector.any() or self.trained)
+
+    def user_query(self, user: UserState) -> np.ndarray:
+        """The FAISS query of a user: `query` at the user's history length."""
+        return self.query(user.vector, user.count + user.prior)
 
     def transient_user(self, rows: list[int], profile: str | None, profile_vec: np.ndarray | None) -> UserState:
         """A user built from `rows` (clicked item rows, oldest first) with the online rule, held by
@@ -308,12 +382,12 @@ class Ranker:
         if user.count + user.prior == 0:
             # nothing is known of this user: the exact popularity prior (the learned bias breaks
             # ties), which the bucket-0 weights only approximated (0.86x popularity on movielens)
-            return (np.log1p(items.clicks[rows]) + POP_TIEBREAK * self._bias[rows]).astype(np.float32)
+            return (np.log1p(self.popularity(rows)) + POP_TIEBREAK * self._bias[rows]).astype(np.float32)
         if self.trained or self.reranker.trained:
             return self.reranker.score(self.features(user, rows))
         sim = self.item_vectors(rows) @ user.vector
-        top = max(float(items.clicks.max()) if len(items) else 0.0, 1.0)
-        pop = np.log1p(items.clicks[rows]) / np.log1p(top)
+        top = max(float(self.popularity().max()) if len(items) else 0.0, 1.0)
+        pop = np.log1p(self.popularity(rows)) / np.log1p(top)
         return (sim + pop / (1.0 + user.count + user.prior)).astype(np.float32)
 
     def explore_bonus(self, user: UserState, rows: np.ndarray, scores: np.ndarray, user_key: str) -> np.ndarray:
@@ -336,17 +410,23 @@ class Ranker:
         return (self.config.explore_weight * spread * z).astype(np.float32)
 
     def rank(self, user: UserState, index: VectorIndex, k: int, banned: np.ndarray,
-             cand_rows: np.ndarray | None, user_key: str = "", refresh: bool = False
+             cand_rows: np.ndarray | None, user_key: str = "", refresh: bool = False,
+             allowed: np.ndarray | None = None, ann: np.ndarray | None = None, diversity: float = 0.0
              ) -> tuple[np.ndarray, np.ndarray]:
-        """The top k of `cand_rows` (default: `candidates`) for `user`: (rows, scores), best
-        first. Reads only, unless `refresh` (the caller holds the write lock; see `popular`)."""
-        rows = self.candidates(user, index, banned, k, refresh) if cand_rows is None else cand_rows
+        """The top k of `cand_rows` (default: `candidates`, within `allowed`) for `user`: (rows,
+        scores), best first; with `diversity` > 0 in maximal-marginal-relevance order (each row
+        keeps its score). Reads only, unless `refresh` (the caller holds the write lock; see
+        `popular`)."""
+        rows = self.candidates(user, index, banned, k, refresh, allowed, ann) if cand_rows is None else cand_rows
         if len(rows) == 0:
             return rows, np.zeros(0, np.float32)
         scores = self.score(user, rows)
         if self.config.explore and self.config.explore_weight > 0:
             scores = scores + self.explore_bonus(user, rows, scores, user_key)
-        top = np.argsort(-scores, kind="stable")[:k]
+        if diversity > 0:
+            top = mmr(scores, self.item_vectors(rows), k, diversity)
+        else:
+            top = np.argsort(-scores, kind="stable")[:k]
         return rows[top], scores[top]
 
     # ---- persistence -------------------------------------------------------------------------

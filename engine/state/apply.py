@@ -7,10 +7,11 @@ apart. An event changes the state in this order (`apply_event`):
 1. the reranker's online step (a click, when the reranker is trained and `online_lr > 0`): it
    learns from the candidates the user had *before* this click moved anything;
 2. co-click counts: the click pairs with the user's previous clicks (the history before it);
-3. the user's vector (`users.apply_click` / `apply_skip`), with a step set by the history length
-   before the event;
+3. the user's vector (`users.apply_click` / `apply_skip` / `apply_dislike`, a strong skip), with
+   a step set by the history length before the event;
 4. the item's counts (clicks, skips, impressions);
-5. the user's history, last, because steps 2 and 3 read the history as it was before the event;
+5. the user's history, last, because steps 2 and 3 read the history as it was before the event
+   (a dislike goes to `UserState.dislikes`: hidden from the user for good);
 6. the event's identity, so that `import_events` skips it later.
 
 With `Config.online_updates=False` the store is frozen: a recorded click or skip only marks the
@@ -121,11 +122,13 @@ class State:
                 user.held.append(row)
             self.event_keys.add(rec.key())
             return
-        self.ranker.on_event(user, row, rec.event, self.items, index=self.index if online_step else None)
+        self.ranker.on_event(user, row, rec.event, self.items, index=self.index if online_step else None, t=rec.t)
         if rec.event == "click":
             user.clicks.append(row)
         elif rec.event == "skip":
             user.skips.append(row)
+        elif rec.event == "dislike":
+            user.dislikes.append(row)
         else:
             user.impressions += 1
         self.event_keys.add(rec.key())
@@ -157,10 +160,11 @@ class State:
 
     def rederive(self, user: UserState) -> None:
         """The user's vector again from the profile and the history (after the space changed)."""
-        rows = np.array(user.clicks + user.skips, dtype=np.int64)
+        rows = np.array(user.clicks + user.skips + user.dislikes, dtype=np.int64)
         item_vecs = self.ranker.item_vectors(rows)
         prof = None if user.profile_vec is None else self.proj.transform(user.profile_vec[None])[0]
-        rederive(user, item_vecs, prof, self.config.user_min_step, self.config.skip_step)
+        c = self.config
+        rederive(user, item_vecs, prof, c.user_min_step, c.skip_step, c.dislike_step)
 
     # ---- reading -----------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
@@ -169,7 +173,8 @@ class State:
 
     def events(self) -> int:
         """Events in the users' histories (item statistics count a click as an impression too)."""
-        return sum(len(u.clicks) + len(u.skips) + len(u.held) + u.impressions for u in self.users.states)
+        return sum(len(u.clicks) + len(u.skips) + len(u.dislikes) + len(u.held) + u.impressions
+                   for u in self.users.states)
 
     def event_key_array(self) -> np.ndarray:
         """The event identities as a sorted uint64 array, for the snapshot."""

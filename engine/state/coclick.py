@@ -113,14 +113,18 @@ class CoClicks:
                           np.fromiter(extra.values(), np.float32, len(extra))))
         return parts
 
-    def neighbours(self, sources: Sequence[int], n: int) -> np.ndarray:
-        """Up to n rows most co-clicked with `sources` (summed counts; ties to the lower row)."""
+    def neighbours(self, sources: Sequence[int], n: int, among: np.ndarray | None = None) -> np.ndarray:
+        """Up to n rows most co-clicked with `sources` (summed counts; ties to the lower row),
+        only rows r with among[r] true when `among` (bool by row) is given."""
         parts = [p for j in sources for p in self._row(int(j))]
         if not parts or n <= 0:
             return np.zeros(0, np.int64)
         cols = np.concatenate([c for c, _ in parts])
         uniq, inverse = np.unique(cols, return_inverse=True)
         total = np.bincount(inverse, weights=np.concatenate([v for _, v in parts]), minlength=len(uniq))
+        if among is not None:
+            keep = (uniq < len(among)) & among[np.minimum(uniq, len(among) - 1)]
+            uniq, total = uniq[keep], total[keep]
         if len(uniq) > n:
             keep = np.argpartition(-total, n - 1)[:n]
             uniq, total = uniq[keep], total[keep]

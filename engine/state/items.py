@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import pyarrow as pa
 
@@ -13,7 +15,12 @@ ITEM_SCHEMA = pa.schema([
     ("item_id", pa.string()), ("title", pa.string()), ("text", pa.string()),
     ("categories", pa.list_(pa.string())), ("added_at", pa.int64()), ("removed", pa.bool_()),
     ("impressions", pa.float64()), ("clicks", pa.float64()), ("skips", pa.float64()),
+    ("expires_at", pa.int64()), ("pop_clicks", pa.float64()), ("pop_t", pa.int64()),
 ])
+#: Columns a store written by an earlier version may lack (read as "never expires", no decayed clicks).
+OPTIONAL_ITEM_COLUMNS = ("expires_at", "pop_clicks", "pop_t")
+#: `expires_at` of an item that never expires.
+NEVER = np.iinfo(np.int64).max
 
 
 #: Rows the arrays first make room for: a catalog of a few items should not regrow per add.
@@ -34,8 +41,13 @@ class ItemTable:
         self.impressions = np.zeros(0, np.float64)
         self.clicks = np.zeros(0, np.float64)
         self.skips = np.zeros(0, np.float64)
+        self.expires_at = np.zeros(0, np.int64)  # NEVER when the item does not expire
+        self.pop_clicks = np.zeros(0, np.float64)  # clicks decayed to pop_t (popularity_half_life_s)
+        self.pop_t = np.zeros(0, np.int64)  # the time of the item's latest click
+        self._soonest = NEVER  # no row expires before this (a bound: an upsert may leave it early)
         self._vecs = np.zeros((0, dim), np.float32)
         self._n = 0
+        self._by_category: dict[str, set[int]] = {}  # category -> rows carrying it (for filters)
 
     def __len__(self) -> int:
         return self._n
@@ -52,11 +64,56 @@ class ItemTable:
     def live_rows(self) -> np.ndarray:
         return np.flatnonzero(~self.removed[: self._n])
 
+    def add_decayed_click(self, row: int, t: int, half_life: float) -> None:
+        """Count a click at time `t` (unix seconds) into row's decayed clicks, which are kept as
+        of its latest click: the sum over clicks of 2 ** -((pop_t - t_click) / half_life)."""
+        if t >= self.pop_t[row]:
+            self.pop_clicks[row] = self.pop_clicks[row] * 2.0 ** (-(t - self.pop_t[row]) / half_life) + 1.0
+            self.pop_t[row] = t
+        else:  # an older click arriving late (an import): it weighs as of the latest one
+            self.pop_clicks[row] += 2.0 ** (-(self.pop_t[row] - t) / half_life)
+
+    def decayed_clicks(self, rows: np.ndarray, half_life: float) -> np.ndarray:
+        """Rows' clicks decayed to the store's latest click time: shape (len(rows),), float64."""
+        now = int(self.pop_t[: self._n].max()) if self._n else 0
+        return self.pop_clicks[rows] * np.exp2(-(now - self.pop_t[rows]) / half_life)
+
+    def expired(self, now: int) -> np.ndarray | None:
+        """Rows whose `expires_at` has come (at or before `now`): shape (len(self),), bool; None
+        when no live row has expired."""
+        if now < self._soonest:  # the common case, a catalog without expiry: no pass over the rows
+            return None
+        mask = self.expires_at[: self._n] <= now
+        mask &= ~self.removed[: self._n]
+        return mask if mask.any() else None
+
+    def category_mask(self, categories: Iterable[str]) -> np.ndarray:
+        """Rows carrying at least one of `categories`: shape (len(self),), bool."""
+        mask = np.zeros(self._n, bool)
+        for c in categories:
+            rows = self._by_category.get(c)
+            if rows:
+                mask[np.fromiter(rows, np.int64, len(rows))] = True
+        return mask
+
+    def _set_categories(self, row: int, categories: tuple[str, ...]) -> None:
+        if row < len(self.categories):
+            for c in self.categories[row]:
+                self._by_category.get(c, set()).discard(row)
+            self.categories[row] = categories
+        else:
+            self.categories.append(categories)
+        for c in categories:
+            self._by_category.setdefault(c, set()).add(row)
+
     def item(self, row: int) -> Item:
-        return Item(self.vocab.id(row), self.titles[row], self.texts[row], self.categories[row])
+        e = int(self.expires_at[row])
+        return Item(self.vocab.id(row), self.titles[row], self.texts[row], self.categories[row],
+                    None if e == NEVER else e)
 
     def _reserve(self, n: int) -> None:
-        for name in ("added_at", "removed", "impressions", "clicks", "skips", "_vecs"):
+        for name in ("added_at", "removed", "impressions", "clicks", "skips", "expires_at", "pop_clicks", "pop_t",
+                     "_vecs"):
             setattr(self, name, grown(getattr(self, name), n, MIN_CAPACITY))
 
     def append(self, item: Item, vec: np.ndarray, now: int) -> int:
@@ -67,13 +124,16 @@ class ItemTable:
             row = self.vocab.add(item.item_id)
             self.titles.append(item.title)
             self.texts.append(item.text)
-            self.categories.append(tuple(item.categories))
+            self._set_categories(row, tuple(item.categories))
             self._n += 1
         else:
             self.titles[row], self.texts[row] = item.title, item.text
-            self.categories[row] = tuple(item.categories)
-            self.impressions[row] = self.clicks[row] = self.skips[row] = 0.0
+            self._set_categories(row, tuple(item.categories))
+            self.impressions[row] = self.clicks[row] = self.skips[row] = self.pop_clicks[row] = 0.0
+            self.pop_t[row] = 0
         self.added_at[row], self.removed[row] = now, False
+        self.expires_at[row] = NEVER if item.expires_at is None else item.expires_at
+        self._soonest = min(self._soonest, int(self.expires_at[row]))
         self._vecs[row] = vec
         return row
 
@@ -85,6 +145,8 @@ class ItemTable:
                                                          pa.list_(pa.string())),
             pa.array(self.added_at[:n]), pa.array(self.removed[:n]), pa.array(self.impressions[:n]),
             pa.array(self.clicks[:n]), pa.array(self.skips[:n]),
+            pa.array(self.expires_at[:n], mask=self.expires_at[:n] == NEVER),
+            pa.array(self.pop_clicks[:n]), pa.array(self.pop_t[:n]),
         ], schema=ITEM_SCHEMA)
 
     @classmethod
@@ -96,9 +158,17 @@ class ItemTable:
         for r in range(n):
             t.vocab.add(cols["item_id"][r])
         t.titles, t.texts = cols["title"], cols["text"]
-        t.categories = [tuple(c or ()) for c in cols["categories"]]
+        for r, c in enumerate(cols["categories"]):
+            t._set_categories(r, tuple(c or ()))
         for name in ("added_at", "removed", "impressions", "clicks", "skips"):
             getattr(t, name)[:n] = table.column(name).to_numpy(zero_copy_only=False)
+        for name in ("pop_clicks", "pop_t"):
+            if name in table.column_names:
+                getattr(t, name)[:n] = table.column(name).to_numpy(zero_copy_only=False)
+        t.expires_at[:n] = NEVER
+        if "expires_at" in table.column_names:
+            t.expires_at[:n] = table.column("expires_at").fill_null(NEVER).to_numpy(zero_copy_only=False)
+            t._soonest = int(t.expires_at[:n].min()) if n else NEVER
         t._vecs[:n] = vectors
         t._n = n
         return t

@@ -21,6 +21,7 @@ class UserState:
     profile: str | None = None
     profile_vec: np.ndarray | None = None  # raw text-space vector of the profile, for re-projection
     held: list[int] = field(default_factory=list)  # rows recorded while the store was frozen: seen only
+    dislikes: list[int] = field(default_factory=list)  # rows never to show this user again
 
     @property
     def count(self) -> int:
@@ -32,9 +33,9 @@ class UserState:
         return 1 if self.profile_vec is not None else 0
 
     def seen(self) -> set[int]:
-        """Rows the user clicked, skipped, or acted on while the store was frozen (a new set each
-        call: a reader keeps nothing)."""
-        return set(self.clicks) | set(self.skips) | set(self.held)
+        """Rows the user clicked, skipped, disliked, or acted on while the store was frozen (a new
+        set each call: a reader keeps nothing)."""
+        return set(self.clicks) | set(self.skips) | set(self.held) | set(self.dislikes)
 
     def recent(self, window: int) -> list[int]:
         return self.clicks[-window:]
@@ -61,12 +62,18 @@ def apply_skip(user: UserState, item_vec: np.ndarray, min_step: float, skip_step
         user.vector = normalise(user.vector - eta * item_vec)
 
 
+def apply_dislike(user: UserState, item_vec: np.ndarray, min_step: float, dislike_step: float) -> None:
+    """A strong skip: the vector moves `dislike_step` times a click's step away from the item."""
+    apply_skip(user, item_vec, min_step, dislike_step)
+
+
 def rederive(user: UserState, item_vecs: np.ndarray, profile_vec: np.ndarray | None,
-             min_step: float, skip_step: float) -> None:
+             min_step: float, skip_step: float, dislike_step: float = 1.0) -> None:
     """Rebuild the vector from the profile and the history, e.g. after the item space changed.
 
-    `item_vecs` holds the retrieval vectors of `user.clicks + user.skips`, in that order; the
-    events are replayed in click order with skips last (their relative order was not kept).
+    `item_vecs` holds the retrieval vectors of `user.clicks + user.skips + user.dislikes`, in that
+    order; the events are replayed in click order with skips, then dislikes, last (their
+    relative order was not kept).
     """
     clicks, skips = list(user.clicks), list(user.skips)
     dim = item_vecs.shape[1]
@@ -77,6 +84,8 @@ def rederive(user: UserState, item_vecs: np.ndarray, profile_vec: np.ndarray | N
         fresh.clicks.append(row)
     for j in range(len(skips)):
         apply_skip(fresh, item_vecs[len(clicks) + j], min_step, skip_step)
+    for j in range(len(user.dislikes)):
+        apply_dislike(fresh, item_vecs[len(clicks) + len(skips) + j], min_step, dislike_step)
     user.vector = fresh.vector
 
 

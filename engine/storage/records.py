@@ -43,7 +43,7 @@ class RemoveRecord:
 
 @dataclass(frozen=True)
 class EventRecord:
-    """One click, skip or impression, as `Engine.record` took it."""
+    """One click, skip, impression or dislike, as `Engine.record` took it."""
 
     user_id: str
     item_id: str
@@ -81,13 +81,19 @@ def _event_payload(r: EventRecord) -> list[Any]:
     return [r.user_id, r.item_id, r.event, r.value, r.t]
 
 
+def _item_payload(item: Item) -> list[Any]:
+    """[id, title, text, categories], and expires_at only when set (older stores' records)."""
+    out = [item.item_id, item.title, item.text, list(item.categories)]
+    return out if item.expires_at is None else [*out, item.expires_at]
+
+
 def to_payload(rec: Record) -> dict[str, Any]:
     """The JSON object written to the log for `rec`."""
     if isinstance(rec, EventRecord):
         return {"op": "event", "u": rec.user_id, "i": rec.item_id, "e": rec.event, "v": rec.value, "t": rec.t}
     if isinstance(rec, AddRecord):
         return {"op": "add", "t": rec.t, "dim": int(rec.vectors.shape[1]), "vec": b64(rec.vectors),
-                "items": [[i.item_id, i.title, i.text, list(i.categories)] for i in rec.items]}
+                "items": [_item_payload(i) for i in rec.items]}
     if isinstance(rec, RemoveRecord):
         return {"op": "remove", "ids": list(rec.ids)}
     if isinstance(rec, ProfileRecord):
@@ -109,7 +115,7 @@ def from_payload(data: dict[str, Any], dim: int | None, where: str) -> Record:
         if op == "event":
             return EventRecord(data["u"], data["i"], data["e"], float(data["v"]), int(data["t"]))
         if op == "add":
-            items = tuple(Item(i, t, x, tuple(c)) for i, t, x, c in data["items"])
+            items = tuple(Item(i, t, x, tuple(c), *rest) for i, t, x, c, *rest in data["items"])
             return AddRecord(int(data["t"]), items, unb64(data["vec"], int(data["dim"])))
         if op == "remove":
             return RemoveRecord(tuple(data["ids"]))

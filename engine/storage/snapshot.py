@@ -12,16 +12,17 @@ from safetensors import SafetensorError
 from safetensors.numpy import load, load_file, save_file
 
 from ..errors import CorruptStoreError
-from ..state.items import ITEM_SCHEMA, ItemTable
+from ..state.items import ITEM_SCHEMA, OPTIONAL_ITEM_COLUMNS, ItemTable
 from .store import StoreDir, atomic_write
 from ..state.users import UserTable
 
 USER_SCHEMA = pa.schema([
     ("user_id", pa.string()), ("clicks", pa.list_(pa.int64())), ("skips", pa.list_(pa.int64())),
     ("impressions", pa.int64()), ("profile", pa.string()), ("held", pa.list_(pa.int64())),
+    ("dislikes", pa.list_(pa.int64())),
 ])
 #: Columns a store written by an earlier version may lack (read as empty).
-OPTIONAL_USER_COLUMNS = ("held",)
+OPTIONAL_USER_COLUMNS = ("held", "dislikes")
 
 
 def users_to_arrow(users: UserTable) -> pa.Table:
@@ -30,6 +31,7 @@ def users_to_arrow(users: UserTable) -> pa.Table:
         pa.array(users.vocab.ids(), pa.string()), pa.array([u.clicks for u in s], pa.list_(pa.int64())),
         pa.array([u.skips for u in s], pa.list_(pa.int64())), pa.array([u.impressions for u in s], pa.int64()),
         pa.array([u.profile for u in s], pa.string()), pa.array([u.held for u in s], pa.list_(pa.int64())),
+        pa.array([u.dislikes for u in s], pa.list_(pa.int64())),
     ], schema=USER_SCHEMA)
 
 
@@ -55,6 +57,7 @@ def users_from_arrow(table: pa.Table, vecs: np.ndarray, profiles: np.ndarray) ->
         state.profile = cols["profile"][r]
         state.profile_vec = profiles[r].copy() if state.profile is not None else None
         state.held = list(cols["held"][r]) if "held" in cols else []
+        state.dislikes = list(cols["dislikes"][r]) if "dislikes" in cols else []
     return users
 
 
@@ -127,7 +130,8 @@ def read_generation(store: StoreDir, manifest: dict[str, Any], d_text: int,
         if key not in tensors or tensors[key].ndim != 2:
             raise CorruptStoreError(f"{vec_path}: no 2-d tensor {key!r}; not a Kindling vectors file")
     items_path = store.file("items", gen, "parquet")
-    items_table = _with_schema(read_parquet(items_path, pinned.get(items_path.name)), ITEM_SCHEMA, items_path)
+    items_table = _with_schema(read_parquet(items_path, pinned.get(items_path.name)), ITEM_SCHEMA, items_path,
+                               OPTIONAL_ITEM_COLUMNS)
     if items_table.num_rows != len(item_vecs):
         raise CorruptStoreError(f"{items_path}: {items_table.num_rows} items but {len(item_vecs)} vectors "
                                 f"in {vec_path.name}")
@@ -161,7 +165,7 @@ def _check_rows(users: pa.Table, n_items: int, path: Path) -> None:
     """Histories may only name item rows that exist."""
     import pyarrow.compute as pc
 
-    for col in [c for c in ("clicks", "skips", "held") if c in users.column_names]:
+    for col in [c for c in ("clicks", "skips", "held", "dislikes") if c in users.column_names]:
         flat = pc.list_flatten(users.column(col))
         if len(flat) and (pc.min(flat).as_py() < 0 or pc.max(flat).as_py() >= n_items):
             raise CorruptStoreError(f"{path}: column {col!r} names item rows outside 0..{n_items - 1}")

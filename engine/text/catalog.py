@@ -22,6 +22,8 @@ MAX_TITLE_CHARS = 2_000
 MAX_TEXT_CHARS = 100_000
 MAX_CATEGORIES = 100
 MAX_CATEGORY_CHARS = 200
+#: The largest `expires_at` accepted (unix seconds; the year 10,000).
+MAX_EXPIRES_AT = 253_402_300_800
 SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
 
 
@@ -91,6 +93,10 @@ def validate_item(item: Item, where: str = "item") -> Item:
         raise InvalidInputError(f"{where}: at most {MAX_CATEGORIES} categories")
     for c in item.categories:
         check_text(c, f"{where}: each category", MAX_CATEGORY_CHARS)
+    e = item.expires_at
+    if e is not None and (isinstance(e, bool) or not isinstance(e, int) or not 0 <= e <= MAX_EXPIRES_AT):
+        raise InvalidInputError(f"{where}: expires_at must be None or an int of unix seconds between 0 and "
+                                f"{MAX_EXPIRES_AT}; got {e!r}")
     return item
 
 
@@ -126,8 +132,10 @@ def _coerce_item(raw: Item | dict[str, Any], where: str) -> Item:
     text = raw.get("text")
     text = "" if text is None or (isinstance(text, float) and math.isnan(text)) else text
     title = raw.get("title")
+    expires = raw.get("expires_at")
+    expires = None if isinstance(expires, float) and math.isnan(expires) else expires
     return Item(item_id=raw["item_id"], title=title if title is not None else "", text=text,
-                categories=tuple(cats))
+                categories=tuple(cats), expires_at=expires)
 
 
 def _table_path(path: str | Path, stem: str) -> Path:
