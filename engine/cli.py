@@ -48,18 +48,10 @@ def emit(data: dict[str, Any], as_json: bool, lines: list[str]) -> None:
 
 def ranked(key: str, who: str, recs: list[Recommendation]) -> tuple[dict[str, Any], list[str]]:
     """A list as one JSON-ready object and as text lines (with the reason, when it has one)."""
-    data = {key: who, "items": [_rec_json(r) for r in recs]}
+    data = {key: who, "items": [r.as_dict() for r in recs]}
     lines = [f"{n:>3}. {r.title}  [{r.item_id}]  {r.score:.3f}" + (f"  ({r.because})" if r.because else "")
              for n, r in enumerate(recs, 1)]
     return data, lines or ["(no items)"]
-
-
-def _rec_json(r: Recommendation) -> dict[str, Any]:
-    out: dict[str, Any] = {"item_id": r.item_id, "score": round(r.score, 6), "title": r.title}
-    if r.because is not None:
-        out["because"] = {"reason": r.because.reason, "value": round(r.because.value, 6),
-                          "item_id": r.because.item_id}
-    return out
 
 
 #: Commands loaded only when run (or asked for their --help), so that the others start fast: name
@@ -295,6 +287,27 @@ def import_(store: Path, events_file: Path, min_value: float | None, as_json: bo
         counts = eng.import_events(events)
     emit(counts, as_json, [f"imported {counts['imported']} event(s) into {store}; {counts['already_held']} "
                            f"already held, {counts['unknown_item']} on unknown items"])
+
+
+@main.command()
+@click.argument("store", type=STORE)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A file holding an API key (16+ characters). Every write (POST /events, POST /items, "
+                   "DELETE /items/ID, and /recommend with a profile, which is saved) then needs "
+                   "'Authorization: Bearer <key>'; reads stay open to anyone who can reach the port.")
+@user_errors
+def serve(store: Path, host: str, port: int, api_key_file: Path | None) -> None:
+    """Serve STORE over HTTP (the serve extra): one process, the store's only writer.
+
+    OpenAPI docs at /docs. SIGTERM or Ctrl-C answers the requests in flight, then saves."""
+    try:
+        from .http.server import read_api_key, serve as run_server
+    except ImportError as exc:
+        raise click.ClickException(f"'kindling serve' needs the serve extra (pip install 'kindling[serve]'): "
+                                   f"{exc}") from exc
+    run_server(store, host, port, read_api_key(api_key_file) if api_key_file else None)
 
 
 @main.command()

@@ -26,7 +26,7 @@ from .text.catalog import check_text, item_text, validate_items
 from .config import Config
 from .text.embedding import embed, embed_many, given_vectors
 from .text.encoder import Encoder, TextEncoder
-from .errors import InvalidInputError, StoreError, UnknownItemError, UnknownUserError
+from .errors import DuplicateItemError, InvalidInputError, StoreError, UnknownItemError, UnknownUserError
 from .storage.eventlog import EventLog, read_log
 from .locks import RWLock
 from .storage.records import (
@@ -343,7 +343,7 @@ class Engine:
             return
         dup = [i.item_id for i in batch if self._state.items.live_row(i.item_id) is not None]
         if dup:
-            raise InvalidInputError(f"{len(dup)} item id(s) already in the store (e.g. {dup[0]!r}); "
+            raise DuplicateItemError(f"{len(dup)} item id(s) already in the store (e.g. {dup[0]!r}); "
                                     "ids must be new unless upsert=True")
 
     def _batch_vectors(self, batch: list[Item], vectors: np.ndarray | None) -> np.ndarray:

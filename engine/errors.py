@@ -11,6 +11,10 @@ class InvalidInputError(EngineError, ValueError):
     """Caller data broke a stated rule (the message names the rule)."""
 
 
+class DuplicateItemError(InvalidInputError):
+    """An added item id that the store already holds live (and upsert was not asked for)."""
+
+
 class UnknownItemError(EngineError, KeyError):
     """An item id that the store does not hold (or that was removed)."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 #: What happened: the engine knows these four (other kinds are mapped when read, catalog.py). A
 #: dislike hides the item from the user for good and pushes the user away from it.
@@ -82,3 +82,11 @@ class Recommendation:
     score: float
     title: str
     because: Because | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON-ready form the CLI's --json and the HTTP service print (scores to 6 places)."""
+        out: dict[str, Any] = {"item_id": self.item_id, "score": round(self.score, 6), "title": self.title}
+        if self.because is not None:
+            out["because"] = {"reason": self.because.reason, "value": round(self.because.value, 6),
+                              "item_id": self.because.item_id}
+        return out
