@@ -12,7 +12,7 @@ $(BIN)/python:
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --disable-pip-version-check -q "torch==2.13.0"
-	$(BIN)/pip install --disable-pip-version-check -q -e ".[eval,dev,onnx]"
+	$(BIN)/pip install --disable-pip-version-check -q -e ".[eval,dev,onnx,serve]"
 	touch $(STAMP)
 
 demo: $(STAMP)

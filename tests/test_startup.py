@@ -21,9 +21,13 @@ HEAVY = ("torch", "sentence_transformers", "transformers", "sklearn", "engine.ev
          "engine.training.towers", "engine.training.reranker")
 
 
-def heavy_modules_after(code: str) -> list[str]:
-    """The HEAVY modules a fresh interpreter holds after running `code`."""
-    probe = f"{code}\nimport sys, json\nprint(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+#: What only `kindling serve` loads.
+SERVICE = ("fastapi", "uvicorn", "starlette", "pydantic", "engine.http")
+
+
+def heavy_modules_after(code: str, modules: tuple[str, ...] = HEAVY) -> list[str]:
+    """The `modules` a fresh interpreter holds after running `code`."""
+    probe = f"{code}\nimport sys, json\nprint(json.dumps([m for m in {modules!r} if m in sys.modules]))"
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
@@ -43,6 +47,12 @@ def fitted_store(path: Path) -> Path:
 
 def test_import_engine_loads_no_torch_model_library_or_evaluation() -> None:
     assert heavy_modules_after("import engine") == []
+
+
+def test_import_engine_and_the_cli_help_load_no_web_framework() -> None:
+    assert heavy_modules_after("import engine", SERVICE) == []
+    run = "from engine.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n    assert not e.code"
+    assert heavy_modules_after(run, SERVICE) == []
 
 
 def test_cli_commands_that_embed_nothing_load_no_torch(tmp_path: Path) -> None:

@@ -1,0 +1,138 @@
+"""`create_app(engine)`: the FastAPI application over one open Engine.
+
+Each route parses its body (schemas.py), calls one library method and returns its result as
+JSON; the rules on values and every error's status code live in the library and in errors.py.
+Routes are plain functions, so FastAPI runs them on its thread pool; the Engine is thread-safe
+(readers share a lock, writers take it alone).
+
+Example:
+    >>> from engine import Engine                                    # doctest: +SKIP
+    >>> app = create_app(Engine.open("my-store"), api_key="s3cret")
+    >>> import uvicorn; uvicorn.run(app)
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Query
+from fastapi.responses import PlainTextResponse
+
+from .. import __version__
+from ..engine import Engine
+from ..types import Item
+from . import errors
+from .metrics import Metrics
+from .middleware import ServiceMiddleware
+from .schemas import BatchBody, EventBody, ItemsBody, RecommendBody
+
+#: The largest request body accepted, in bytes (413 above it).
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+def create_app(engine: Engine, api_key: str | None = None, max_body: int = MAX_BODY_BYTES,
+               close_on_shutdown: bool = False) -> FastAPI:
+    """The service over `engine`.
+
+    Args:
+        engine: an open Engine (writable, for the write routes to work).
+        api_key: when given, every write (POST /events, POST /items, DELETE /items/..., and a
+            /recommend that carries a profile, which is saved) needs `Authorization: Bearer
+            <api_key>`; reads stay open.
+        max_body: the largest request body, in bytes.
+        close_on_shutdown: close the engine (saving a snapshot) when the server shuts down,
+            after the requests in flight have been answered.
+    """
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if close_on_shutdown:
+            engine.close()
+
+    app = FastAPI(title="Kindling", version=__version__, lifespan=lifespan,
+                  description="Cold-start recommendations over one Kindling store.")
+    metrics = Metrics()
+    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body=max_body)
+    errors.install(app)
+    writer = [Depends(_bearer(api_key))]
+
+    @app.post("/recommend", summary="Top-k items for a user, new or known")
+    def recommend(body: RecommendBody, authorization: str | None = Header(None)) -> dict[str, Any]:
+        if body.profile is not None:  # the profile is saved with the user: a write
+            _check_key(api_key, authorization)
+        recs = engine.recommend(body.user_id, k=body.k, profile=body.profile, filter=body.filter(),
+                                exclude=body.exclude, diversity=body.diversity, explain=body.explain)
+        return {"user": body.user_id, "items": [r.as_dict() for r in recs]}
+
+    @app.post("/recommend/batch", summary="Top-k items for each of several users (one batched search)")
+    def recommend_batch(body: BatchBody) -> dict[str, Any]:
+        lists = engine.recommend_many(body.user_ids, k=body.k, filter=body.filter(),
+                                      diversity=body.diversity, explain=body.explain)
+        return {"users": [{"user": u, "items": [r.as_dict() for r in recs]}
+                          for u, recs in zip(body.user_ids, lists)]}
+
+    @app.get("/items/{item_id:path}/similar", summary="The items most similar to one item")
+    def similar(item_id: str, k: int = Query(10)) -> dict[str, Any]:
+        return {"item": item_id, "items": [r.as_dict() for r in engine.similar_items(item_id, k=k)]}
+
+    @app.get("/items/{item_id:path}", summary="One live item")
+    def get_item(item_id: str) -> dict[str, Any]:
+        item = engine.get_item(item_id)
+        return {"item_id": item.item_id, "title": item.title, "text": item.text,
+                "categories": list(item.categories), "expires_at": item.expires_at}
+
+    @app.post("/events", dependencies=writer, summary="Record a click, skip, impression or dislike")
+    def record(body: EventBody) -> dict[str, Any]:
+        """Answers only once the event is in the fsynced log (it survives a crash from then on)."""
+        engine.record(body.user_id, body.item_id, body.event, body.value, body.timestamp)
+        return {"recorded": body.model_dump()}
+
+    @app.post("/items", dependencies=writer, summary="Add items (or replace them, with upsert)")
+    def add_items(body: ItemsBody) -> dict[str, Any]:
+        items = [Item(i.item_id, i.title, i.text, tuple(i.categories), i.expires_at) for i in body.items]
+        return {"added": engine.add_items(items, upsert=body.upsert)}
+
+    @app.delete("/items/{item_id:path}", dependencies=writer, summary="Remove an item for good")
+    def remove_item(item_id: str) -> dict[str, Any]:
+        return {"removed": engine.remove_items([item_id])}
+
+    @app.get("/users/{user_id:path}", summary="A user's clicks, oldest first")
+    def user(user_id: str) -> dict[str, Any]:
+        return {"user": user_id, "history": engine.user_history(user_id)}
+
+    @app.get("/stats", summary="Counts, index and model of the store")
+    def stats() -> dict[str, Any]:
+        return engine.stats()
+
+    @app.get("/healthz", summary="200 while the store is open")
+    def healthz() -> dict[str, Any]:
+        return {"status": "ok", "generation": engine.stats()["generation"]}
+
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(engine.stats()),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+def _bearer(api_key: str | None):
+    """A dependency that lets a write through only with the right `Authorization: Bearer` key."""
+    def check(authorization: str | None = Header(None)) -> None:
+        _check_key(api_key, authorization)
+    return check
+
+
+def _check_key(api_key: str | None, authorization: str | None) -> None:
+    if api_key is None:
+        return
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        raise HTTPException(401, "this route writes to the store and needs 'Authorization: Bearer <key>' "
+                                 "with the server's API key", headers={"WWW-Authenticate": "Bearer"})
+
+
+__all__ = ["MAX_BODY_BYTES", "create_app"]

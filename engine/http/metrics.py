@@ -1,0 +1,68 @@
+"""GET /metrics in the Prometheus text format, written by hand (no client library needed).
+
+`Metrics` keeps a latency histogram per route and method (the route's template, e.g.
+`/items/{item_id}/similar`, so ids never become labels) and a counter per status code.
+The store's own figures (events, items, model generation) are read from `Engine.stats()` when
+/metrics is asked for.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import defaultdict
+from typing import Any
+
+#: Upper bounds of the latency buckets, in seconds.
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """Request counts and latencies, safe from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hist: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0] * (len(BUCKETS) + 2))
+        self._status: dict[tuple[str, str, int], int] = defaultdict(int)
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        with self._lock:
+            h = self._hist[(method, route)]
+            h[bisect.bisect_left(BUCKETS, seconds)] += 1  # the last bucket slot is +Inf only
+            h[-1] += seconds
+            self._status[(method, route, status)] += 1
+
+    def render(self, stats: dict[str, Any]) -> str:
+        """The exposition text: the request metrics, then the store's gauges from `stats`."""
+        out = ["# HELP kindling_request_duration_seconds Time to answer a request, by route.",
+               "# TYPE kindling_request_duration_seconds histogram"]
+        with self._lock:
+            for (method, route), h in sorted(self._hist.items()):
+                labels = f'method="{method}",route="{_escape(route)}"'
+                total = 0
+                for bound, n in zip((*BUCKETS, "+Inf"), h[:-1]):
+                    total += int(n)
+                    out.append(f'kindling_request_duration_seconds_bucket{{{labels},le="{bound}"}} {total}')
+                out.append(f"kindling_request_duration_seconds_sum{{{labels}}} {h[-1]:.6f}")
+                out.append(f"kindling_request_duration_seconds_count{{{labels}}} {total}")
+            out += ["# HELP kindling_requests_total Requests answered, by route and status code.",
+                    "# TYPE kindling_requests_total counter"]
+            for (method, route, status), n in sorted(self._status.items()):
+                out.append(f'kindling_requests_total{{method="{method}",route="{_escape(route)}",'
+                           f'status="{status}"}} {n}')
+        gauges = (("events", "Events the store holds (recorded and imported).", stats["events"]),
+                  ("live_items", "Items that can be recommended.", stats["live_items"]),
+                  ("users", "Users the store holds.", stats["users"]),
+                  ("generation", "The snapshot generation (a save or fit makes a new one).", stats["generation"]),
+                  ("pending_log_records", "Log records since the last snapshot.", stats["pending_log_records"]),
+                  ("trained", "1 once fit has trained the models, else 0.", int(bool(stats["trained"]))))
+        for name, help_, value in gauges:
+            out += [f"# HELP kindling_{name} {help_}", f"# TYPE kindling_{name} gauge", f"kindling_{name} {value}"]
+        return "\n".join(out) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+__all__ = ["BUCKETS", "Metrics"]

@@ -1,0 +1,74 @@
+"""The request bodies, as pydantic models: types and shapes only.
+
+The rules on the values (what an id may hold, k's range, a category's length, ...) are the
+library's and are checked by it, so the service and the library cannot disagree on them.
+Unknown fields are refused, so a misspelt option is an error rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..engine import MAX_BATCH_USERS
+from ..serving.filters import Filter
+from ..types import EventKind
+
+#: Items one POST /items may carry (a bigger catalog goes through `kindling ingest`).
+MAX_ITEMS_PER_REQUEST = 1000
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FilterFields(Body):
+    """The business rules of a request (see engine.Filter); all optional."""
+
+    categories: list[str] = Field(default_factory=list, description="Only items with one of these categories.")
+    not_categories: list[str] = Field(default_factory=list, description="No items with any of these categories.")
+    allow: list[str] | None = Field(None, description="Only these item ids.")
+    deny: list[str] = Field(default_factory=list, description="Never these item ids.")
+    diversity: float = Field(0.0, description="0 to 1: maximal marginal relevance (0 keeps the score order).")
+    explain: bool = Field(False, description="Give each item a `because`.")
+
+    def filter(self) -> Filter | None:
+        if not (self.categories or self.not_categories or self.allow is not None or self.deny):
+            return None
+        return Filter(categories_any=self.categories, categories_none=self.not_categories,
+                      allow=self.allow, deny=self.deny)
+
+
+class RecommendBody(FilterFields):
+    user_id: str
+    k: int = 10
+    profile: str | None = Field(None, description="A new user's self-description; saved with the user.")
+    exclude: list[str] = Field(default_factory=list, description="More item ids to leave out.")
+
+
+class BatchBody(FilterFields):
+    user_ids: list[str] = Field(max_length=MAX_BATCH_USERS)
+    k: int = 10
+
+
+class EventBody(Body):
+    user_id: str
+    item_id: str
+    event: EventKind = "click"
+    value: float = 1.0
+    timestamp: int | None = Field(None, description="Unix seconds; default: now.")
+
+
+class ItemBody(Body):
+    item_id: str
+    title: str
+    text: str = ""
+    categories: list[str] = Field(default_factory=list)
+    expires_at: int | None = Field(None, description="Unix seconds; from then on never returned.")
+
+
+class ItemsBody(Body):
+    items: list[ItemBody] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
+    upsert: bool = Field(False, description="Replace items whose id is already in the store.")
+
+
+__all__ = ["BatchBody", "EventBody", "ItemBody", "ItemsBody", "MAX_ITEMS_PER_REQUEST", "RecommendBody"]

@@ -1,0 +1,44 @@
+"""`serve`: open a store for writing and run the service on uvicorn until SIGTERM or SIGINT.
+
+The process is the store's one writer (it holds the store's lock). On SIGTERM or SIGINT uvicorn
+stops accepting connections, answers the requests in flight, and then the lifespan closes the
+store with a snapshot. Every acknowledged write was in the fsynced log before it was answered,
+so even a SIGKILL loses nothing acknowledged: the next open replays the log.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import uvicorn
+
+from ..engine import Engine
+from ..errors import InvalidInputError
+from .app import create_app
+
+#: Seconds uvicorn waits for requests in flight on shutdown before it cancels them.
+GRACEFUL_TIMEOUT_S = 30
+
+
+def read_api_key(path: Path) -> str:
+    """The key in `path`: its content without surrounding whitespace, at least 16 characters."""
+    key = path.read_text(encoding="utf-8").strip()
+    if len(key) < 16 or any(c.isspace() for c in key):
+        raise InvalidInputError(f"{path}: the API key must be at least 16 characters with no whitespace")
+    return key
+
+
+def serve(store: Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          log_level: str = "info") -> None:
+    """Serve `store` until a shutdown signal; the store is closed, with a snapshot, on the way out."""
+    eng = Engine.open(store)
+    try:
+        app = create_app(eng, api_key=api_key, close_on_shutdown=True)
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, workers=1,
+                                timeout_graceful_shutdown=GRACEFUL_TIMEOUT_S, server_header=False)
+        uvicorn.Server(config).run()
+    finally:
+        eng.close()  # a no-op after the lifespan closed it; closes it when startup failed
+
+
+__all__ = ["GRACEFUL_TIMEOUT_S", "read_api_key", "serve"]
