@@ -178,6 +178,16 @@ def test_stats_health_metrics_and_docs(server):
     assert {"/recommend", "/recommend/batch", "/events", "/items", "/stats", "/healthz"} <= set(paths)
 
 
+def test_the_playground_page_is_served_and_calls_only_the_api(server):
+    resp = server.client.get("/")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
+    page = resp.text
+    assert "<title>Kindling playground</title>" in page
+    for call in ('api("POST", "recommend"', 'api("POST", "events"', 'api("POST", "items"', '"/similar?k=5"'):
+        assert call in page, call
+    assert "/" not in ok(server.client.get("/openapi.json"))["paths"]  # not part of the API
+
+
 # ---- bad input -------------------------------------------------------------------------------
 BAD = [
     ("post", "/recommend", {"user_id": "a", "k": 0}, 400, "k must be an integer between 1 and 10000"),

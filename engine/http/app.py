@@ -16,10 +16,12 @@ from __future__ import annotations
 import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Query
-from fastapi.responses import PlainTextResponse
+from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .. import __version__
 from ..engine import Engine
@@ -29,6 +31,8 @@ from .metrics import Metrics
 from .middleware import ServiceMiddleware
 from .schemas import BatchBody, EventBody, ItemsBody, RecommendBody
 
+#: One page of plain HTML and JavaScript over this same API (GET /): no build step.
+PLAYGROUND = Path(__file__).with_name("playground.html")
 #: The largest request body accepted, in bytes (413 above it).
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -57,12 +61,13 @@ def create_app(engine: Engine, api_key: str | None = None, max_body: int = MAX_B
     metrics = Metrics()
     app.add_middleware(ServiceMiddleware, metrics=metrics, max_body=max_body)
     errors.install(app)
-    writer = [Depends(_bearer(api_key))]
+    writer = [Depends(_writer(api_key))]
 
     @app.post("/recommend", summary="Top-k items for a user, new or known")
-    def recommend(body: RecommendBody, authorization: str | None = Header(None)) -> dict[str, Any]:
+    def recommend(body: RecommendBody,
+                  creds: HTTPAuthorizationCredentials | None = Depends(BEARER)) -> dict[str, Any]:
         if body.profile is not None:  # the profile is saved with the user: a write
-            _check_key(api_key, authorization)
+            _check_key(api_key, creds)
         recs = engine.recommend(body.user_id, k=body.k, profile=body.profile, filter=body.filter(),
                                 exclude=body.exclude, diversity=body.diversity, explain=body.explain)
         return {"user": body.user_id, "items": [r.as_dict() for r in recs]}
@@ -111,6 +116,10 @@ def create_app(engine: Engine, api_key: str | None = None, max_body: int = MAX_B
     def healthz() -> dict[str, Any]:
         return {"status": "ok", "generation": engine.stats()["generation"]}
 
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def playground() -> HTMLResponse:
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
+
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
     def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(engine.stats()),
@@ -119,18 +128,22 @@ def create_app(engine: Engine, api_key: str | None = None, max_body: int = MAX_B
     return app
 
 
-def _bearer(api_key: str | None):
-    """A dependency that lets a write through only with the right `Authorization: Bearer` key."""
-    def check(authorization: str | None = Header(None)) -> None:
-        _check_key(api_key, authorization)
+#: Shows the key as a "Bearer" scheme in /docs (with an Authorize button); we check it ourselves.
+BEARER = HTTPBearer(auto_error=False, description="The server's API key (kindling serve --api-key-file).")
+
+
+def _writer(api_key: str | None):
+    """A dependency that lets a write through only with `Authorization: Bearer <api_key>`."""
+    def check(creds: HTTPAuthorizationCredentials | None = Depends(BEARER)) -> None:
+        _check_key(api_key, creds)
     return check
 
 
-def _check_key(api_key: str | None, authorization: str | None) -> None:
+def _check_key(api_key: str | None, creds: HTTPAuthorizationCredentials | None) -> None:
     if api_key is None:
         return
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+    given = b"" if creds is None else creds.credentials.encode()
+    if not hmac.compare_digest(given, api_key.encode()):
         raise HTTPException(401, "this route writes to the store and needs 'Authorization: Bearer <key>' "
                                  "with the server's API key", headers={"WWW-Authenticate": "Bearer"})
 
