@@ -201,7 +201,9 @@ BAD = [
     ("post", "/recommend/batch", {"user_ids": "alice"}, 422, "body.user_ids"),
     ("post", "/events", {"user_id": "a", "item_id": "no-such-item"}, 404, "unknown item id 'no-such-item'"),
     ("post", "/events", {"user_id": "a", "item_id": TOY, "event": "like"}, 422, "body.event"),
-    ("post", "/events", {"user_id": "a", "item_id": TOY, "value": "NaN"}, 400, "value must be a finite number"),
+    ("post", "/events", {"user_id": "a", "item_id": TOY, "value": "1"}, 422, "body.value"),
+    ("post", "/events", {"user_id": "a", "item_id": TOY, "timestamp": 1.5}, 422, "body.timestamp"),
+    ("post", "/recommend", {"user_id": "a", "explain": "yes"}, 422, "body.explain"),
     ("post", "/items", {"items": []}, 422, "body.items"),
     ("post", "/items", {"items": [{"item_id": "x", "title": " "}]}, 400, "title"),
     ("get", "/items/no-such-item/similar", None, 404, "unknown item id 'no-such-item'"),
@@ -225,6 +227,9 @@ def test_malformed_json_and_a_body_too_large(server):
     c = server.client
     resp = c.post("/recommend", content=b'{"user_id": ', headers={"content-type": "application/json"})
     assert resp.status_code == 400 and "valid JSON" in resp.json()["detail"]
+    nan = f'{{"user_id": "a", "item_id": "{TOY}", "value": NaN}}'.encode()  # Python's JSON reads NaN
+    resp = c.post("/events", content=nan, headers={**AUTH, "content-type": "application/json"})
+    assert resp.status_code == 400 and "value must be a finite number" in resp.json()["detail"]
     big = {"items": [{"item_id": f"b{i}", "title": "t", "text": "x" * 100_000} for i in range(50)]}
     resp = c.post("/items", headers=AUTH, json=big)
     assert resp.status_code == 413 and "at most" in resp.json()["detail"]
@@ -235,6 +240,33 @@ def test_malformed_json_and_a_body_too_large(server):
             yield b'{"item_id": "c", "title": "t", "text": "' + b"x" * 100_000 + b'"},'
     resp = c.post("/items", headers={**AUTH, "content-type": "application/json"}, content=chunks())
     assert resp.status_code == 413
+
+
+def test_every_engine_error_class_has_its_status():
+    from engine import errors as engine_errors
+    from engine.http.errors import status_of
+
+    expected = {"DuplicateItemError": 409, "UnknownItemError": 404, "UnknownUserError": 404,
+                "InvalidInputError": 400, "StoreError": 503, "CorruptStoreError": 503,
+                "StoreLockedError": 503, "ModelLoadError": 500, "EngineError": 500}
+    classes = {c.__name__: c for c in vars(engine_errors).values()
+               if isinstance(c, type) and issubclass(c, engine_errors.EngineError)}
+    assert set(classes) == set(expected)  # a new error class gets a status here
+    assert {name: status_of(cls("x")) for name, cls in classes.items()} == expected
+
+
+def test_metrics_histogram_is_cumulative():
+    from engine.http.metrics import Metrics
+
+    m = Metrics()
+    for seconds in (0.0005, 0.003, 0.003, 20.0):
+        m.observe("GET", "/stats", 200, seconds)
+    text = m.render({"events": 1, "live_items": 2, "users": 3, "generation": 4, "pending_log_records": 5,
+                     "trained": False})
+    for line in ('route="/stats",le="0.001"} 1', 'route="/stats",le="0.005"} 3', 'route="/stats",le="10.0"} 3',
+                 'route="/stats",le="+Inf"} 4', 'kindling_request_duration_seconds_count{method="GET",'
+                 'route="/stats"} 4', "kindling_generation 4", "kindling_trained 0"):
+        assert line in text, line
 
 
 # ---- the API key -----------------------------------------------------------------------------

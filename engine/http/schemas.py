@@ -2,7 +2,8 @@
 
 The rules on the values (what an id may hold, k's range, a category's length, ...) are the
 library's and are checked by it, so the service and the library cannot disagree on them.
-Unknown fields are refused, so a misspelt option is an error rather than silently ignored.
+Unknown fields are refused, so a misspelt option is an error rather than silently ignored, and
+types are strict: `"k": "5"` or `"explain": "yes"` is a 422, not a guess.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ MAX_ITEMS_PER_REQUEST = 1000
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class FilterFields(Body):
