@@ -27,6 +27,8 @@ from engine import Engine  # noqa: E402
 
 from conftest import ROOT, SLICE_MUST_HAVE  # noqa: E402
 
+pytestmark = pytest.mark.model  # the servers hold a store of the real model's vectors and embed with it
+
 KEY = "test-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 TOY, MONSTERS, NEMO = SLICE_MUST_HAVE
