@@ -1,0 +1,179 @@
+"""The HTTP service against the in-process library, side by side in one run.
+
+    python benchmarks/serve.py [--items 0,100000] [--clients 1,8,32] [--requests 400] [--out FILE]
+
+For each catalog (0 = the bundled movielens-small catalog with its real MiniLM vectors; N > 0 = a
+clustered synthetic catalog of N items made from them, benchmarks/bench_data.py), a store is built
+with 256 users of 20 clicks each and fsync on. Then, in one run: `Engine.recommend` in this
+process (p50 / p99 one call at a time, and calls per second with 8 threads), the store closed, a
+real `kindling serve` process started on it, and `POST /recommend` and `POST /events` from 1, 8 and
+32 concurrent httpx clients (requests per second, p50 / p99 per request). Prints one JSON object
+(also written to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_data import LookupEncoder, catalog_items, catalog_vectors, synthetic, user_clicks  # noqa: E402
+from bench_data import synthetic_items  # noqa: E402
+from bench_timing import summary, throughput  # noqa: E402
+
+from engine import Config, Engine, Event  # noqa: E402
+
+USERS, CLICKS = 256, 20
+ADD_CHUNK = 20_000
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def build(path: Path, n: int) -> list[str]:
+    """A store of the bundled catalog (n = 0) or n synthetic items, with USERS users' clicks;
+    returns the user ids."""
+    centres = catalog_vectors()
+    if n == 0:
+        items, vectors = catalog_items(), centres
+        encoder = LookupEncoder(vectors, fallback=None)
+    else:
+        vectors, _ = synthetic(centres, n, seed=0)
+        items, encoder = synthetic_items(n), LookupEncoder(vectors)
+    eng = Engine.create(path, config=Config(seed=0), encoder=encoder)
+    for s in range(0, len(items), ADD_CHUNK):  # one logged record per chunk (records are bounded)
+        eng.add_items(items[s:s + ADD_CHUNK], vectors=vectors[s:s + ADD_CHUNK])
+    users = [f"u{i}" for i in range(USERS)]
+    events = [Event(u, items[int(r)].item_id, "click", 1.0, 1_700_000_000 + j)
+              for u, rows in zip(users, user_clicks(vectors, USERS, CLICKS, seed=1)) for j, r in enumerate(rows)]
+    eng.import_events(events)
+    eng.close()
+    return users
+
+
+def in_process(path: Path, users: list[str], requests: int) -> dict:
+    eng = Engine.open(path)
+    try:
+        pick = [users[i % len(users)] for i in range(requests)]
+        for u in pick[:20]:
+            eng.recommend(u, k=10)
+        lat = []
+        for u in pick:
+            t = time.perf_counter()
+            eng.recommend(u, k=10)
+            lat.append(time.perf_counter() - t)
+        qps8 = throughput(lambda u: eng.recommend(u, k=10), pick, threads=8)
+        return {"recommend": summary(lat), "recommend_qps_8_threads": round(qps8, 1)}
+    finally:
+        eng.close(save=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(path: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", str(path), "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    import httpx
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"kindling serve did not come up: {proc.stderr.read().decode()[-2000:]}")
+
+
+def load(url: str, bodies: list[dict], clients: int) -> dict:
+    """`bodies` POSTed to `url` by `clients` threads, each with its own connection."""
+    import httpx
+
+    lat: list[float] = []
+    lock = threading.Lock()
+    chunks = [bodies[i::clients] for i in range(clients)]
+
+    def worker(chunk: list[dict]) -> None:
+        mine = []
+        with httpx.Client(timeout=60) as c:
+            c.post(url, json=chunk[0]).raise_for_status()  # warm the connection
+            for body in chunk[1:]:
+                t = time.perf_counter()
+                c.post(url, json=body).raise_for_status()
+                mine.append(time.perf_counter() - t)
+        with lock:
+            lat.extend(mine)
+
+    threads = [threading.Thread(target=worker, args=(ch,)) for ch in chunks if ch]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t
+    return {**summary(lat), "rps": round(len(lat) / wall, 1)}
+
+
+def over_http(path: Path, users: list[str], item_ids: list[str], clients: list[int], requests: int) -> dict:
+    port = free_port()
+    proc = start_server(path, port)
+    base = f"http://127.0.0.1:{port}"
+    rng = np.random.default_rng(2)
+    out: dict = {}
+    try:
+        for c in clients:
+            rec = [{"user_id": users[i % len(users)], "k": 10} for i in range(requests)]
+            ev = [{"user_id": f"b{c}-{i % 50}", "item_id": item_ids[int(rng.integers(len(item_ids)))]}
+                  for i in range(requests)]
+            out[f"{c} clients"] = {"recommend": load(f"{base}/recommend", rec, c),
+                                   "events": load(f"{base}/events", ev, c)}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", default="0,100000", help="catalog sizes; 0 = the bundled catalog")
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--requests", type=int, default=400, help="requests per client count and route")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+    result = {"cpus": os.cpu_count(), "load_before": [round(x, 2) for x in os.getloadavg()], "runs": {}}
+    for n in [int(x) for x in args.items.split(",")]:
+        with tempfile.TemporaryDirectory(prefix="kindling-serve-bench-") as tmp:
+            path = Path(tmp) / "store"
+            users = build(path, n)
+            eng = Engine.open(path, read_only=True)
+            item_ids = [r.item_id for r in eng.similar_items(eng.user_history(users[0])[0], k=200)]
+            eng.close(save=False)
+            name = "bundled" if n == 0 else f"{n} items"
+            result["runs"][name] = {"in_process": in_process(path, users, args.requests),
+                                    "http": over_http(path, users, item_ids, clients, args.requests)}
+            print(json.dumps({name: result["runs"][name]}), flush=True)
+    result["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
