@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.text.catalog import read_events, read_items, read_table
+from engine.text.catalog import read_events, read_items, read_table, table_files
 from engine.types import Item
 
 
@@ -103,7 +103,7 @@ def load_dataset(path: str | Path) -> EvalDataset:
 
 
 def _table_file(root: Path, stem: str, required: bool = True) -> Path | None:
-    found = [root / f"{stem}.{ext}" for ext in ("parquet", "csv", "jsonl", "json") if (root / f"{stem}.{ext}").is_file()]
+    found = table_files(root, stem)
     if len(found) > 1:
         raise DatasetError(f"{root}: exactly one {stem}.parquet|csv|jsonl allowed; found {[p.name for p in found]}")
     if not found and required:

@@ -138,16 +138,20 @@ def _coerce_item(raw: Item | dict[str, Any], where: str) -> Item:
                 categories=tuple(cats), expires_at=expires)
 
 
+def table_files(root: Path, stem: str) -> list[Path]:
+    """The files DIR/stem.{parquet,csv,jsonl,json} that exist, in SUFFIXES order."""
+    return [root / f"{stem}{suffix}" for suffix in SUFFIXES if (root / f"{stem}{suffix}").is_file()]
+
+
 def _table_path(path: str | Path, stem: str) -> Path:
     """`path` itself if it is a file, else DIR/stem.{parquet,csv,jsonl}."""
     p = Path(path)
     if p.is_file():
         return p
     if p.is_dir():
-        for suffix in SUFFIXES:
-            cand = p / f"{stem}{suffix}"
-            if cand.is_file():
-                return cand
+        found = table_files(p, stem)
+        if found:
+            return found[0]
         raise InvalidInputError(f"{p}: no {stem}.parquet, {stem}.csv or {stem}.jsonl in this directory")
     raise InvalidInputError(f"{p}: no such file or directory")
 
