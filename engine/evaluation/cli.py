@@ -34,7 +34,7 @@ def _parse_seeds(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.command("eval")
 @click.argument("dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--protocol", type=click.Choice([*PROTOCOLS, "all"]), required=True,
-              help="Which cold-start protocol to run; 'all' runs the three in turn.")
+              help="Which protocol to run; 'all' runs the four in turn.")
 @click.option("--split", "split_kind", type=click.Choice(SPLIT_KINDS), default="test", show_default=True,
               help="Measure on the seed's test split, or on a validation split carved out of its "
                    "training part with the same protocol (the test part stays unseen).")
@@ -49,8 +49,8 @@ def _parse_seeds(ctx: click.Context, param: click.Parameter, value: str | None) 
               help="Cut-off of recall@K, ndcg@K and hit_rate@K.")
 @click.option("--methods", callback=_parse_methods, default=None, metavar="A,B,...",
               help=f"Comma-separated subset of: {', '.join(ALL_METHODS)} (default: all). "
-                   "'kindling' brings both replay engines; 'cooc' is the replay's online "
-                   "co-occurrence player.")
+                   "'kindling' brings both replay engines and, in next-item, kindling-stateless; "
+                   "'sasrec' runs in next-item only.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, writable=True, path_type=Path),
               help="Write the results as JSON here (with per-user values).")
 @click.option("--report", type=click.Path(dir_okay=False, writable=True, path_type=Path),
@@ -61,7 +61,7 @@ def eval_command(dataset_dir: Path, protocol: str, split_kind: str, seed: int | 
                  seeds: tuple[int, ...] | None, min_value: float | None, k: int, methods: tuple[str, ...],
                  json_out: Path | None, report: Path | None, model_path: str | None) -> None:
     """Measure Kindling and the baselines on a dataset in the canonical layout (see
-    docs/evaluation.md): item-cold, user-cold, replay, or all three, on one seed or several."""
+    docs/evaluation.md): item-cold, user-cold, replay, next-item, or all four, on one seed or several."""
     if seed is not None and seeds is not None:
         raise click.UsageError("give --seed or --seeds, not both")
     logging.getLogger("engine").setLevel(logging.WARNING)
