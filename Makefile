@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-long bench bench-quick clean
+.PHONY: demo test chromium test-long bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -12,13 +12,20 @@ $(BIN)/python:
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --disable-pip-version-check -q "torch==2.13.0"
-	$(BIN)/pip install --disable-pip-version-check -q -e ".[eval,dev,onnx,serve]"
+	$(BIN)/pip install --disable-pip-version-check -q -e ".[eval,dev,onnx,serve,scale,test-servers]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/kindling demo
 
-test: $(STAMP)
+# The playground's browser test drives Debian's chromium (Playwright's own browser download is not
+# used); installed here when missing and this is root on a Debian machine.
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -q && apt-get install -y -q chromium) >/dev/null; } || \
+	  echo "chromium not installed: the browser test will be skipped"
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q tests
 
 test-long: $(STAMP)
