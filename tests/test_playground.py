@@ -22,7 +22,7 @@ pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from helpers.serving import Server  # noqa: E402
+from helpers.serving import Server, serve_copy  # noqa: E402
 
 pytestmark = pytest.mark.model
 
@@ -35,10 +35,7 @@ WAIT_MS = 120_000
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, real_store_template: Path) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("playground")
-    shutil.copytree(real_store_template, root / "store")
-    (root / "key").write_text(KEY + "\n")
-    srv = Server(root / "store", root / "server.log", root / "key")
+    srv = serve_copy(tmp_path_factory.mktemp("playground"), real_store_template, KEY)
     yield srv
     srv.stop()
     assert "Traceback" not in srv.output(), srv.output()
@@ -60,6 +57,13 @@ def page(server: Server):
 
 def shown_ids(pg, list_id: str) -> list[str]:
     return [ID.search(t.strip()).group(1) for t in pg.locator(f"#{list_id} li .item").all_text_contents()]
+
+
+def add_on_page(pg, key: str, item_id: str, title: str, text: str, categories: str) -> None:
+    for field, value in (("key", key), ("new_id", item_id), ("new_title", title), ("new_text", text),
+                         ("new_categories", categories)):
+        pg.fill(f"#{field}", value)
+    pg.click("#add")
 
 
 def test_the_page_recommends_explains_and_a_click_changes_the_list(page, server: Server):
@@ -89,12 +93,8 @@ def test_the_page_recommends_explains_and_a_click_changes_the_list(page, server:
 
 
 def test_an_item_added_on_the_page_is_found_at_once(page, server: Server):
-    page.fill("#key", KEY)
-    page.fill("#new_id", "pg-new-1")
-    page.fill("#new_title", "Paws Across the Stars (2026)")
-    page.fill("#new_text", "An animated space adventure for children: a puppy crew explores the galaxy.")
-    page.fill("#new_categories", "Animation, Children")
-    page.click("#add")
+    add_on_page(page, KEY, "pg-new-1", "Paws Across the Stars (2026)",
+                "An animated space adventure for children: a puppy crew explores the galaxy.", "Animation, Children")
     page.wait_for_function("document.querySelectorAll('#similar li').length === 5")
     assert "found Paws Across the Stars (2026) [pg-new-1]" in page.text_content("#msg")
     assert "pg-new-1" not in shown_ids(page, "similar")  # its neighbours, not itself
@@ -102,11 +102,7 @@ def test_an_item_added_on_the_page_is_found_at_once(page, server: Server):
 
 
 def test_a_write_without_the_key_shows_the_rule_not_a_crash(page):
-    page.fill("#key", "")
-    page.fill("#new_id", "pg-new-2")
-    page.fill("#new_title", "Nobody's Film")
-    page.fill("#new_text", "Added without the API key.")
-    page.click("#add")
+    add_on_page(page, "", "pg-new-2", "Nobody's Film", "Added without the API key.", "")
     page.wait_for_function("document.querySelector('#msg').className === 'err'")
     msg = page.text_content("#msg")
     assert msg.startswith("401") and "Bearer" in msg, msg

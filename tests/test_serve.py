@@ -25,7 +25,7 @@ pytest.importorskip("uvicorn")
 from engine import Engine  # noqa: E402
 
 from conftest import ROOT, SLICE_MUST_HAVE  # noqa: E402
-from helpers.serving import TIMEOUT, Server, free_port  # noqa: E402
+from helpers.serving import TIMEOUT, Server, free_port, serve_copy  # noqa: E402
 
 pytestmark = pytest.mark.model  # the servers hold a store of the real model's vectors and embed with it
 
@@ -37,10 +37,7 @@ TOY, MONSTERS, NEMO = SLICE_MUST_HAVE
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, real_store_template: Path) -> Iterator[Server]:
     """One server over a private copy of the real-model store, with an API key for writes."""
-    root = tmp_path_factory.mktemp("serve")
-    shutil.copytree(real_store_template, root / "store")
-    (root / "key").write_text(KEY + "\n")
-    srv = Server(root / "store", root / "server.log", root / "key")
+    srv = serve_copy(tmp_path_factory.mktemp("serve"), real_store_template, KEY)
     yield srv
     srv.stop()
     assert "Traceback" not in srv.output(), srv.output()

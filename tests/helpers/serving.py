@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -63,3 +64,13 @@ class Server:
         self.client.close()
         self.log.close()
         return code
+
+
+def serve_copy(root: Path, template: Path, key: str | None = None) -> Server:
+    """A server over a private copy of the store `template` made in `root`, with `key` for writes."""
+    shutil.copytree(template, root / "store")
+    key_file = None
+    if key is not None:
+        key_file = root / "key"
+        key_file.write_text(key + "\n")
+    return Server(root / "store", root / "server.log", key_file)
