@@ -27,7 +27,7 @@ from .config import Config
 from .text.embedding import embed, embed_many, given_vectors
 from .text.encoder import Encoder, TextEncoder
 from .errors import DuplicateItemError, InvalidInputError, StoreError, UnknownItemError, UnknownUserError
-from .storage.eventlog import EventLog, read_log
+from .storage.eventlog import EventLog, LogSyncError, read_log
 from .locks import RWLock
 from .storage.records import (
     AddRecord, EventRecord, ImportRecord, ProfileRecord, Record, RemoveRecord, from_payload, to_payload,
@@ -166,6 +166,12 @@ class Engine:
         """
         gen = self._gen if initial else self._gen + 1
         manifest = None
+        if self._log is not None:
+            try:  # the snapshot may hold only what the log already holds durably
+                self._log.sync_all()
+            except LogSyncError as exc:
+                self._undo_unsynced(self._log)
+                raise StoreError(f"{self.path}: the snapshot was not saved ({exc})") from exc
         try:
             manifest = self._write_snapshot(gen)
             self._store.write_manifest(manifest)
@@ -284,9 +290,20 @@ class Engine:
 
     # ---- mutations (validated, logged, then applied) -----------------------------------------
     def _log_and_apply(self, rec: Record) -> None:
-        """Write-ahead: the record is durable in the log before the state changes."""
-        self._log.append(to_payload(rec))
+        """Write-ahead: the record is durable in the log before the state changes. The caller
+        holds the write lock."""
+        try:
+            self._log.append(to_payload(rec))
+        except LogSyncError as exc:
+            self._undo_unsynced(self._log)
+            raise StoreError(f"{self.path}: the change was not recorded ({exc})") from exc
         self._apply(rec)
+
+    def _undo_unsynced(self, event_log: EventLog) -> None:
+        """After a failed fsync (write lock held): cut the records it did not cover off the log,
+        and reload the state from the disk, so memory holds nothing the disk may not."""
+        if event_log is self._log and event_log.rewind():
+            self._restore()
 
     def _apply(self, rec: Record) -> None:
         if self._state is None and isinstance(rec, AddRecord):
@@ -365,7 +382,11 @@ class Engine:
 
     def record(self, user_id: str, item_id: str, event: str = "click", value: float = 1.0,
                timestamp: int | None = None) -> None:
-        """Log one click, skip, impression or dislike durably, then learn from it at once.
+        """Log one click, skip, impression or dislike durably, and learn from it at once.
+
+        Returns once the event is in the fsynced log. The state learns from it just before (under
+        the write lock) while the fsync runs outside the lock, shared with the records of other
+        threads (group commit); if that fsync fails, the event is undone and StoreError raised.
 
         A dislike hides the item from this user for good (even with exclude_seen=False) and
         pushes the user vector away from it `Config.dislike_step` times as far as a click pulls.
@@ -378,7 +399,15 @@ class Engine:
         with self._lock.write():
             if self._state is None or self._state.items.live_row(item_id) is None:
                 raise UnknownItemError(f"unknown item id {item_id!r}")
-            self._log_and_apply(rec)
+            event_log = self._log
+            ticket = event_log.write(to_payload(rec))
+            self._apply(rec)
+        try:  # group commit: the fsync runs outside the lock, shared with concurrent records
+            event_log.sync(ticket)
+        except LogSyncError as exc:
+            with self._lock.write():
+                self._undo_unsynced(event_log)
+            raise StoreError(f"{self.path}: the event was not recorded ({exc})") from exc
 
     def import_events(self, events: Iterable[Event]) -> dict[str, int]:
         """Bring past events into the store: user histories and vectors, item counts, co-clicks.

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import struct
+import threading
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -127,15 +128,35 @@ def _torn(path: Path, off: int, end: int, repair: bool) -> Iterator[tuple[int, d
     return iter(())
 
 
+class LogSyncError(StoreError):
+    """An fsync of the log failed: the records written since the last good one are not durable.
+
+    The log refuses writes until `EventLog.rewind` cuts them off (the engine does that and reloads
+    its state from the disk, so memory never holds what the disk does not)."""
+
+
 class EventLog:
-    """The open, append-only log file of the current store generation."""
+    """The open, append-only log file of the current store generation.
+
+    Group commit: `write` puts a record in the file (the caller serialises writes) and returns a
+    ticket; `sync(ticket)` returns once the record is fsynced. Callers wait for their fsync
+    outside their own lock, so one fsync covers every record written while the previous one ran:
+    concurrent writers share fsyncs, and nothing is acknowledged before its own fsync.
+    `append` is `write` then `sync`.
+    """
 
     def __init__(self, path: str | Path, next_seq: int, fsync: bool = True) -> None:
         self.path = Path(path)
         self.next_seq = next_seq
         self.fsync = fsync
         self._broken: str | None = None  # why appends are refused (a failed append left a tail)
+        self._failed: str | None = None  # a failed fsync, until rewind() cuts what it did not cover
         self._fh = self._open()
+        self._cv = threading.Condition()
+        self._end = self._fh.tell()  # the byte offset after the last record written
+        self._synced = (next_seq - 1, self._end)  # the last record known durable, and its end
+        self._syncing = False
+        self._epoch = 0  # bumped by rewind(): tickets of cut records never read as durable
 
     def _open(self):
         """Open for appending; never through a symbolic link (it could point at someone's file)."""
@@ -149,8 +170,20 @@ class EventLog:
 
     def append(self, record: dict[str, Any]) -> int:
         """Write one record durably and return its sequence number."""
-        if self._broken or self._fh.closed:
-            raise StoreError(f"{self.path}: the event was not recorded ({self._broken or 'the log is closed'})")
+        ticket = self.write(record)
+        self.sync(ticket)
+        return ticket[1]
+
+    def write(self, record: dict[str, Any]) -> tuple[int, int]:
+        """Put one record in the file (not yet fsynced); returns the ticket for `sync`.
+
+        Raises:
+            StoreError: the write failed (what it left was cut off: the log stays well-formed),
+                or the log refuses writes (closed, broken, or a failed fsync not yet rewound).
+        """
+        if self._broken or self._failed or self._fh.closed:
+            why = self._broken or self._failed or "the log is closed"
+            raise StoreError(f"{self.path}: the event was not recorded ({why})")
         payload = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         if len(payload) > MAX_RECORD:  # read_log would take it for corruption and refuse the store
             raise InvalidInputError(f"a log record may hold at most {MAX_RECORD:,} bytes; this one has "
@@ -161,13 +194,69 @@ class EventLog:
         try:
             self._fh.write(blob)
             self._fh.flush()
-            if self.fsync:
-                os.fsync(self._fh.fileno())
         except OSError as exc:
             self._rollback(start)
             raise StoreError(f"{self.path}: the event was not recorded ({exc.strerror or exc})") from exc
-        self.next_seq = seq + 1
-        return seq
+        with self._cv:
+            self._end, self.next_seq = start + len(blob), seq + 1
+            if not self.fsync:
+                self._synced = (seq, self._end)
+        return self._epoch, seq
+
+    def sync(self, ticket: tuple[int, int]) -> None:
+        """Return once the record of `ticket` (from `write`) is durable: fsynced, or written when
+        fsync is off. One caller runs the fsync; the others wait for it and share it.
+
+        Raises:
+            LogSyncError: the fsync failed; the record is not known to be durable.
+        """
+        epoch, seq = ticket
+        with self._cv:
+            while True:
+                if epoch != self._epoch:
+                    raise LogSyncError(f"{self.path}: the record was cut off after a failed fsync")
+                if self._synced[0] >= seq:
+                    return
+                if self._failed:
+                    raise LogSyncError(f"{self.path}: {self._failed}")
+                if not self._syncing:
+                    break
+                self._cv.wait()
+            self._syncing = True
+            target = (self.next_seq - 1, self._end)
+        error = None
+        try:
+            os.fsync(self._fh.fileno())
+        except (OSError, ValueError) as exc:  # ValueError: the file was closed under us
+            error = exc
+        with self._cv:
+            self._syncing = False
+            if error is None:
+                self._synced = max(self._synced, target)
+            else:
+                self._failed = f"fsync failed ({getattr(error, 'strerror', None) or error})"
+            self._cv.notify_all()
+        if error is not None:
+            raise LogSyncError(f"{self.path}: {self._failed}") from error
+
+    def sync_all(self) -> None:
+        """Make every record written so far durable (before a snapshot or close)."""
+        self.sync((self._epoch, self.next_seq - 1))
+
+    def rewind(self) -> bool:
+        """After a failed fsync: cut every record after the last durable one off the file and take
+        writes again. The caller holds the lock its writers take. False when there was nothing to do."""
+        with self._cv:
+            while self._syncing:
+                self._cv.wait()
+            if not self._failed:
+                return False
+            seq, end = self._synced
+            self._rollback(end)
+            self._end, self.next_seq, self._failed = end, seq + 1, None
+            self._epoch += 1
+            self._cv.notify_all()
+        return True
 
     def _rollback(self, start: int) -> None:
         """Cut what a failed append may have left, so the log stays well-formed.
@@ -191,5 +280,17 @@ class EventLog:
             log.warning("%s: %s", self.path, self._broken)
 
     def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
+        """Close the file; records written and not yet fsynced are fsynced first (a failed fsync
+        is left to the waiters of those records to report)."""
+        if self._fh.closed:
+            return
+        try:
+            if not (self._failed or self._broken):
+                self.sync_all()
+        except LogSyncError:
+            pass
+        finally:
+            with self._cv:
+                while self._syncing:
+                    self._cv.wait()
+                self._fh.close()
