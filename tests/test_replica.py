@@ -7,6 +7,7 @@ happen wait for two polls of the follower that started after the thing was done.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -294,3 +295,43 @@ def test_readers_see_whole_records_while_the_replica_applies(writer: Engine) -> 
 
 def frozen(stats: dict) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in comparable(stats).items()))
+
+
+def test_kindling_serve_replica_reads_follow_and_writes_get_403(writer: Engine, tmp_path: Path) -> None:
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "replica.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", str(writer.path), "--port", str(port),
+                             "--replica"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+
+    def up() -> bool:
+        assert proc.poll() is None, (tmp_path / "replica.log").read_text()
+        try:
+            return client.get("/healthz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(up, "the replica server answers", timeout=120)
+        resp = client.post("/events", json={"user_id": "web", "item_id": "space-1"})
+        assert resp.status_code == 403 and "writes go to the store's one writer" in resp.json()["detail"]
+        writer.record("web", "space-1")
+        wait_until(lambda: client.get("/users/web").status_code == 200, "the writer's click on the replica")
+        assert client.get("/users/web").json()["history"] == ["space-1"]
+        assert [r["item_id"] for r in client.post("/recommend", json={"user_id": "web", "k": 3}).json()["items"]]
+        assert client.get("/stats").json()["replica"]["error"] is None
+        assert "kindling_replica_behind_seconds" in client.get("/metrics").text
+    finally:
+        client.close()
+        proc.terminate()
+        code = proc.wait(60)
+        log.close()
+    text = (tmp_path / "replica.log").read_text()
+    assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in text and "Traceback" not in text, text
