@@ -173,9 +173,9 @@ class Engine:
         """Write a new snapshot atomically; the event log restarts empty after it."""
         self._check_writable()
         with self._lock.write():
-            self._commit()
+            self._commit(log_continues=True)
 
-    def _commit(self, initial: bool = False) -> None:
+    def _commit(self, initial: bool = False, log_continues: bool = False) -> None:
         """Write the next generation and swap the manifest to it: all or nothing.
 
         On failure the half-written generation is deleted and the in-memory state is reloaded
@@ -187,7 +187,7 @@ class Engine:
         gen = self._gen if initial else self._gen + 1
         manifest = None
         try:
-            manifest = self._write_snapshot(gen)
+            manifest = self._write_snapshot(gen, log_continues)
             self._store.write_manifest(manifest)
         except Exception as exc:
             if manifest is not None and self._store.manifest_generation() == gen:
@@ -201,8 +201,12 @@ class Engine:
                              f"({_reason(exc)})") from exc
         self._adopt(manifest)
 
-    def _write_snapshot(self, gen: int) -> dict[str, Any]:
-        """Write every file of generation `gen` (fsynced) and return its manifest, not yet swapped in."""
+    def _write_snapshot(self, gen: int, log_continues: bool = False) -> dict[str, Any]:
+        """Write every file of generation `gen` (fsynced) and return its manifest, not yet swapped in.
+
+        `log_continues`: the snapshot is exactly the previous one plus its log's records (a plain
+        save, not an ingest or a fit), so a replica holding those may go on to the new log unreloaded.
+        """
         paths = []
         st = self._state
         if st is not None:
@@ -216,7 +220,7 @@ class Engine:
             "created_at": self._manifest.get("created_at", int(time.time())), "saved_at": int(time.time()),
             "generation": gen, "config": self.config.to_dict(), "libraries": _library_versions(),
             "model": self._model_meta(), "files": self._store.describe(paths), "log": log_path.name,
-            "next_seq": next_seq, "counts": self._counts(),
+            "next_seq": next_seq, "counts": self._counts(), "log_continues": log_continues,
         }
 
     def _adopt(self, manifest: dict[str, Any]) -> None:

@@ -12,9 +12,12 @@ poll reads again from the same byte offset.
 
 When the writer saves (`save`, `ingest`, `fit`: a new generation), `manifest.json` changes. The
 follower drains what the old log still holds (through its open handle: the writer deletes the old
-files, but an open file outlives its name), then loads the new generation beside the one it
-serves (snapshot, then the new log's records) and swaps it in under the write lock. A fit or an
-ingest changes the state without log records, so a reload is the only way to be exact.
+files, but an open file outlives its name). If the new generation is the next one and a plain
+`save` (its manifest says `log_continues`: the snapshot is exactly the old one plus the records
+this replica has just applied), the follower only moves on to the new log. Otherwise (an ingest
+or a fit changes the state without log records; or generations were skipped) it loads the new
+generation beside the one it serves (snapshot, then the new log's records) and swaps it in under
+the write lock.
 
 If the log shrinks below what was applied, or the record last applied is no longer where it
 was (a writer that rolled back an append whose fsync failed), the follower resynchronises the
@@ -101,6 +104,7 @@ class Follower:
         self._last_poll_at = 0.0
         self._applied = 0
         self._reloads = 0
+        self._continued = 0  # new generations entered without a reload (plain saves)
         self._error: str | None = None
         self._error_at = 0.0
 
@@ -142,7 +146,7 @@ class Follower:
         return {"following": self._thread is not None, "generation": self._eng._gen,
                 "applied_seq": self._eng._replayed_seq - 1, "behind_s": round(max(0.0, now - self._caught_up_at), 4),
                 "last_poll_at": self._last_poll_at, "applied_records": self._applied,
-                "reloads": self._reloads, "error": self._error, "interval_s": self.interval_s}
+                "reloads": self._reloads, "saves_continued": self._continued, "error": self._error, "interval_s": self.interval_s}
 
     # ---- one poll --------------------------------------------------------------------------
     def poll(self) -> int:
@@ -162,9 +166,9 @@ class Follower:
         if sig != self._manifest_sig:
             gen = self._eng._store.manifest_generation()
             if gen is not None and gen != self._eng._gen:
-                n = self._drain()  # the old log's last records first: they are visible sooner
+                n = self._drain()  # every record of the old log, all written before the save
                 self._manifest_sig = sig
-                self._reload()
+                self._next_generation()
                 return n
             if gen is not None:
                 self._manifest_sig = sig
@@ -260,6 +264,21 @@ class Follower:
         if self._fh is not None:
             self._fh.close()
         self._fh, self._log_name, self._last = None, None, None
+
+    def _next_generation(self) -> None:
+        """Go on to the generation the manifest names now: straight to its log when it is the next
+        one and a plain save of exactly what this replica holds, else by a reload."""
+        live = self._eng
+        manifest = live._store.read_manifest()
+        if not (manifest.get("log_continues") is True and int(manifest["generation"]) == live._gen + 1
+                and int(manifest["next_seq"]) == live._replayed_seq and live._state is not None):
+            self._reload()
+            return
+        with live._lock.write():
+            live._manifest, live._gen = manifest, int(manifest["generation"])
+            live._state.ranker.invalidate_popular()  # as the writer does on a save
+        self._attach(live)
+        self._continued += 1
 
     def _reload(self) -> None:
         """Load the generation the manifest names now, beside the served one, then swap it in."""

@@ -101,6 +101,26 @@ def test_replica_applies_every_kind_of_record(writer: Engine) -> None:
     assert writer.replica_lag() is None
 
 
+def test_a_plain_save_is_followed_without_a_reload(writer: Engine) -> None:
+    replica = follow(writer.path)
+    try:
+        mutate(writer, "a")
+        writer.save()
+        writer.record("a-u1", "food-3")
+        writer.save()
+        mutate(writer, "b")
+        wait_until(lambda: caught_up(writer, replica), "the replica reached the writer's generation 2")
+        lag = replica.replica_lag()
+        assert (lag["generation"], lag["reloads"], lag["saves_continued"]) == (2, 0, 2)
+        # The replica went on as the writer did (a fresh open differs in its unsaved random state).
+        for part in ("users", "index", "event_keys"):
+            assert fingerprint(getattr(replica._state, part)) == fingerprint(getattr(writer._state, part)), part
+        assert fingerprint(replica._state.ranker.reranker) == fingerprint(writer._state.ranker.reranker)
+        same_answers(replica, writer, ["a-u1", "b-u1", "b-u2", "b-u3"])
+    finally:
+        replica.close()
+
+
 def test_replica_crosses_saves_and_ingests(writer: Engine) -> None:
     replica = follow(writer.path)
     try:
