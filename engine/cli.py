@@ -297,17 +297,21 @@ def import_(store: Path, events_file: Path, min_value: float | None, as_json: bo
               help="A file holding an API key (16+ characters). Every write (POST /events, POST /items, "
                    "DELETE /items/ID, and /recommend with a profile, which is saved) then needs "
                    "'Authorization: Bearer <key>'; reads stay open to anyone who can reach the port.")
+@click.option("--replica", is_flag=True,
+              help="Serve read-only beside the store's writer, following its log: reads only; writes get 403.")
 @user_errors
-def serve(store: Path, host: str, port: int, api_key_file: Path | None) -> None:
+def serve(store: Path, host: str, port: int, api_key_file: Path | None, replica: bool) -> None:
     """Serve STORE over HTTP (the serve extra): one process, the store's only writer.
 
+    With --replica, any number of read-only processes may serve STORE beside that writer; a
+    click it records shows on them within milliseconds (docs/scaling.md).
     OpenAPI docs at /docs. SIGTERM or Ctrl-C answers the requests in flight, then saves."""
     try:
         from .http.server import read_api_key, serve as run_server
     except ImportError as exc:
         raise click.ClickException(f"'kindling serve' needs the serve extra (pip install 'kindling[serve]'): "
                                    f"{exc}") from exc
-    run_server(store, host, port, read_api_key(api_key_file) if api_key_file else None)
+    run_server(store, host, port, read_api_key(api_key_file) if api_key_file else None, replica=replica)
 
 
 @main.command()

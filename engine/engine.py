@@ -26,9 +26,12 @@ from .text.catalog import check_text, item_text, validate_items
 from .config import Config
 from .text.embedding import embed, embed_many, given_vectors
 from .text.encoder import Encoder, TextEncoder
-from .errors import DuplicateItemError, InvalidInputError, StoreError, UnknownItemError, UnknownUserError
+from .errors import (
+    DuplicateItemError, InvalidInputError, ReadOnlyStoreError, StoreError, UnknownItemError, UnknownUserError,
+)
 from .storage.eventlog import EventLog, LogSyncError, read_log
 from .locks import RWLock
+from .replica import FOLLOW_INTERVAL_S, Follower, check_interval
 from .storage.records import (
     AddRecord, EventRecord, ImportRecord, ProfileRecord, Record, RemoveRecord, from_payload, to_payload,
 )
@@ -66,6 +69,7 @@ class Engine:
         self._replayed_seq = 0
         self._closed = False
         self._manifest: dict[str, Any] = {}
+        self._follower: Follower | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
     @classmethod
@@ -85,11 +89,27 @@ class Engine:
         return eng
 
     @classmethod
-    def open(cls, path: str | Path, encoder: TextEncoder | None = None, read_only: bool = False) -> "Engine":
-        """Open an existing store: load the last snapshot and replay the event log after it."""
+    def open(cls, path: str | Path, encoder: TextEncoder | None = None, read_only: bool = False,
+             follow: bool = False, follow_interval_s: float = FOLLOW_INTERVAL_S) -> "Engine":
+        """Open an existing store: load the last snapshot and replay the event log after it.
+
+        Args:
+            read_only: open without the writer's lock; any number of processes may.
+            follow: (read_only only) a replica: keep applying the records the writer appends, and
+                its new snapshots, from a background thread polling every `follow_interval_s`
+                seconds, until `close` (see engine.replica and `replica_lag`).
+        """
+        if follow and not read_only:
+            raise InvalidInputError("follow=True needs read_only=True: a replica follows the store's "
+                                    "one writer and never writes")
+        interval = check_interval(follow_interval_s)
         store = StoreDir(path, read_only=read_only)
         try:
-            return cls._open_snapshot(store, encoder)
+            eng = cls._open_snapshot(store, encoder)
+            if follow:
+                eng._follower = Follower(eng, interval)
+                eng._follower.start()
+            return eng
         except BaseException:
             store.release()
             raise
@@ -153,9 +173,9 @@ class Engine:
         """Write a new snapshot atomically; the event log restarts empty after it."""
         self._check_writable()
         with self._lock.write():
-            self._commit()
+            self._commit(log_continues=True)
 
-    def _commit(self, initial: bool = False) -> None:
+    def _commit(self, initial: bool = False, log_continues: bool = False) -> None:
         """Write the next generation and swap the manifest to it: all or nothing.
 
         On failure the half-written generation is deleted and the in-memory state is reloaded
@@ -173,7 +193,7 @@ class Engine:
                 self._undo_unsynced(self._log)
                 raise StoreError(f"{self.path}: the snapshot was not saved ({exc})") from exc
         try:
-            manifest = self._write_snapshot(gen)
+            manifest = self._write_snapshot(gen, log_continues)
             self._store.write_manifest(manifest)
         except Exception as exc:
             if manifest is not None and self._store.manifest_generation() == gen:
@@ -187,8 +207,12 @@ class Engine:
                              f"({_reason(exc)})") from exc
         self._adopt(manifest)
 
-    def _write_snapshot(self, gen: int) -> dict[str, Any]:
-        """Write every file of generation `gen` (fsynced) and return its manifest, not yet swapped in."""
+    def _write_snapshot(self, gen: int, log_continues: bool = False) -> dict[str, Any]:
+        """Write every file of generation `gen` (fsynced) and return its manifest, not yet swapped in.
+
+        `log_continues`: the snapshot is exactly the previous one plus its log's records (a plain
+        save, not an ingest or a fit), so a replica holding those may go on to the new log unreloaded.
+        """
         paths = []
         st = self._state
         if st is not None:
@@ -202,7 +226,7 @@ class Engine:
             "created_at": self._manifest.get("created_at", int(time.time())), "saved_at": int(time.time()),
             "generation": gen, "config": self.config.to_dict(), "libraries": _library_versions(),
             "model": self._model_meta(), "files": self._store.describe(paths), "log": log_path.name,
-            "next_seq": next_seq, "counts": self._counts(),
+            "next_seq": next_seq, "counts": self._counts(), "log_continues": log_continues,
         }
 
     def _adopt(self, manifest: dict[str, Any]) -> None:
@@ -232,6 +256,8 @@ class Engine:
 
         With save=False acknowledged mutations stay in the event log and are replayed on open.
         """
+        if self._follower is not None:  # before the lock: the follower may be waiting for it
+            self._follower.stop()
         with self._lock.write():  # no mutation is half way through when the log closes
             if self._closed:
                 return
@@ -279,7 +305,8 @@ class Engine:
         if self._closed:
             raise StoreError(f"{self.path}: the engine is closed")
         if self._store.read_only:
-            raise StoreError(f"{self.path}: opened read-only")
+            raise ReadOnlyStoreError(f"{self.path}: opened read-only; writes go to the store's one writer "
+                                     "(Engine.open without read_only)")
 
     def _dim(self) -> int | None:
         """The store's text-vector width (None before the first item)."""
@@ -621,7 +648,12 @@ class Engine:
                 "model": self._model_meta(), "trained": st is not None and st.ranker.trained,
                 "pending_log_records": (self._log.next_seq if self._log else self._replayed_seq)
                 - self._manifest.get("next_seq", 0),
+                **({"replica": self.replica_lag()} if self._follower is not None else {}),
             }
+
+    def replica_lag(self) -> dict[str, Any] | None:
+        """A following replica's position (applied_seq, generation, behind_s, error, ...); else None."""
+        return None if self._follower is None else self._follower.lag()
 
     # ---- training ----------------------------------------------------------------------------
     def fit(self, events: Iterable[Event], progress: bool | None = None) -> dict[str, Any]:

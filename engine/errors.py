@@ -37,6 +37,10 @@ class CorruptStoreError(StoreError):
     """A file of the store fails its checksum or cannot be parsed; the message names the file."""
 
 
+class ReadOnlyStoreError(StoreError):
+    """A write asked of an engine opened read-only (a reader or a replica)."""
+
+
 class StoreLockedError(StoreError):
     """Another live process holds the store's write lock."""
 

@@ -14,7 +14,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from ..errors import (
-    DuplicateItemError, EngineError, InvalidInputError, StoreError, UnknownItemError, UnknownUserError,
+    DuplicateItemError, EngineError, InvalidInputError, ReadOnlyStoreError, StoreError, UnknownItemError,
+    UnknownUserError,
 )
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ STATUS: tuple[tuple[type[Exception], int], ...] = (
     (UnknownItemError, 404),
     (UnknownUserError, 404),
     (InvalidInputError, 400),    # a rule broken by a value; the message names it
+    (ReadOnlyStoreError, 403),   # a write sent to a read-only replica: writes go to the writer
     (StoreError, 503),           # the store is closed (shutting down), locked or unreadable
     (EngineError, 500),
 )

@@ -56,6 +56,12 @@ class Metrics:
                   ("generation", "The snapshot generation (a save or fit makes a new one).", stats["generation"]),
                   ("pending_log_records", "Log records since the last snapshot.", stats["pending_log_records"]),
                   ("trained", "1 once fit has trained the models, else 0.", int(bool(stats["trained"]))))
+        lag = stats.get("replica")
+        if lag:  # a following replica (kindling serve --replica)
+            gauges += (("replica_behind_seconds", "Seconds since the replica last had every logged record.",
+                        lag["behind_s"]),
+                       ("replica_applied_seq", "Sequence number of the last log record the replica applied.",
+                        lag["applied_seq"]))
         for name, help_, value in gauges:
             out += [f"# HELP kindling_{name} {help_}", f"# TYPE kindling_{name} gauge", f"kindling_{name} {value}"]
         return "\n".join(out) + "\n"

@@ -1,6 +1,8 @@
 """`serve`: open a store for writing and run the service on uvicorn until SIGTERM or SIGINT.
 
-The process is the store's one writer (it holds the store's lock). On SIGTERM or SIGINT uvicorn
+The process is the store's one writer (it holds the store's lock), or, with `replica=True`, one of
+any number of read-only replicas beside it: it follows the writer's log (engine.replica), serves
+the reading routes and answers every write with 403, naming the rule. On SIGTERM or SIGINT uvicorn
 stops accepting connections, answers the requests in flight, and then the lifespan closes the
 store with a snapshot. Every acknowledged write was in the fsynced log before it was answered,
 so even a SIGKILL loses nothing acknowledged: the next open replays the log.
@@ -29,9 +31,12 @@ def read_api_key(path: Path) -> str:
 
 
 def serve(store: Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          log_level: str = "info") -> None:
-    """Serve `store` until a shutdown signal; the store is closed, with a snapshot, on the way out."""
-    eng = Engine.open(store)
+          log_level: str = "info", replica: bool = False) -> None:
+    """Serve `store` until a shutdown signal; the store is closed, with a snapshot, on the way out.
+
+    With `replica`, the store is opened read-only and followed (no lock, no snapshot on the way out).
+    """
+    eng = Engine.open(store, read_only=True, follow=True) if replica else Engine.open(store)
     try:
         app = create_app(eng, api_key=api_key, close_on_shutdown=True)
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, workers=1,
