@@ -149,25 +149,38 @@ class EventLog:
 
     def append(self, record: dict[str, Any]) -> int:
         """Write one record durably and return its sequence number."""
+        return self.append_many([record])[0]
+
+    def append_many(self, records: list[dict[str, Any]]) -> list[int]:
+        """Write several records with one write and one fsync; return their sequence numbers.
+
+        All or nothing for the caller: a failure cuts every one of them off and raises. A crash in
+        the middle can leave a prefix of them on disk (replayed on open, never acknowledged): the
+        callers that batch give each event an id, so a redelivered one is not applied twice.
+        """
         if self._broken or self._fh.closed:
             raise StoreError(f"{self.path}: the event was not recorded ({self._broken or 'the log is closed'})")
-        payload = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        if len(payload) > MAX_RECORD:  # read_log would take it for corruption and refuse the store
-            raise InvalidInputError(f"a log record may hold at most {MAX_RECORD:,} bytes; this one has "
-                                    f"{len(payload):,} (add fewer items per call, or use ingest)")
-        seq = self.next_seq
-        blob = HEADER.pack(len(payload), _crc(seq, payload), seq) + payload
+        blobs, seq = [], self.next_seq
+        for record in records:
+            payload = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            if len(payload) > MAX_RECORD:  # read_log would take it for corruption and refuse the store
+                raise InvalidInputError(f"a log record may hold at most {MAX_RECORD:,} bytes; this one has "
+                                        f"{len(payload):,} (add fewer items per call, or use ingest)")
+            blobs.append(HEADER.pack(len(payload), _crc(seq, payload), seq) + payload)
+            seq += 1
+        if not blobs:
+            return []
         start = self._fh.tell()
         try:
-            self._fh.write(blob)
+            self._fh.write(b"".join(blobs))
             self._fh.flush()
             if self.fsync:
                 os.fsync(self._fh.fileno())
         except OSError as exc:
             self._rollback(start)
             raise StoreError(f"{self.path}: the event was not recorded ({exc.strerror or exc})") from exc
-        self.next_seq = seq + 1
-        return seq
+        first, self.next_seq = self.next_seq, seq
+        return list(range(first, seq))
 
     def _rollback(self, start: int) -> None:
         """Cut what a failed append may have left, so the log stays well-formed.
