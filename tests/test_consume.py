@@ -252,12 +252,18 @@ def test_cli_until_idle_exits_with_a_json_summary(r, store, fake_model):
         assert eng.stats()["pending_log_records"] == 0  # closed with a snapshot
 
 
-def test_cli_refuses_an_unreachable_redis_and_a_bad_url(store, tmp_path):
+def test_cli_refuses_an_unreachable_redis_a_bad_url_and_a_key_that_is_no_stream(r, store, tmp_path):
     res = CliRunner().invoke(main, ["consume", str(store), "--redis", f"unix://{tmp_path}/none.sock",
                                     "--stream", "s", "--group", "g", "--until-idle", "0"])
     assert res.exit_code == 1 and "cannot reach Redis" in res.output
     res = CliRunner().invoke(main, ["consume", str(store), "--redis", "http://x", "--stream", "s", "--group", "g"])
     assert res.exit_code == 1 and "redis://" in res.output
+    r.set(r.stream, "a string, not a stream")
+    res = CliRunner().invoke(main, ["consume", str(store), "--redis", r.url, "--stream", r.stream, "--group", "g",
+                                    "--until-idle", "0"])
+    assert res.exit_code == 1 and f"Redis at {r.url} failed" in res.output and "WRONGTYPE" in res.output
+    with Engine.open(store, read_only=True) as eng:
+        assert eng.stats()["events"] == 0
 
 
 def _consumer(store: Path, r, *extra: str) -> subprocess.Popen:

@@ -37,19 +37,30 @@ def run_redis_consumer(store: str | Path, url: str, stream: str, group: str, con
         client.ping()
     except ImportError as exc:
         raise StoreError(str(exc)) from exc
-    except Exception as exc:  # redis.exceptions.ConnectionError and kin: one clear line
-        if type(exc).__module__.startswith("redis"):
-            raise StoreError(f"cannot reach Redis at {url} ({exc})") from exc
-        raise
+    except Exception as exc:
+        if not _from_redis(exc):
+            raise
+        raise StoreError(f"cannot reach Redis at {url} ({exc})") from exc
     eng = Engine.open(store)
     stop = threading.Event()
     try:
         source = RedisStreamSource(client, stream, group, consumer, dead_letter, claim_idle)
         with _stop_on_signals(stop):
-            return consume(eng, source, batch=batch, until_idle=until_idle, stop=stop,
-                           on_batch=_progress if verbose else None)
-    finally:
-        eng.close()
+            summary = consume(eng, source, batch=batch, until_idle=until_idle, stop=stop,
+                              on_batch=_progress if verbose else None)
+    except Exception as exc:
+        eng.close(save=False)  # the log holds every acknowledged event; a save could fail again
+        if not _from_redis(exc):
+            raise
+        raise StoreError(f"Redis at {url} failed ({exc}); entries not acknowledged are delivered again "
+                         "at the next start") from exc
+    eng.close()
+    return summary
+
+
+def _from_redis(exc: Exception) -> bool:
+    """redis-py's errors are not OSErrors: the CLI would print a traceback for them."""
+    return type(exc).__module__.startswith("redis.")
 
 
 def _progress(results: list[Result], summary: Summary) -> None:
