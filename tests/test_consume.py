@@ -311,3 +311,19 @@ def test_sigkill_mid_stream_then_restart_loses_nothing_and_applies_nothing_twice
         assert len(eng._state.event_ids) == 3000
         for user, items in expected_histories(entries).items():
             assert eng.user_history(user) == items
+
+
+def test_event_ids_keep_older_records_and_snapshots_readable(tmp_path):
+    from engine.storage.records import EventRecord, from_payload, to_payload
+    from engine.storage.snapshot import read_tensors
+
+    old = {"op": "event", "u": "u", "i": "space-0", "e": "click", "v": 1.0, "t": 5}  # written before ids
+    assert from_payload(old, 64, "log") == EventRecord("u", "space-0", "click", 1.0, 5)
+    assert to_payload(EventRecord("u", "space-0", "click", 1.0, 5)) == old  # no "id" key unless set
+    assert from_payload({**old, "id": "x"}, 64, "log").event_id == "x"
+    with Engine.create(tmp_path / "s", encoder=FakeEncoder()) as eng:
+        eng.add_items(small_catalog())
+        eng.record("u", "space-0", event_id="x")
+    files = json.loads((tmp_path / "s" / "manifest.json").read_text())["files"]
+    vectors = next(name for name in files if name.startswith("vectors-"))
+    assert read_tensors(tmp_path / "s" / vectors)["event_ids"].shape == (1,)  # what the snapshot keeps
