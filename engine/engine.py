@@ -145,11 +145,11 @@ class Engine:
         d_text = manifest.get("model", {}).get("dim")
         handles = handles or {}
         if d_text:
-            items, users, models, index_path, keys = read_generation(self._store, manifest, d_text, handles)
+            items, users, models, index_path, keys, ids = read_generation(self._store, manifest, d_text, handles)
             self._state = State(self.config, int(d_text))
             self._state.load(items, users, models, index_path,
                              None if index_path is None else handles.get(index_path.name),
-                             self._store.file("models", self._gen, "safetensors"), keys)
+                             self._store.file("models", self._gen, "safetensors"), keys, ids)
         log_fh = handles.get(manifest["log"])
         self._replay(self._store.path / manifest["log"], manifest["next_seq"],
                      None if log_fh is None or not self._store.read_only else log_fh.read())
@@ -217,7 +217,7 @@ class Engine:
         st = self._state
         if st is not None:
             paths = write_generation(self._store, gen, st.items, st.users, st.ranker.model_tensors(st.proj),
-                                     st.index, st.event_key_array())
+                                     st.index, st.event_key_array(), st.event_id_array())
         log_path = self._store.file("events", gen, "log")
         log_path.touch()
         next_seq = self._log.next_seq if self._log else 0
@@ -408,7 +408,7 @@ class Engine:
         return len(ids)
 
     def record(self, user_id: str, item_id: str, event: str = "click", value: float = 1.0,
-               timestamp: int | None = None) -> None:
+               timestamp: int | None = None, event_id: str | None = None) -> bool:
         """Log one click, skip, impression or dislike durably, and learn from it at once.
 
         Returns once the event is in the fsynced log. The state learns from it just before (under
@@ -417,24 +417,103 @@ class Engine:
 
         A dislike hides the item from this user for good (even with exclude_seen=False) and
         pushes the user vector away from it `Config.dislike_step` times as far as a click pulls.
+        Timestamp defaults to now; value defaults to 1.0 and must be finite (no NaN or infinity).
+        `event_id` (an id rule string, unique per event) makes the call idempotent: an id the
+        store has applied before, in any earlier session, is not applied again.
 
         `value` is kept in the log with the event (a rating, say); the update does not depend on
         it. Map graded feedback to clicks and skips before recording (`read_events(min_value=)`).
+
+        Returns:
+            True when the event was applied; False when its `event_id` was already held.
         """
         self._check_writable()
-        rec = _event_record(user_id, item_id, event, value, timestamp)
+        rec = _event_record(user_id, item_id, event, value, timestamp, event_id)
         with self._lock.write():
             if self._state is None or self._state.items.live_row(item_id) is None:
                 raise UnknownItemError(f"unknown item id {item_id!r}")
+            if event_id is not None and self._state.holds_event_id(event_id):
+                return False
             event_log = self._log
-            ticket = event_log.write(to_payload(rec))
+            ticket = event_log.write([to_payload(rec)])
             self._apply(rec)
-        try:  # group commit: the fsync runs outside the lock, shared with concurrent records
+        self._await_sync(event_log, ticket)
+        return True
+
+    def record_many(self, events: Sequence[Event], profiles: Sequence[str | None] | None = None) -> list[str]:
+        """Record a batch of events with one write-lock hold and one fsync (a stream consumer's call).
+
+        Each event is what `record` takes, in order; `profiles[n]`, when given and not None, is
+        `events[n]`'s user's profile text, set (as `set_profile`) just before that event when it
+        differs from the user's current one. Durable when this returns, like `record`.
+
+        Returns:
+            Per event: "applied"; "duplicate" (its `event_id` was applied before, or earlier in
+            this batch; nothing is recorded for it, its profile included); or "unknown_item" (its
+            item is not live; nothing is recorded for it).
+        Raises:
+            InvalidInputError: an event or profile breaks a rule of `record` (the message names
+                its index); nothing of the batch is recorded then.
+        """
+        self._check_writable()
+        profiles = [None] * len(events) if profiles is None else list(profiles)
+        if len(profiles) != len(events):
+            raise InvalidInputError(f"profiles must hold one entry per event; got {len(profiles)} for {len(events)}")
+        recs = []
+        for n, (e, prof) in enumerate(zip(events, profiles)):
+            try:
+                recs.append(_event_record(e.user_id, e.item_id, e.event, e.value, e.timestamp, e.event_id))
+                if prof is not None:
+                    check_text(prof, "profile")
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"events[{n}]: {exc}") from exc
+        with self._lock.write():
+            out, batch = self._batch_outcomes(recs, profiles)
+            texts = list(dict.fromkeys(r[1] for r in batch if isinstance(r, tuple)))
+            vecs = dict(zip(texts, self._encode(texts))) if texts else {}
+            batch = [ProfileRecord(r[0], r[1], vecs[r[1]]) if isinstance(r, tuple) else r for r in batch]
+            if not batch:
+                return out
+            event_log = self._log
+            ticket = event_log.write([to_payload(r) for r in batch])
+            for r in batch:
+                self._apply(r)
+        self._await_sync(event_log, ticket)
+        return out
+
+    def _await_sync(self, event_log: EventLog, ticket: tuple[int, int]) -> None:
+        """Group commit: wait, outside the write lock, for the fsync that covers `ticket` (shared
+        with the records of concurrent writers); on a failure undo what it did not cover."""
+        try:
             event_log.sync(ticket)
         except LogSyncError as exc:
             with self._lock.write():
                 self._undo_unsynced(event_log)
             raise StoreError(f"{self.path}: the event was not recorded ({exc})") from exc
+
+    def _batch_outcomes(self, recs: list[EventRecord], profiles: list[str | None]) -> tuple[list[str], list[Any]]:
+        """Each event's outcome, and what to log in order: EventRecords, and (user_id, profile
+        text) in front of an event whose user's profile changes (made a ProfileRecord once the
+        batch's new texts are embedded, in one encoder call)."""
+        st = self._state
+        out, batch, ids, prof_now = [], [], set(), {}
+        for r, prof in zip(recs, profiles):
+            if r.event_id is not None and (r.event_id in ids or (st is not None and st.holds_event_id(r.event_id))):
+                out.append("duplicate")
+                continue
+            if st is None or st.items.live_row(r.item_id) is None:
+                out.append("unknown_item")
+                continue
+            if r.event_id is not None:
+                ids.add(r.event_id)
+            user = st.users.get(r.user_id)
+            current = prof_now.get(r.user_id, None if user is None else user.profile)
+            if prof is not None and prof != current:
+                batch.append((r.user_id, prof))
+                prof_now[r.user_id] = prof
+            batch.append(r)
+            out.append("applied")
+        return out, batch
 
     def import_events(self, events: Iterable[Event]) -> dict[str, int]:
         """Bring past events into the store: user histories and vectors, item counts, co-clicks.
@@ -678,10 +757,13 @@ class Engine:
         return summary
 
 
-def _event_record(user_id: str, item_id: str, event: str, value: float, timestamp: int | None) -> EventRecord:
+def _event_record(user_id: str, item_id: str, event: str, value: float, timestamp: int | None,
+                  event_id: str | None = None) -> EventRecord:
     """An event checked against the rules of `record` (the message names the rule broken)."""
     check_id(user_id, "user_id")
     check_id(item_id, "item_id")
+    if event_id is not None:
+        check_id(event_id, "event_id")
     if event not in EVENT_KINDS:
         raise InvalidInputError(f"event must be one of {', '.join(EVENT_KINDS)}; got {event!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -689,7 +771,7 @@ def _event_record(user_id: str, item_id: str, event: str, value: float, timestam
     if timestamp is not None and (isinstance(timestamp, bool) or not isinstance(timestamp, int)):
         raise InvalidInputError(f"timestamp must be an int (unix seconds); got {timestamp!r}")
     t = int(time.time()) if timestamp is None else timestamp
-    return EventRecord(user_id, item_id, event, float(value), t)
+    return EventRecord(user_id, item_id, event, float(value), t, event_id)
 
 
 def _reason(exc: BaseException) -> str:

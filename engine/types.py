@@ -36,6 +36,8 @@ class Event:
 
     `value` (a rating, say; 1.0 by default) is kept with the event in the log; no update depends
     on it. Graded feedback becomes clicks and skips when it is read (`read_events(min_value=)`).
+    `event_id`, when given, makes `Engine.record_many` apply the event once, however often it is
+    delivered (`import_events` and `fit` ignore it).
     """
 
     user_id: str
@@ -43,6 +45,7 @@ class Event:
     event: str = "click"
     value: float = 1.0
     timestamp: int | None = None
+    event_id: str | None = None
 
 
 #: Why an item was recommended (see Because).

@@ -12,7 +12,8 @@ apart. An event changes the state in this order (`apply_event`):
 4. the item's counts (clicks, skips, impressions);
 5. the user's history, last, because steps 2 and 3 read the history as it was before the event
    (a dislike goes to `UserState.dislikes`: hidden from the user for good);
-6. the event's identity, so that `import_events` skips it later.
+6. the event's identity, so that `import_events` skips it later, and its caller-given id (when it
+   has one), so that `record(..., event_id=)` and a stream consumer apply it once.
 
 With `Config.online_updates=False` the store is frozen: a recorded click or skip only marks the
 item as seen (`UserState.held`, which no vector, count or co-click is ever derived from, so
@@ -33,7 +34,7 @@ from ..serving.index import VectorIndex
 from .items import ItemTable
 from ..models.projection import Projection
 from ..serving.ranking import Ranker
-from ..storage.records import AddRecord, EventRecord, ImportRecord, ProfileRecord, Record, RemoveRecord
+from ..storage.records import AddRecord, EventRecord, ImportRecord, ProfileRecord, Record, RemoveRecord, id_key
 from .users import UserState, UserTable, rederive
 
 
@@ -48,6 +49,7 @@ class State:
         self.ranker = Ranker(config)
         self.index: VectorIndex | None = None
         self.event_keys: set[int] = set()  # identities of every event applied (see EventRecord.key)
+        self.event_ids: set[int] = set()  # caller-given event ids applied, hashed (records.id_key)
 
     # ---- the index policy --------------------------------------------------------------------
     def index_kind(self, n: int) -> str:
@@ -69,7 +71,8 @@ class State:
         self.index.build(rows, self.ranker.index_vectors(rows))
 
     def load(self, items: ItemTable, users: UserTable, models: dict[str, np.ndarray] | None,
-             index_path: Path | None, index_fh: Any, models_path: Path, event_keys: np.ndarray) -> None:
+             index_path: Path | None, index_fh: Any, models_path: Path, event_keys: np.ndarray,
+             event_ids: np.ndarray | None = None) -> None:
         """Install a snapshot's parts (see snapshot.read_generation)."""
         self.items, self.users = items, users
         try:
@@ -82,6 +85,7 @@ class State:
         self.ranker.refresh_item_vectors(items, self.proj)
         self.ranker.rebuild_coclicks(users)
         self.event_keys = set(event_keys.tolist())
+        self.event_ids = set() if event_ids is None else set(event_ids.tolist())
         self.check_models(models, models_path)
 
     def check_models(self, models: dict[str, np.ndarray] | None, path: Path) -> None:
@@ -120,7 +124,7 @@ class State:
         if not learn:  # frozen: a click or skip marks the item seen; nothing else moves, ever
             if rec.event != "impression":
                 user.held.append(row)
-            self.event_keys.add(rec.key())
+            self.remember(rec)
             return
         self.ranker.on_event(user, row, rec.event, self.items, index=self.index if online_step else None, t=rec.t)
         if rec.event == "click":
@@ -131,7 +135,17 @@ class State:
             user.dislikes.append(row)
         else:
             user.impressions += 1
+        self.remember(rec)
+
+    def remember(self, rec: EventRecord) -> None:
+        """Step 6: the event's identity, and its caller-given id when it has one."""
         self.event_keys.add(rec.key())
+        if rec.event_id is not None:
+            self.event_ids.add(id_key(rec.event_id))
+
+    def holds_event_id(self, event_id: str) -> bool:
+        """Has an event with this caller-given id been applied (before now, or since a snapshot)?"""
+        return id_key(event_id) in self.event_ids
 
     def apply_add(self, rec: AddRecord) -> None:
         rows = np.array([self.items.append(item, rec.vectors[j], rec.t) for j, item in enumerate(rec.items)],
@@ -179,3 +193,7 @@ class State:
     def event_key_array(self) -> np.ndarray:
         """The event identities as a sorted uint64 array, for the snapshot."""
         return np.array(sorted(self.event_keys), dtype=np.uint64)
+
+    def event_id_array(self) -> np.ndarray:
+        """The hashed caller-given event ids as a sorted uint64 array, for the snapshot."""
+        return np.array(sorted(self.event_ids), dtype=np.uint64)

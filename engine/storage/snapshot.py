@@ -92,14 +92,16 @@ def read_tensors(path: Path, fh: BinaryIO | None = None) -> dict[str, np.ndarray
 
 
 def write_generation(store: StoreDir, gen: int, items: ItemTable, users: UserTable,
-                     models: dict[str, np.ndarray], index, event_keys: np.ndarray) -> list[Path]:
+                     models: dict[str, np.ndarray], index, event_keys: np.ndarray,
+                     event_ids: np.ndarray | None = None) -> list[Path]:
     """Write every state file of generation `gen`; returns their paths (not yet committed)."""
     paths = [store.file("items", gen, "parquet"), store.file("users", gen, "parquet"),
              store.file("vectors", gen, "safetensors")]
     write_parquet(paths[0], items.to_arrow())
     write_parquet(paths[1], users_to_arrow(users))
     write_tensors(paths[2], {"item_text": items.vectors, **user_arrays(users, items.dim),
-                             "event_keys": np.asarray(event_keys, np.uint64)})
+                             "event_keys": np.asarray(event_keys, np.uint64),
+                             "event_ids": np.asarray(np.zeros(0) if event_ids is None else event_ids, np.uint64)})
     if models:
         paths.append(store.file("models", gen, "safetensors"))
         write_tensors(paths[-1], models)
@@ -111,7 +113,8 @@ def write_generation(store: StoreDir, gen: int, items: ItemTable, users: UserTab
 
 def read_generation(store: StoreDir, manifest: dict[str, Any], d_text: int,
                     handles: dict[str, BinaryIO] | None = None
-                    ) -> tuple[ItemTable, UserTable, dict[str, np.ndarray] | None, Path | None, np.ndarray]:
+                    ) -> tuple[ItemTable, UserTable, dict[str, np.ndarray] | None, Path | None, np.ndarray,
+                               np.ndarray]:
     """Read generation G's files; anything not shaped as this module writes it is CorruptStoreError.
 
     The checksums catch damage; these checks catch a file that is intact but wrong (written by a
@@ -148,10 +151,17 @@ def read_generation(store: StoreDir, manifest: dict[str, Any], d_text: int,
     model_name = store.file("models", gen, "safetensors").name
     models = read_tensors(store.path / model_name, pinned.get(model_name)) if model_name in files else None
     index_name = store.file("index", gen, "faiss").name
-    keys = tensors.get("event_keys", np.zeros(0, np.uint64))  # absent in stores written before imports
-    if keys.ndim != 1 or keys.dtype != np.uint64:
-        raise CorruptStoreError(f"{vec_path}: event_keys must be a 1-d uint64 tensor; got {keys.dtype} {keys.shape}")
-    return items, users, models, (store.path / index_name if index_name in files else None), keys
+    keys, ids = (_id_tensor(tensors, name, vec_path) for name in ("event_keys", "event_ids"))
+    return items, users, models, (store.path / index_name if index_name in files else None), keys, ids
+
+
+def _id_tensor(tensors: dict[str, np.ndarray], name: str, path: Path) -> np.ndarray:
+    """A 1-d uint64 tensor of hashes; empty when absent (stores written before imports, or before
+    event ids: older stores open with none)."""
+    out = tensors.get(name, np.zeros(0, np.uint64))
+    if out.ndim != 1 or out.dtype != np.uint64:
+        raise CorruptStoreError(f"{path}: {name} must be a 1-d uint64 tensor; got {out.dtype} {out.shape}")
+    return out
 
 
 def _with_schema(table: pa.Table, schema: pa.Schema, path: Path, optional: tuple[str, ...] = ()) -> pa.Table:
