@@ -113,3 +113,76 @@ def test_replay_refuses_a_record_it_does_not_know(tmp_path, payload, rule):
     with pytest.raises(CorruptStoreError, match=rule) as err:
         Engine.open(path, encoder=FakeEncoder())
     assert f"{log_path.name}, record {seq}" in str(err.value)
+
+
+# ---- group commit ------------------------------------------------------------------------------
+def test_group_commit_shares_fsyncs_and_acknowledges_each_record_after_its_own(tmp_path, monkeypatch):
+    """Eight threads write while a slow fsync runs: later fsyncs cover several records each, and
+    no append returns before an fsync that started after its record was written has finished."""
+    import os
+    import threading
+    import time
+
+    path = tmp_path / "events.log"
+    log = EventLog(path, 0, fsync=True)
+    real, durable, calls = os.fsync, [0], [0]
+
+    def slow_fsync(fd):
+        size = os.fstat(fd).st_size  # what this fsync will cover at least
+        time.sleep(0.005)
+        real(fd)
+        calls[0] += 1
+        durable[0] = max(durable[0], size)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    lock, late = threading.Lock(), []
+
+    def writer(t: int) -> None:
+        for i in range(20):
+            with lock:  # the caller serialises writes (the engine's write lock)
+                ticket = log.write([{"op": "event", "t": t, "i": i}])
+                end = path.stat().st_size
+            log.sync(ticket)
+            if durable[0] < end:
+                late.append((t, i))
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    log.close()
+    assert late == []
+    assert calls[0] < 160 / 2, calls  # shared: at least two records per fsync on average
+    assert [seq for seq, _ in read_log(path)] == list(range(160))
+
+
+def test_a_failed_fsync_fails_every_record_it_should_have_covered_until_rewound(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from engine.storage.eventlog import LogSyncError
+
+    path = tmp_path / "events.log"
+    log = EventLog(path, 0, fsync=True)
+    log.append({"n": 0})
+    good = path.stat().st_size
+    first, second = log.write([{"n": 1}]), log.write([{"n": 2}])
+
+    def broken(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", broken)
+    with pytest.raises(LogSyncError, match="fsync failed"):
+        log.sync(first)
+    with pytest.raises(LogSyncError):
+        log.sync(second)  # not covered either
+    with pytest.raises(Exception, match="not recorded"):
+        log.write([{"n": 3}])  # refused until rewound
+    monkeypatch.undo()
+    assert log.rewind() and path.stat().st_size == good
+    with pytest.raises(LogSyncError, match="cut off"):
+        log.sync(second)  # an old ticket never reads as durable
+    assert log.append({"n": 4}) == 1
+    log.close()
+    assert [r for _, r in read_log(path)] == [{"n": 0}, {"n": 4}]
