@@ -4,8 +4,10 @@
     python benchmarks/run.py                  # 10k, 100k and 1M items (the 1M HNSW build is long)
     python benchmarks/run.py --sizes 10000 --no-encoder
 
-Results go to benchmarks/results/<mode>.json (machine, load, every number) and <mode>.md (the
-table); benchmarks/README.md explains them against the targets of the issue.
+Results (machine, load, every number, as JSON, and the table as Markdown) go to a scratch folder
+(`$TMPDIR/kindling-bench/<mode>-<time>.json` and `.md`, printed at the end) unless `--out NAME`
+asks for benchmarks/results/NAME.json and NAME.md: only a deliberate run replaces the committed
+results. benchmarks/README.md explains them against the targets of the issue.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import datetime as dt
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ import report  # noqa: E402
 from engine import Config, Event  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SCRATCH = Path(tempfile.gettempdir()) / "kindling-bench"
 
 PLANS: dict[str, dict[str, Any]] = {
     "quick": {"sizes": [10_000, 100_000], "queries": 200, "f2e": 100, "adds": 10, "removals": 20,
@@ -129,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ann-1m", choices=("hnsw", "ivf"), default="hnsw", help="ANN kind at 1M items")
     p.add_argument("--ef-construction", type=int, default=Config().hnsw_ef_construction)
     p.add_argument("--no-encoder", action="store_true", help="skip the encoder backends section")
-    p.add_argument("--out", help="results name (default: quick or full)")
+    p.add_argument("--out", help="write benchmarks/results/OUT.json and OUT.md (the committed results); "
+                                 "without it the results go to a scratch folder")
     args = p.parse_args(argv)
     mode = "quick" if args.quick else "full"
     plan = dict(PLANS[mode], sizes=args.sizes or PLANS[mode]["sizes"])
@@ -139,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                               "config": Config().to_dict(), "ann_1m": args.ann_1m,
                               "ef_construction": args.ef_construction}
     t0 = time.perf_counter()
+    dest = RESULTS / args.out if args.out else SCRATCH / f"{mode}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     centres = data.catalog_vectors(log)
     if not args.no_encoder:
         log("encoder backends")
@@ -152,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     result["sizes"] = {}
     for n in plan["sizes"]:
         result["sizes"][str(n)] = measure_size(n, plan, args, centres, fallback, int8)
-        _write(result, args.out or mode, t0)  # a long run keeps what it measured so far
-    _write(result, args.out or mode, t0)
+        _write(result, dest, t0)  # a long run keeps what it measured so far
+    _write(result, dest, t0)
     print(report.table(result))
+    print(f"results: {dest}.json and {dest}.md", file=sys.stderr)
     return 0
 
 
@@ -173,12 +180,12 @@ def _jsonable(plan: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(plan, default=str))
 
 
-def _write(result: dict[str, Any], name: str, t0: float) -> None:
+def _write(result: dict[str, Any], dest: Path, t0: float) -> None:
     result["load_end"] = bt.load()
     result["wall_s"] = round(time.perf_counter() - t0, 1)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{name}.md").write_text(report.table(result) + "\n")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.with_name(dest.name + ".json").write_text(json.dumps(result, indent=1) + "\n")
+    dest.with_name(dest.name + ".md").write_text(report.table(result) + "\n")
 
 
 if __name__ == "__main__":

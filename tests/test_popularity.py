@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine import Config, Engine, Event
+from engine import Config, Engine, Event, Item
 
 from conftest import small_catalog
 
@@ -69,3 +69,22 @@ def test_decay_survives_reopen_and_does_not_depend_on_arrival_order(tmp_path, fa
 def test_half_life_is_checked(bad):
     with pytest.raises(ValueError, match="popularity_half_life_s must be None or a positive number"):
         Config(popularity_half_life_s=bad)
+
+
+@pytest.mark.parametrize("half_life", [None, HOUR])
+def test_the_popular_list_stays_exact_click_by_click(tmp_path, fake_encoder, half_life):
+    """No rebuild between clicks: after each click the cached list equals a fresh one."""
+    eng = Engine.create(tmp_path / "s", Config(popularity_half_life_s=half_life, fsync=False), encoder=fake_encoder)
+    ids_ = [f"i{j}" for j in range(300)]
+    eng.add_items([Item(i, f"item {i}", f"words {i} topic{j % 7}", ("c",)) for j, i in enumerate(ids_)])
+    ranker, rng = eng._state.ranker, np.random.default_rng(3)
+    ranker.popular(8, refresh=True)  # built once: the 256 best of 300
+    first = ranker._pop_cache
+    for j in range(400):  # skewed: a few items take most clicks, the tail climbs into the list
+        item = ids_[min(int(rng.exponential(60)), len(ids_) - 1)]
+        eng.record(f"u{j % 37}", item, "click", timestamp=T0 + 60 * j)
+        cached = ranker._pop_cache
+        assert cached is not None and len(cached) == len(first)
+        np.testing.assert_array_equal(cached, ranker._most_clicked(len(cached)))
+    assert not np.array_equal(ranker._pop_cache, first)
+    eng.close(save=False)

@@ -25,8 +25,6 @@ from ..models.rerank import FEATURES, N_FEATURES, Reranker, expand
 from ..state.users import UserState, UserTable, apply_click, apply_dislike, apply_skip
 from ..vectors import grown, normalise
 
-#: Clicks after which the popular list is rebuilt: counts move slowly, and a rebuild sorts the catalog.
-POP_REFRESH_CLICKS = 64
 #: The popular list holds at least this many rows (4x what its first request needs, when more),
 #: so that requests with longer exclusions rarely need a rebuild.
 POP_MIN_CACHE = 256
@@ -61,7 +59,6 @@ class Ranker:
         self._residual: np.ndarray | None = None  # warm items' learned residuals, by row
         self._item_bias: np.ndarray | None = None
         self._pop_cache: np.ndarray | None = None
-        self._pop_stale = 0
         self.coclicks = CoClicks()
         self.lexicon = Lexicon()
         self.reset_reranker()
@@ -164,9 +161,7 @@ class Ranker:
             if self.config.popularity_half_life_s is not None:
                 items.add_decayed_click(row, t, self.config.popularity_half_life_s)
             items.impressions[row] += 1.0
-            self._pop_stale += 1
-            if self._pop_stale >= POP_REFRESH_CLICKS:
-                self._pop_cache = None
+            self._bump_popular(row)
         elif kind == "skip":
             apply_skip(user, vec, self.config.user_min_step, self.config.skip_step)
             items.skips[row] += 1.0
@@ -193,19 +188,33 @@ class Ranker:
     def popular(self, n: int, refresh: bool = False) -> np.ndarray:
         """At least the n most-clicked live rows, best first (fewer when fewer are live).
 
-        The list is cached: dropped when items come or go and every POP_REFRESH_CLICKS clicks,
-        and rebuilt by the first request that finds it missing or too short, from the counts
-        of that moment. A rebuild is a write: with `refresh` false (the caller holds only the
-        read lock) a request that needs one raises NeedsWrite, and the engine asks again under
-        the write lock. Readers never change it.
+        The list is cached and kept exact click by click (`_bump_popular`, O(list) per click);
+        it is dropped when items come or go or the learned prior changes, and rebuilt (O(items))
+        by the first request that finds it missing or too short. A rebuild is a write: with
+        `refresh` false (the caller holds only the read lock) a request that needs one raises
+        NeedsWrite, and the engine asks again under the write lock. Readers never change it.
         """
         cache = self._pop_cache
         if cache is not None and len(cache) >= n:
             return cache
         if not refresh:
             raise NeedsWrite("the popular list must be rebuilt")
-        self._pop_cache, self._pop_stale = self._most_clicked(max(4 * n, POP_MIN_CACHE)), 0
+        self._pop_cache = self._most_clicked(max(4 * n, POP_MIN_CACHE))
         return self._pop_cache
+
+    def _bump_popular(self, row: int) -> None:
+        """One more click on `row` (a write; only its score rose): the cached top list stays the
+        exact top list. `row` moves up within it, or takes the last place's slot when it now
+        ranks above that item. Decay scales every item's score alike, so it changes no order."""
+        cache = self._pop_cache
+        if cache is None:
+            return
+        if not (cache == row).any():  # (a list that holds every live row holds `row`)
+            pair = np.array([cache[-1], row], np.int64)
+            if self._most_clicked(1, pair)[0] != row:
+                return
+            cache = np.append(cache[:-1], row)
+        self._pop_cache = self._most_clicked(len(cache), cache)
 
     def _most_clicked(self, m: int, among: np.ndarray | None = None) -> np.ndarray:
         """The m most-clicked rows of `among` (default: the live rows), ties to the larger
@@ -213,7 +222,12 @@ class Ranker:
         live = self._items.live_rows() if among is None else among
         m = min(len(live), m)
         score = self.popularity(live) + POP_TIEBREAK * self._bias[live]  # the learned prior breaks ties
-        top = np.argpartition(-score, m - 1)[:m] if m < len(live) else np.arange(len(live))
+        if m < len(live):  # the m best, and at the boundary the tied rows by the same tie rule
+            kth = np.partition(score, len(live) - m)[len(live) - m]
+            above, tied = np.flatnonzero(score > kth), np.flatnonzero(score == kth)
+            top = np.concatenate([above, tied[np.argsort(live[tied], kind="stable")][: m - len(above)]])
+        else:
+            top = np.arange(len(live))
         return live[top[np.lexsort((live[top], -score[top]))]]
 
     def popularity(self, rows: np.ndarray | None = None) -> np.ndarray:

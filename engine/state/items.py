@@ -44,6 +44,7 @@ class ItemTable:
         self.expires_at = np.zeros(0, np.int64)  # NEVER when the item does not expire
         self.pop_clicks = np.zeros(0, np.float64)  # clicks decayed to pop_t (popularity_half_life_s)
         self.pop_t = np.zeros(0, np.int64)  # the time of the item's latest click
+        self._pop_now: int | None = None  # max(pop_t), kept as clicks come (None: recount)
         self._soonest = NEVER  # no row expires before this (a bound: an upsert may leave it early)
         self._vecs = np.zeros((0, dim), np.float32)
         self._n = 0
@@ -70,12 +71,16 @@ class ItemTable:
         if t >= self.pop_t[row]:
             self.pop_clicks[row] = self.pop_clicks[row] * 2.0 ** (-(t - self.pop_t[row]) / half_life) + 1.0
             self.pop_t[row] = t
+            if self._pop_now is not None and t > self._pop_now:
+                self._pop_now = t
         else:  # an older click arriving late (an import): it weighs as of the latest one
             self.pop_clicks[row] += 2.0 ** (-(self.pop_t[row] - t) / half_life)
 
     def decayed_clicks(self, rows: np.ndarray, half_life: float) -> np.ndarray:
         """Rows' clicks decayed to the store's latest click time: shape (len(rows),), float64."""
-        now = int(self.pop_t[: self._n].max()) if self._n else 0
+        if self._pop_now is None:  # one pass after a load or an upsert, not one per call
+            self._pop_now = int(self.pop_t[: self._n].max()) if self._n else 0
+        now = self._pop_now
         return self.pop_clicks[rows] * np.exp2(-(now - self.pop_t[rows]) / half_life)
 
     def expired(self, now: int) -> np.ndarray | None:
@@ -131,6 +136,7 @@ class ItemTable:
             self._set_categories(row, tuple(item.categories))
             self.impressions[row] = self.clicks[row] = self.skips[row] = self.pop_clicks[row] = 0.0
             self.pop_t[row] = 0
+            self._pop_now = None
         self.added_at[row], self.removed[row] = now, False
         self.expires_at[row] = NEVER if item.expires_at is None else item.expires_at
         self._soonest = min(self._soonest, int(self.expires_at[row]))
