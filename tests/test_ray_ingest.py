@@ -94,6 +94,23 @@ def test_cli_ingest_on_ray_gives_the_local_store(local_ray, slice_items, real_en
             assert np.allclose([r.score for r in a], [r.score for r in b], atol=1e-3)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("KINDLING_LONG", "") in ("", "0"),
+                    reason="starts a second Ray (30-60 s); run with KINDLING_LONG=1 (make test-long)")
+@pytest.mark.model
+def test_cli_ingest_on_ray_without_an_address_starts_a_local_ray(slice_items, tmp_path):
+    """`--ray` alone: the subprocess starts its own local Ray, embeds, and stops it again."""
+    path = tmp_path / "items.jsonl"
+    path.write_text("".join(json.dumps({"item_id": i.item_id, "title": i.title}) + "\n"
+                            for i in slice_items[:20]), encoding="utf-8")
+    store = tmp_path / "store"
+    assert kindling("init", str(store)).returncode == 0
+    res = kindling("ingest", str(store), str(path), "--ray", "--quiet")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == f"ingested 20 items into {store} (embedded on ray)"
+    assert "Started a local Ray instance" not in res.stderr  # the CLI keeps Ray's INFO lines off
+
+
 def test_bad_row_leaves_the_store_as_it_was(engine):
     before = engine.stats()
     bad = [{"item_id": "new-1", "title": "Fine"}, {"item_id": "new-2", "title": "   "}]
