@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from engine import Config, Engine, InvalidInputError, ModelLoadError
+from engine.errors import ClusterError
 from engine.text.catalog import item_text, read_items
 
 from conftest import ROOT
@@ -135,20 +136,26 @@ def test_vectors_that_do_not_fit_the_store_leave_it_as_it_was(engine):
 
 def test_a_model_that_fails_on_a_worker_is_a_model_load_error_and_changes_nothing(
         local_ray, tmp_path, fake_encoder, catalog):
-    """The store's model folder is no model: the workers fail to load it, the error comes back as a
-    ModelLoadError, and the store on disk and in memory is as it was."""
-    not_a_model = tmp_path / "empty-model"
-    not_a_model.mkdir()
+    """The store's model folder names custom code: the workers refuse to load it, the refusal comes
+    back as a ModelLoadError, and the store on disk and in memory is as it was."""
+    custom = tmp_path / "custom-code-model"
+    custom.mkdir()
+    (custom / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "evil.Model"}}))
     path = tmp_path / "store"
-    with Engine.create(path, Config(model_path=str(not_a_model)), encoder=fake_encoder) as eng:
+    with Engine.create(path, Config(model_path=str(custom)), encoder=fake_encoder) as eng:
         eng.add_items(catalog)
         eng.save()
         before = eng.stats()
-        with pytest.raises(ModelLoadError, match="on a Ray worker: .*empty-model"):
+        with pytest.raises(ModelLoadError, match="on a Ray worker: .*custom-code-model names custom code"):
             eng.ingest([{"item_id": "a", "title": "A film"}], embedder=RayEmbedder(workers=1))
         assert eng.stats() == before
     with Engine.open(path, encoder=fake_encoder, read_only=True) as eng:
         assert eng.stats()["live_items"] == len(catalog) and "a" not in eng
+
+
+def test_a_pool_larger_than_the_cluster_is_refused(local_ray):
+    with pytest.raises(ClusterError, match="the pool needs 3 CPUs .* but the Ray cluster has 2"):
+        RayEmbedder(workers=3).embed(["a film"])
 
 
 def test_bad_embedder_settings_are_refused():

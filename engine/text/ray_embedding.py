@@ -104,6 +104,7 @@ class RayEmbedder:
             raise InvalidInputError("texts must not be empty; there is nothing to embed")
         ray = import_ray()
         with self._connected(ray):
+            self._check_cpus(ray)
             try:
                 return self._run(ray, texts, model_path, backend, progress)
             except EngineError:
@@ -125,6 +126,8 @@ class RayEmbedder:
                                   "logging_level": max(logging.INFO, logging.getLogger("ray").level)}
         if address == LOCAL:  # enough CPUs for the pool even where the machine has fewer
             kwargs["num_cpus"] = max(os.cpu_count() or 1, self.workers * self.cpus_per_worker)
+        log.info("%s Ray at %r for %d workers", "starting a local" if address == LOCAL else "joining", address,
+                 self.workers)
         try:
             ray.init(address=address, **kwargs)
         except Exception as exc:
@@ -133,6 +136,13 @@ class RayEmbedder:
             yield
         finally:
             ray.shutdown()
+
+    def _check_cpus(self, ray: Any) -> None:
+        """Refuse a pool the cluster cannot hold: Ray would wait for the missing actors forever."""
+        need, have = self.workers * self.cpus_per_worker, ray.cluster_resources().get("CPU", 0)
+        if have < need:
+            raise ClusterError(f"the pool needs {need:g} CPUs ({self.workers} workers x {self.cpus_per_worker}) "
+                               f"but the Ray cluster has {have:g}; use fewer workers or a larger cluster")
 
     def _run(self, ray: Any, texts: list[str], model_path: str | None, backend: EncoderBackend,
              progress: bool | None) -> np.ndarray:
@@ -165,7 +175,13 @@ class RayEmbedder:
 
 
 class EmbedWorker:
-    """One Ray actor: the store's model loaded once, then (row, text) batches -> (row, vector)."""
+    """One Ray actor: the store's model loaded once, then (row, text) batches -> (row, vector).
+
+    Our own load errors (a folder that is no model, custom code refused) are kept and raised on the
+    first batch instead: Ray Data replaces an actor that dies in its constructor several times over,
+    which only repeats a deterministic failure. Other errors (out of memory, a lost file system)
+    stay in the constructor, where those retries may help.
+    """
 
     def __init__(self, model_path: str | None, backend: EncoderBackend, threads: int) -> None:
         import torch
@@ -173,9 +189,15 @@ class EmbedWorker:
         from .encoder import Encoder
 
         torch.set_num_threads(threads)  # the CPUs Ray gave this actor, not the whole machine
-        self._encoder = Encoder(model_path, show_progress=False, cache_size=0, backend=backend)
+        self._error: EngineError | None = None
+        try:
+            self._encoder = Encoder(model_path, show_progress=False, cache_size=0, backend=backend)
+        except EngineError as exc:
+            self._error = exc
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._error is not None:
+            raise self._error
         vectors = self._encoder.encode([str(t) for t in batch["text"]])
         return {"row": batch["row"], "vector": vectors}
 
