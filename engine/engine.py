@@ -342,6 +342,7 @@ class Engine:
         else:
             vecs = check_embedded(embedder.embed(texts, self.config.model_path, self.config.encoder_backend,
                                                  progress), len(texts), self._dim())
+            vecs = given_vectors(vecs, len(texts), vecs.shape[1])  # non-zero, at unit length
         with self._lock.write():
             self._check_duplicates(batch, upsert)
             self._apply(AddRecord(int(time.time()), tuple(batch), vecs))  # not logged: the snapshot is

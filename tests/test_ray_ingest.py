@@ -134,6 +134,20 @@ def test_vectors_that_do_not_fit_the_store_leave_it_as_it_was(engine):
     assert engine.stats() == before and "new-1" not in engine
 
 
+class ZeroEmbedder:
+    """A batch embedder that answers with all-zero vectors (no direction to index)."""
+
+    def embed(self, texts, model_path, backend, progress):
+        return np.zeros((len(texts), 64), np.float32)
+
+
+def test_zero_vectors_from_an_embedder_are_refused(engine):
+    before = engine.stats()
+    with pytest.raises(InvalidInputError, match="vectors must not be all zeros"):
+        engine.ingest([{"item_id": "new-1", "title": "Rocket moon"}], embedder=ZeroEmbedder())
+    assert engine.stats() == before
+
+
 def test_a_model_that_fails_on_a_worker_is_a_model_load_error_and_changes_nothing(
         local_ray, tmp_path, fake_encoder, catalog):
     """The store's model folder names custom code: the workers refuse to load it, the refusal comes
