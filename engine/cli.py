@@ -114,13 +114,34 @@ def init(store: Path, model: str | None, index_kind: str) -> None:
 @click.argument("file", type=click.Path(exists=True, path_type=Path))
 @click.option("--upsert", is_flag=True, help="Replace items whose id is already in the store.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Embed on Ray Data (scale extra): a pool of actors, each loading the model once. "
+                   "Alone, starts a local Ray for this run; with ADDRESS (auto, HOST:PORT or "
+                   "ray://HOST:10001) joins that cluster. Put it after STORE FILE or write --ray=ADDRESS, "
+                   "since a word after --ray is read as the address.")
+@click.option("--ray-workers", type=click.IntRange(1, 4096), default=None,
+              help="Actors in the --ray pool, one CPU each  [default: 2].")
+@click.option("--ray-batch-size", type=click.IntRange(1, 100_000), default=None,
+              help="Texts per actor call with --ray  [default: 256].")
 @user_errors
-def ingest(store: Path, file: Path, upsert: bool, quiet: bool) -> None:
-    """Add every item of FILE (Parquet, CSV or JSONL; or a dataset directory) to STORE, atomically."""
+def ingest(store: Path, file: Path, upsert: bool, quiet: bool, ray_address: str | None,
+           ray_workers: int | None, ray_batch_size: int | None) -> None:
+    """Add every item of FILE (Parquet, CSV or JSONL; or a dataset directory) to STORE, atomically.
+
+    With --ray the items are embedded on Ray (local or a cluster) and then added the same way: all
+    of them or, on any error, none."""
+    if ray_address is None and (ray_workers or ray_batch_size):
+        raise click.UsageError("--ray-workers and --ray-batch-size go with --ray")
+    embedder = None
+    if ray_address is not None:
+        from .text.ray_embedding import RayEmbedder, quiet_ray_logs
+
+        embedder = RayEmbedder(ray_address, workers=ray_workers or 2, batch_size=ray_batch_size or 256)
+        quiet_ray_logs()
     items = read_items(file)
     with Engine.open(store) as eng:
-        n = eng.ingest(items, upsert=upsert, progress=False if quiet else None)
-    click.echo(f"ingested {n} items into {store}")
+        n = eng.ingest(items, upsert=upsert, progress=False if quiet else None, embedder=embedder)
+    click.echo(f"ingested {n} items into {store}" + (" (embedded on ray)" if embedder else ""))
 
 
 @main.command("add-item")

@@ -24,7 +24,7 @@ import numpy as np
 from . import __version__
 from .text.catalog import check_text, item_text, validate_items
 from .config import Config
-from .text.embedding import embed, embed_many, given_vectors
+from .text.embedding import BatchEmbedder, check_embedded, embed, embed_many, given_vectors
 from .text.encoder import Encoder, TextEncoder
 from .errors import (
     DuplicateItemError, InvalidInputError, ReadOnlyStoreError, StoreError, UnknownItemError, UnknownUserError,
@@ -363,11 +363,16 @@ class Engine:
         return len(batch)
 
     def ingest(self, items: Iterable[Item | dict[str, Any]], upsert: bool = False,
-               progress: bool | None = None) -> int:
+               progress: bool | None = None, embedder: BatchEmbedder | None = None) -> int:
         """Add a large batch atomically: embed all (with a progress bar), apply, save a snapshot.
 
-        Nothing is half-ingested: a bad row or a crash before the snapshot's manifest is swapped
-        leaves the store as it was.
+        Nothing is half-ingested: a bad row, a failed embedding or a crash before the snapshot's
+        manifest is swapped leaves the store as it was.
+
+        Args:
+            embedder: embed the batch elsewhere instead of with this process's encoder, e.g.
+                `ray_embedding.RayEmbedder(address=None, workers=4)` (Ray Data, the scale extra);
+                it loads the store's model (`Config.model_path`) on its workers.
         """
         self._check_writable()
         batch = validate_items(items)
@@ -375,7 +380,13 @@ class Engine:
             return 0
         with self._lock.write():
             self._check_duplicates(batch, upsert)
-        vecs = embed_many(self.encoder, [item_text(i) for i in batch], self._dim(), progress)
+        texts = [item_text(i) for i in batch]
+        if embedder is None:
+            vecs = embed_many(self.encoder, texts, self._dim(), progress)
+        else:
+            vecs = check_embedded(embedder.embed(texts, self.config.model_path, self.config.encoder_backend,
+                                                 progress), len(texts), self._dim())
+            vecs = given_vectors(vecs, len(texts), vecs.shape[1])  # non-zero, at unit length
         with self._lock.write():
             self._check_duplicates(batch, upsert)
             self._apply(AddRecord(int(time.time()), tuple(batch), vecs))  # not logged: the snapshot is

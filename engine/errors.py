@@ -47,3 +47,11 @@ class StoreLockedError(StoreError):
 
 class ModelLoadError(EngineError, RuntimeError):
     """The language model could not be loaded (missing path, custom code refused, ...)."""
+
+
+class MissingExtraError(EngineError, ImportError):
+    """An optional feature whose packages are not installed; the message names the extra."""
+
+
+class ClusterError(EngineError, RuntimeError):
+    """Work sent to a cluster (Ray) failed there; the message carries the worker's error."""

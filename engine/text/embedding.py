@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
+from ..config import EncoderBackend
 from .encoder import TextEncoder
 from ..errors import InvalidInputError
 from ..serving.index import check_vectors
@@ -16,13 +18,29 @@ from ..vectors import ZERO_NORM, normalise_rows
 CHUNK = 512
 
 
+class BatchEmbedder(Protocol):
+    """Embeds a whole batch somewhere else (a Ray cluster: `ray_embedding.RayEmbedder`) with the
+    store's model, loaded there from `model_path` (None: the bundled default)."""
+
+    def embed(self, texts: Sequence[str], model_path: str | None, backend: EncoderBackend,
+              progress: bool | None) -> np.ndarray:
+        """Shape (n, dim), float32, row i the vector of texts[i]."""
+        ...
+
+
 def embed(encoder: TextEncoder, texts: Sequence[str], dim: int | None) -> np.ndarray:
     """The encoder's vectors of `texts`, shape (n, dim) float32, checked: one row per text, the
     store's width (`dim`; None before the first item) and finite values."""
-    vecs = np.asarray(encoder.encode(list(texts)), dtype=np.float32)
-    if vecs.ndim != 2 or len(vecs) != len(texts):
+    return check_embedded(encoder.encode(list(texts)), len(texts), dim)
+
+
+def check_embedded(vectors: np.ndarray, n: int, dim: int | None) -> np.ndarray:
+    """An encoder's output for n texts as float32 (n, dim), checked: one row per text, the store's
+    width (`dim`; None before the first item) and finite values."""
+    vecs = np.asarray(vectors, dtype=np.float32)
+    if vecs.ndim != 2 or len(vecs) != n:
         raise InvalidInputError(f"the encoder must return shape (n, dim) for n texts; got {vecs.shape} "
-                                f"for {len(texts)} texts")
+                                f"for {n} texts")
     if dim is not None and vecs.shape[1] != dim:
         raise InvalidInputError(f"the encoder gives {vecs.shape[1]}-d vectors but this store holds "
                                 f"{dim}-d ones; use the store's model")
