@@ -35,7 +35,7 @@ from .replica import FOLLOW_INTERVAL_S, Follower, check_interval
 from .storage.records import (
     AddRecord, EventRecord, ImportRecord, ProfileRecord, Record, RemoveRecord, from_payload, to_payload,
 )
-from .storage.snapshot import read_generation, write_generation
+from .storage.snapshot import map_saved_vectors, read_generation, write_generation
 from .serving import queries
 from .serving.filters import Filter, check_filter
 from .serving.ranking import NeedsWrite
@@ -235,6 +235,11 @@ class Engine:
             self._log.close()
         self._log = EventLog(self._store.path / manifest["log"], manifest["next_seq"], fsync=self.config.fsync)
         self._manifest, self._gen, self._dirty = manifest, int(manifest["generation"]), False
+        if self._state is not None:
+            try:  # one copy of the item vectors: the file just saved, mapped (storage/mapped.py)
+                map_saved_vectors(self._store, manifest, self._state.items)
+            except (StoreError, ValueError, OSError) as exc:
+                log.warning("%s: the item vectors stay in memory (%s)", self.path, exc)
         self._store.cleanup(manifest)
         if self._state is not None:
             self._state.ranker.invalidate_popular()  # a restart recomputes it: keep lists identical

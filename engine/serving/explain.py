@@ -22,12 +22,12 @@ CLICKS_LOOKED_AT = 50
 def reasons(state: State, user: UserState, rows: np.ndarray) -> list[Because]:
     """One Because per row of `rows` (item rows of a list), for `user`."""
     items = state.items
-    vecs = items.vectors[rows]
+    vecs = items.vector_rows(rows)
     best = np.full(len(rows), -np.inf, np.float32)
     source = np.full(len(rows), -1, np.int64)  # the clicked row each item is nearest to; -1: profile
     clicks = np.array(list(dict.fromkeys(user.clicks[::-1]))[:CLICKS_LOOKED_AT], np.int64)
     if len(clicks):
-        sims = vecs @ items.vectors[clicks].T
+        sims = vecs @ items.vector_rows(clicks).T
         source, best = clicks[sims.argmax(axis=1)], sims.max(axis=1)
     if user.profile_vec is not None:
         prof = vecs @ user.profile_vec

@@ -101,8 +101,8 @@ class Ranker:
             self._residual[rows] = 0.0
             self._item_bias[rows] = 0.0
         if self._vecs is not None:
-            self._vecs[rows] = proj.transform(items.vectors[rows])
-        self._bias[rows] = proj.bias(items.vectors[rows])
+            self._vecs[rows] = proj.transform(items.vector_rows(rows))
+        self._bias[rows] = proj.bias(items.vector_rows(rows))
         for r in rows:
             self.lexicon.set(int(r), item_text(items.item(int(r))))
         self._pop_cache = None
@@ -129,8 +129,9 @@ class Ranker:
     def item_vectors(self, rows: np.ndarray) -> np.ndarray:
         """Unit retrieval vectors of `rows`: shape (len(rows), d_out), float32."""
         rows = np.asarray(rows, dtype=np.int64)
-        src = self._items.vectors if self._vecs is None else self._vecs
-        return np.ascontiguousarray(src[rows])
+        if self._vecs is None:  # untrained: the raw text vectors (mapped; see ItemTable)
+            return self._items.vector_rows(rows)
+        return np.ascontiguousarray(self._vecs[rows])
 
     def index_vectors(self, rows: np.ndarray) -> np.ndarray:
         """What FAISS stores: [tau * v, b], so <[u, 1], .> = tau <u, v> + b (the tower score)."""
@@ -362,8 +363,8 @@ class Ranker:
         """
         items = self._items
         if as_cold and self.trained:
-            v = self.projection.transform(items.vectors[rows])
-            bias = self.projection.bias(items.vectors[rows])
+            raw = items.vector_rows(rows)
+            v, bias = self.projection.transform(raw), self.projection.bias(raw)
         else:
             v, bias = self.item_vectors(rows), self._bias[rows]
         f = np.zeros((len(rows), N_FEATURES), np.float32)
@@ -387,7 +388,7 @@ class Ranker:
             f[:, _COL["cooc"]] = np.log1p(co)
             f[:, _COL["itemcf"]] = cf / np.sqrt(1.0 + clicks)
         if user.profile_vec is not None:
-            f[:, _COL["profile"]] = items.vectors[rows] @ user.profile_vec
+            f[:, _COL["profile"]] = items.vector_rows(rows) @ user.profile_vec
         f[:, _COL["fresh"]] = clicks == 0
         return f
 

@@ -1,4 +1,10 @@
-"""The in-memory catalog: item records, tombstones, raw text vectors and online statistics."""
+"""The in-memory catalog: item records, tombstones, raw text vectors and online statistics.
+
+The raw text vectors are kept once: rows that came from the snapshot stay in its vectors file,
+memory-mapped copy-on-write (see storage/mapped.py), and rows added since live in a small
+in-memory tail. A save writes both into the next snapshot and maps that (`install_vectors`), so
+the tail never outgrows what was added since the last save.
+"""
 
 from __future__ import annotations
 
@@ -46,7 +52,8 @@ class ItemTable:
         self.pop_t = np.zeros(0, np.int64)  # the time of the item's latest click
         self._pop_now: int | None = None  # max(pop_t), kept as clicks come (None: recount)
         self._soonest = NEVER  # no row expires before this (a bound: an upsert may leave it early)
-        self._vecs = np.zeros((0, dim), np.float32)
+        self._base = np.zeros((0, dim), np.float32)  # rows 0..len-1: the snapshot's, usually mapped
+        self._tail = np.zeros((0, dim), np.float32)  # rows added since, from len(_base) on
         self._n = 0
         self._by_category: dict[str, set[int]] = {}  # category -> rows carrying it (for filters)
 
@@ -55,8 +62,43 @@ class ItemTable:
 
     @property
     def vectors(self) -> np.ndarray:
-        """Raw text vectors of all rows: shape (n, dim), float32."""
-        return self._vecs[: self._n]
+        """Raw text vectors of all rows: shape (n, dim), float32.
+
+        A view of the mapped snapshot rows while nothing was added since the snapshot; a copy of
+        every row otherwise. Per-request code asks `vector_rows` for the rows it needs instead.
+        """
+        base = len(self._base)
+        if self._n <= base:
+            return self._base[: self._n]
+        return np.concatenate([self._base, self._tail[: self._n - base]])
+
+    def vector_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Raw text vectors of `rows` (item rows, int): shape (len(rows), dim), float32, a copy."""
+        rows = np.asarray(rows, np.int64)
+        base = len(self._base)
+        if self._n <= base or not len(rows) or rows.max() < base:
+            return self._base[rows]
+        out = np.empty((len(rows), self.dim), np.float32)
+        old = rows < base
+        out[old] = self._base[rows[old]]
+        out[~old] = self._tail[rows[~old] - base]
+        return out
+
+    def install_vectors(self, vectors: np.ndarray) -> None:
+        """Take `vectors` (shape (len(self), dim), float32, writable: a copy-on-write map of the
+        snapshot just saved) as every row's vectors; the in-memory tail is dropped."""
+        if vectors.shape != (self._n, self.dim) or vectors.dtype != np.float32:
+            raise ValueError(f"vectors must be float32 with shape ({self._n}, {self.dim}); "
+                             f"got {vectors.dtype} {vectors.shape}")
+        self._base, self._tail = vectors, np.zeros((0, self.dim), np.float32)
+
+    def _set_vector(self, row: int, vec: np.ndarray) -> None:
+        base = len(self._base)
+        if row < base:  # an upsert of a snapshot row: the map copies that one page on write
+            self._base[row] = vec
+        else:
+            self._tail = grown(self._tail, row - base + 1, MIN_CAPACITY)
+            self._tail[row - base] = vec
 
     def live_row(self, item_id: str) -> int | None:
         row = self.vocab.row(item_id)
@@ -117,8 +159,7 @@ class ItemTable:
                     None if e == NEVER else e)
 
     def _reserve(self, n: int) -> None:
-        for name in ("added_at", "removed", "impressions", "clicks", "skips", "expires_at", "pop_clicks", "pop_t",
-                     "_vecs"):
+        for name in ("added_at", "removed", "impressions", "clicks", "skips", "expires_at", "pop_clicks", "pop_t"):
             setattr(self, name, grown(getattr(self, name), n, MIN_CAPACITY))
 
     def append(self, item: Item, vec: np.ndarray, now: int) -> int:
@@ -140,7 +181,7 @@ class ItemTable:
         self.added_at[row], self.removed[row] = now, False
         self.expires_at[row] = NEVER if item.expires_at is None else item.expires_at
         self._soonest = min(self._soonest, int(self.expires_at[row]))
-        self._vecs[row] = vec
+        self._set_vector(row, vec)
         return row
 
     def to_arrow(self) -> pa.Table:
@@ -157,6 +198,8 @@ class ItemTable:
 
     @classmethod
     def from_arrow(cls, table: pa.Table, vectors: np.ndarray) -> "ItemTable":
+        """The table of `table`'s rows; `vectors` (shape (rows, dim), float32) is kept, not copied,
+        unless it is read-only (a map of the snapshot is writable: copy-on-write)."""
         t = cls(vectors.shape[1])
         cols = {c: table.column(c).to_pylist() for c in ("item_id", "title", "text", "categories")}
         n = table.num_rows
@@ -175,6 +218,7 @@ class ItemTable:
         if "expires_at" in table.column_names:
             t.expires_at[:n] = table.column("expires_at").fill_null(NEVER).to_numpy(zero_copy_only=False)
             t._soonest = int(t.expires_at[:n].min()) if n else NEVER
-        t._vecs[:n] = vectors
         t._n = n
+        vectors = np.asarray(vectors, np.float32)
+        t.install_vectors(vectors if vectors.flags.writeable else vectors.copy())
         return t

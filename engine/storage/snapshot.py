@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load, load_file, save_file
 
 from ..errors import CorruptStoreError
+from .mapped import map_tensors
 from ..state.items import ITEM_SCHEMA, OPTIONAL_ITEM_COLUMNS, ItemTable
 from .store import StoreDir, atomic_write
 from ..state.users import UserTable
@@ -125,10 +126,11 @@ def read_generation(store: StoreDir, manifest: dict[str, Any], d_text: int,
     gen = int(manifest["generation"])
     files = manifest["files"]
     vec_path = store.file("vectors", gen, "safetensors")
-    tensors = read_tensors(vec_path, pinned.get(vec_path.name))
+    tensors = map_tensors(vec_path, pinned.get(vec_path.name))  # the item vectors stay in the file
     item_vecs = tensors.get("item_text", np.zeros((0, d_text), np.float32))
-    if item_vecs.ndim != 2 or (len(item_vecs) and item_vecs.shape[1] != d_text):
-        raise CorruptStoreError(f"{vec_path}: item vectors of shape {item_vecs.shape}, expected (n, {d_text})")
+    if item_vecs.ndim != 2 or (len(item_vecs) and item_vecs.shape[1] != d_text) or item_vecs.dtype != np.float32:
+        raise CorruptStoreError(f"{vec_path}: item vectors of {item_vecs.dtype} {item_vecs.shape}, "
+                                f"expected float32 (n, {d_text})")
     for key in ("user_vectors", "user_profiles"):
         if key not in tensors or tensors[key].ndim != 2:
             raise CorruptStoreError(f"{vec_path}: no 2-d tensor {key!r}; not a Kindling vectors file")
@@ -187,3 +189,14 @@ def _parsed(path: Path, build):
     except (KeyError, ValueError, TypeError, IndexError, pa.ArrowException) as exc:
         raise CorruptStoreError(f"{path}: does not hold what a Kindling store needs ({exc})") from exc
 
+
+
+def map_saved_vectors(store: StoreDir, manifest: dict[str, Any], items: ItemTable) -> None:
+    """After a save: take `items`' vectors from the vectors file just written, mapped, so the rows
+    held in memory (added or replaced since the last snapshot) are dropped. The file is this
+    process's own, fsynced a moment ago, and holds exactly `items.vectors`."""
+    path = store.file("vectors", int(manifest["generation"]), "safetensors")
+    if path.name not in manifest.get("files", {}):
+        return
+    mapped = map_tensors(path).get("item_text", np.zeros((0, items.dim), np.float32))
+    items.install_vectors(mapped.reshape(-1, items.dim) if mapped.size == 0 else mapped)
