@@ -186,8 +186,11 @@ class MilvusIndex:
         schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("vec", DataType.FLOAT_VECTOR, dim=self.dim)
-        self.client.create_collection(name, schema=schema, index_params=self._index_params(len(rows)),
-                                      consistency_level="Strong")
+        self.client.create_collection(name, schema=schema, consistency_level="Strong")
+        # The index of an empty collection, not waited for: pymilvus's wait polls every 0.5 s
+        # (and asks Milvus Lite for a timestamp it does not serve); rows inserted next are indexed.
+        self.client.create_index(name, self._index_params(len(rows)), sync=False)
+        self.client.load_collection(name)
         self.collection = name
         self._held = np.zeros(0, dtype=bool)
         self._n = 0
