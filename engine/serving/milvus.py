@@ -195,6 +195,8 @@ class MilvusIndex:
         self._held = np.zeros(0, dtype=bool)
         self._n = 0
         self._write(rows, vectors, upsert=False)
+        if len(rows):
+            self.client.flush(name)  # seal the bulk load: Milvus indexes sealed segments
 
     def attach(self, name: str | None, n_rows: int) -> bool:
         """Use the existing collection `name` (of a store with `n_rows` item rows); False when it is
