@@ -124,14 +124,14 @@ def run_milvus(kind: str, x: np.ndarray, args, data, workdir: Path) -> dict:
                "disk_mb": round(dir_bytes(db) / 2**20, 1),
                **measure(idx, x, *data[:3], n_plain=args.milvus_queries, n_filtered=args.milvus_filtered,
                          truth=data[-1])}
-        home.drop_all()
-    finally:
+    finally:  # no drop: Milvus Lite can fail one that races its background index build
+
         home.close()
         shutil.rmtree(db, ignore_errors=True)
     return res
 
 
-def one_size(n: int, args, centres: np.ndarray, workdir: Path, log) -> dict:
+def one_size(n: int, args, centres: np.ndarray, workdir: Path, log, save) -> dict:
     x, cluster = synthetic(centres, n, seed=0)
     nq = max(args.queries, args.milvus_queries) + WARMUP
     queries, _ = synthetic(centres, nq, seed=1)
@@ -141,16 +141,18 @@ def one_size(n: int, args, centres: np.ndarray, workdir: Path, log) -> dict:
     truth = {"plain": [exact_top(x, queries[i], seen[i], None) for i in range(nq)],
              "filtered": [exact_top(x, queries[i], seen[i], ok) for i in range(nq)]}
     data = (queries, seen, ok, truth)
-    rows = []
-    for kind in args.faiss_kinds:
-        log(f"  {n:,} faiss {kind} ...")
-        rows.append(run_faiss(kind, x, args, data))
-        rows[-1]["load_after"] = load()
-    for kind in args.milvus_kinds:
-        log(f"  {n:,} milvus-lite {kind} ...")
-        rows.append(run_milvus(kind, x, args, data, workdir))
-        rows[-1]["load_after"] = load()
-    return {"items": n, "dim": int(x.shape[1]), "rows": rows}
+    size = {"items": n, "dim": int(x.shape[1]), "rows": []}
+    # Each kind on both backends one after the other, so that a change of load hits both alike
+    # and an interrupted run keeps pairs (the results are saved after every row).
+    for kind in dict.fromkeys(args.faiss_kinds + args.milvus_kinds):
+        for backend in ("faiss", "milvus"):
+            if kind not in (args.faiss_kinds if backend == "faiss" else args.milvus_kinds):
+                continue
+            log(f"  {n:,} {backend} {kind} ...")
+            row = run_faiss(kind, x, args, data) if backend == "faiss" else run_milvus(kind, x, args, data, workdir)
+            size["rows"].append({**row, "load_after": load()})
+            save(size)
+    return size
 
 
 def table(result: dict) -> str:
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--queries", type=int, default=200, help="timed FAISS queries per mode")
     ap.add_argument("--milvus-queries", type=int, default=40, help="timed Milvus Lite plain queries")
     ap.add_argument("--milvus-filtered", type=int, default=10, help="timed Milvus Lite filtered queries")
-    ap.add_argument("--faiss-kinds", nargs="+", default=["flat", "hnsw", "hnsw-sq8"])
+    ap.add_argument("--faiss-kinds", nargs="+", default=["hnsw", "hnsw-sq8", "flat"])
     ap.add_argument("--milvus-kinds", nargs="+", default=["hnsw", "hnsw-sq8"])
     ap.add_argument("--ef-search", type=int, default=128)
     ap.add_argument("--out", type=Path, default=RESULTS / "backends-100k.json")
@@ -185,12 +187,15 @@ def main(argv: list[str] | None = None) -> None:
               "sizes": []}
     centres = catalog_vectors(log)
     with tempfile.TemporaryDirectory(prefix="kindling-bench-milvus-") as d:
-        for n in args.sizes:
-            result["sizes"].append(one_size(n, args, centres, Path(d), log))
-            result["load_end"], result["wall_s"] = load(), round(time.time() - started, 1)
+        def save(size: dict) -> None:
+            done = [s for s in result["sizes"] if s["items"] != size["items"]] + [size]
+            out = {**result, "sizes": done, "load_end": load(), "wall_s": round(time.time() - started, 1)}
             args.out.parent.mkdir(exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=1))
-            args.out.with_suffix(".md").write_text(table(result) + "\n")
+            args.out.write_text(json.dumps(out, indent=1))
+            args.out.with_suffix(".md").write_text(table(out) + "\n")
+
+        for n in args.sizes:
+            result["sizes"].append(one_size(n, args, centres, Path(d), log, save))
     print(table(result))
 
 

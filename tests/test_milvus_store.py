@@ -109,7 +109,7 @@ def _kill_on(mode: str, store: Path, marker: str) -> None:
 
 
 @pytest.mark.parametrize("mode,marker", [("before-add", "between"), ("before-remove", "between"),
-                                         pytest.param("after-add", "applied", marks=pytest.mark.slow)])
+                                         ("after-add", "applied")])
 def test_killed_between_log_and_collection_agree_again(tmp_path, mode, marker):
     store = make_store(tmp_path / "s")
     _kill_on(mode, store, marker)
