@@ -14,7 +14,7 @@ import click
 
 from . import __version__
 from .text.catalog import read_events, read_items
-from .config import INDEX_KINDS, Config
+from .config import INDEX_BACKENDS, INDEX_KINDS, Config
 from .engine import Engine
 from .errors import EngineError
 from .serving.filters import Filter
@@ -101,12 +101,26 @@ def main() -> None:
               help="Local sentence-transformers model folder (default: bundled all-MiniLM-L6-v2).")
 @click.option("--index", "index_kind", type=click.Choice(INDEX_KINDS),
               default="auto", show_default=True, help="Index type; auto is exact below 50k items, HNSW above.")
+@click.option("--index-backend", type=click.Choice(INDEX_BACKENDS), default="faiss", show_default=True,
+              help="Where item vectors are searched: FAISS in process, or a Milvus collection (the scale extra).")
+@click.option("--milvus-uri", default=None, metavar="URI",
+              help="With --index-backend milvus: a Milvus Lite file ending in .db, or a server address "
+                   "(http://host:19530). Default: STORE/milvus.db.")
 @user_errors
-def init(store: Path, model: str | None, index_kind: str) -> None:
+def init(store: Path, model: str | None, index_kind: str, index_backend: str, milvus_uri: str | None) -> None:
     """Create an empty store at STORE."""
-    Engine.create(store, Config(model_path=str(Path(model).resolve()) if model else None,
-                                index=index_kind)).close()
-    click.echo(f"created store {store}")
+    if milvus_uri is not None and index_backend != "milvus":
+        raise click.BadParameter("is only used with --index-backend milvus", param_hint="'--milvus-uri'")
+    if milvus_uri is not None and not milvus_uri.startswith(("http://", "https://", "tcp://", "unix:")):
+        milvus_uri = str(Path(milvus_uri).resolve())  # a file path as the shell sees it
+    try:
+        config = Config(model_path=str(Path(model).resolve()) if model else None, index=index_kind,
+                        index_backend=index_backend, milvus_uri=milvus_uri)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--milvus-uri' / '--index'") from exc
+    Engine.create(store, config).close()
+    click.echo(f"created store {store}" + (f" (Milvus at {milvus_uri or Path(store) / 'milvus.db'})"
+                                           if index_backend == "milvus" else ""))
 
 
 @main.command()

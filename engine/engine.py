@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import sys
 import threading
 import time
@@ -70,6 +71,7 @@ class Engine:
         self._closed = False
         self._manifest: dict[str, Any] = {}
         self._follower: Follower | None = None
+        self._milvus = None  # the MilvusHome of a writable store with index_backend "milvus"
 
     # ---- lifecycle ---------------------------------------------------------------------------
     @classmethod
@@ -80,10 +82,14 @@ class Engine:
         try:
             eng = cls(store, config or Config(), encoder)
             eng._manifest = {"created_at": int(time.time())}
+            if eng.config.index_backend == "milvus":  # the store's collection names, fixed for good
+                eng._manifest["milvus"] = {"prefix": "kindling_" + secrets.token_hex(6), "collection": None}
             if encoder is not None:
-                eng._state = State(eng.config, encoder.dim)
+                eng._state = eng._new_state(encoder.dim)
             eng._commit(initial=True)
         except BaseException:
+            if "eng" in locals():
+                eng._release_milvus()
             store.release()
             raise
         return eng
@@ -129,7 +135,11 @@ class Engine:
                 try:
                     store.verify(manifest, handles)
                     eng = cls(store, Config.from_dict(manifest.get("config", {})), encoder)
-                    eng._load(manifest, handles)
+                    try:
+                        eng._load(manifest, handles)
+                    except BaseException:
+                        eng._release_milvus()
+                        raise
                     return eng
                 finally:
                     for fh in handles.values():
@@ -146,7 +156,8 @@ class Engine:
         handles = handles or {}
         if d_text:
             items, users, models, index_path, keys, ids = read_generation(self._store, manifest, d_text, handles)
-            self._state = State(self.config, int(d_text))
+            self._state = self._new_state(int(d_text))
+            self._state.milvus_collection = (manifest.get("milvus") or {}).get("collection")
             self._state.load(items, users, models, index_path,
                              None if index_path is None else handles.get(index_path.name),
                              self._store.file("models", self._gen, "safetensors"), keys, ids)
@@ -155,6 +166,35 @@ class Engine:
                      None if log_fh is None or not self._store.read_only else log_fh.read())
         if not self._store.read_only:
             self._store.cleanup(manifest)
+            if self._state is not None and self._state.reconcile_index():
+                self._dirty = True
+            self._drop_stale_collections(manifest)
+
+    def _new_state(self, d_text: int) -> State:
+        """An empty State; on a writable Milvus store, wired to the store's collection."""
+        state = State(self.config, d_text)
+        if self.config.index_backend == "milvus" and not self._store.read_only:
+            if self._milvus is None:
+                from .serving.milvus import MilvusHome, resolve_uri
+                self._milvus = MilvusHome(resolve_uri(self.config.milvus_uri, self.path),
+                                          (self._manifest.get("milvus") or {}).get("prefix"))
+            state.milvus = self._milvus
+        return state
+
+    def _milvus_meta(self) -> dict[str, Any] | None:
+        """The manifest's record of the Milvus collection this snapshot's rows are in."""
+        if self._milvus is None:
+            return self._manifest.get("milvus")
+        index = None if self._state is None else self._state.index
+        return self._milvus.describe(getattr(index, "collection", None))
+
+    def _drop_stale_collections(self, manifest: dict[str, Any]) -> None:
+        """Drop the store's collections that neither the manifest nor memory uses (a crash or a
+        failed save left them)."""
+        if self._milvus is not None:
+            index = None if self._state is None else self._state.index
+            self._milvus.drop_others([(manifest.get("milvus") or {}).get("collection"),
+                                      getattr(index, "collection", None)])
 
     def _replay(self, path: Path, next_seq: int, data: bytes | None = None) -> None:
         n = 0
@@ -221,13 +261,16 @@ class Engine:
         log_path = self._store.file("events", gen, "log")
         log_path.touch()
         next_seq = self._log.next_seq if self._log else 0
-        return {
+        manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "kindling_version": __version__,
             "created_at": self._manifest.get("created_at", int(time.time())), "saved_at": int(time.time()),
             "generation": gen, "config": self.config.to_dict(), "libraries": _library_versions(),
             "model": self._model_meta(), "files": self._store.describe(paths), "log": log_path.name,
             "next_seq": next_seq, "counts": self._counts(), "log_continues": log_continues,
         }
+        if self._milvus_meta() is not None:
+            manifest["milvus"] = self._milvus_meta()
+        return manifest
 
     def _adopt(self, manifest: dict[str, Any]) -> None:
         """Switch to the generation `manifest` names: its log takes the next records."""
@@ -241,6 +284,7 @@ class Engine:
             except (StoreError, ValueError, OSError) as exc:
                 log.warning("%s: the item vectors stay in memory (%s)", self.path, exc)
         self._store.cleanup(manifest)
+        self._drop_stale_collections(manifest)
         if self._state is not None:
             self._state.ranker.invalidate_popular()  # a restart recomputes it: keep lists identical
 
@@ -253,6 +297,7 @@ class Engine:
             self._load(self._store.read_manifest())
         except BaseException:
             self._closed = True  # neither the old nor the new state is in memory: refuse to go on
+            self._release_milvus()
             self._store.release()
             raise
 
@@ -272,8 +317,14 @@ class Engine:
             finally:
                 if self._log:
                     self._log.close()
+                self._release_milvus()
                 self._store.release()
                 self._closed = True
+
+    def _release_milvus(self) -> None:
+        if self._milvus is not None:
+            self._milvus.close()
+            self._milvus = None
 
     def __enter__(self) -> "Engine":
         return self
@@ -339,7 +390,7 @@ class Engine:
 
     def _apply(self, rec: Record) -> None:
         if self._state is None and isinstance(rec, AddRecord):
-            self._state = State(self.config, rec.vectors.shape[1])
+            self._state = self._new_state(rec.vectors.shape[1])
         self._state.apply(rec)
         self._dirty = True
 
@@ -738,7 +789,7 @@ class Engine:
                 "removed_items": counts["items"] - counts["live_items"],
                 "events": 0 if st is None else st.events(),
                 "index": None if index is None else {
-                    "kind": index.kind, "dim": index.dim, "vectors": index.ntotal,
+                    "backend": index.backend, "kind": index.kind, "dim": index.dim, "vectors": index.ntotal,
                     "tombstones": index.ntotal - index.n_live},
                 "model": self._model_meta(), "trained": st is not None and st.ranker.trained,
                 "pending_log_records": (self._log.next_seq if self._log else self._replayed_seq)

@@ -51,6 +51,10 @@ class VectorIndex:
         kind: "flat" (exact), "hnsw", "hnsw-sq8", "ivf" or "ivf-pq".
     """
 
+    backend = "faiss"
+    #: FAISS keeps a replaced row's old vector (HNSW cannot delete): the engine rebuilds instead.
+    in_place_upsert = False
+
     def __init__(self, dim: int, kind: str = "flat", *, hnsw_m: int = 32, ef_construction: int = 100,
                  ef_search: int = 128, nlist: int = 0, nprobe: int = 32, search_threads: int = 1) -> None:
         if kind not in FACTORY:
@@ -121,6 +125,28 @@ class VectorIndex:
         self._set_bits(rows, True)
         self._set_bits(rows, True, self._held)
         self._n_added += len(rows)
+
+    def upsert(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+        """Index `vectors` under `rows`, replacing held rows' vectors; only on the kinds whose FAISS
+        index can delete (flat, ivf, ivf-pq).
+
+        Raises:
+            InvalidInputError: as `add`, or a held row on an HNSW index (rebuild it instead).
+        """
+        vectors = check_vectors(vectors, self.dim)
+        rows = np.asarray(rows, dtype=np.int64)
+        held = self.holds(rows) if rows.ndim == 1 else np.zeros(0, bool)
+        if held.any():
+            if self.kind.startswith("hnsw"):
+                raise InvalidInputError(f"an {self.kind} FAISS index cannot replace a vector (row "
+                                        f"{int(rows[held][0])}); rebuild the index instead")
+            gone = rows[held]
+            self._faiss.remove_ids(faiss.IDSelectorBatch(gone))
+            self._n_added -= len(gone)
+            self._n_removed -= int((~self.contains(gone)).sum())
+            self._set_bits(gone, False)
+            self._set_bits(gone, False, self._held)
+        self.add(rows, vectors)
 
     def remove(self, rows: Sequence[int] | np.ndarray) -> None:
         """Tombstone rows: they are skipped by every later search."""

@@ -23,6 +23,7 @@ live feedback) always take steps 2-6; the online step (1) is training, which `fi
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,15 @@ import numpy as np
 
 from ..config import Config
 from ..errors import CorruptStoreError
+from ..serving.backend import VectorBackend
 from ..serving.index import VectorIndex
 from .items import ItemTable
 from ..models.projection import Projection
 from ..serving.ranking import Ranker
 from ..storage.records import AddRecord, EventRecord, ImportRecord, ProfileRecord, Record, RemoveRecord, id_key
 from .users import UserState, UserTable, rederive
+
+log = logging.getLogger(__name__)
 
 
 class State:
@@ -47,7 +51,13 @@ class State:
         self.proj = Projection(d_text)
         self.users = UserTable(self.proj.d_out)
         self.ranker = Ranker(config)
-        self.index: VectorIndex | None = None
+        self.index: VectorBackend | None = None
+        #: With index_backend "milvus" on a writable store: the store's milvus.MilvusHome, and the
+        #: collection the loaded snapshot names. None otherwise (a read-only open of a Milvus
+        #: store serves from an exact FAISS index of the snapshot's rows: Milvus Lite allows one
+        #: process per file, and the collection may be ahead of the snapshot the reader sees).
+        self.milvus = None
+        self.milvus_collection: str | None = None
         self.event_keys: set[int] = set()  # identities of every event applied (see EventRecord.key)
         self.event_ids: set[int] = set()  # caller-given event ids applied, hashed (records.id_key)
 
@@ -58,14 +68,19 @@ class State:
             return self.config.index
         return "flat" if n < self.config.exact_threshold else "hnsw"
 
-    def new_index(self, kind: str) -> VectorIndex:
+    def new_index(self, kind: str) -> VectorBackend:
         c = self.config
+        if self.milvus is not None:
+            from ..serving.milvus import MilvusIndex
+            return MilvusIndex(self.milvus, self.ranker.index_dim, kind, hnsw_m=c.hnsw_m,
+                               ef_construction=c.hnsw_ef_construction, ef_search=c.hnsw_ef_search,
+                               nlist=c.ivf_nlist, nprobe=c.ivf_nprobe)
         return VectorIndex(self.ranker.index_dim, kind, hnsw_m=c.hnsw_m, ef_construction=c.hnsw_ef_construction,
                            ef_search=c.hnsw_ef_search, nlist=c.ivf_nlist, nprobe=c.ivf_nprobe,
                            search_threads=c.search_threads)
 
     def rebuild_index(self) -> None:
-        """Rebuild FAISS from the live rows (compaction, a kind change, or a new projection)."""
+        """Rebuild the index from the live rows (compaction, a kind change, or a new projection)."""
         rows = self.items.live_rows()
         self.index = self.new_index(self.index_kind(len(rows)))
         self.index.build(rows, self.ranker.index_vectors(rows))
@@ -83,10 +98,39 @@ class State:
             self.index = self.new_index(self.index_kind(len(items)))
             self.index.load(index_path, items.live_rows(), len(items), index_fh)
         self.ranker.refresh_item_vectors(items, self.proj)
+        if self.config.index_backend == "milvus" and len(items.live_rows()):
+            self.attach_index()
         self.ranker.rebuild_coclicks(users)
         self.event_keys = set(event_keys.tolist())
         self.event_ids = set() if event_ids is None else set(event_ids.tolist())
         self.check_models(models, models_path)
+
+    def attach_index(self) -> None:
+        """Milvus: use the collection the snapshot names when it is there, else rebuild it from the
+        item table (`reconcile_index` checks it against the store once the log is replayed)."""
+        index = self.new_index(self.index_kind(len(self.items.live_rows())))
+        if self.milvus is not None and index.attach(self.milvus_collection, len(self.items)):
+            self.index = index
+        else:
+            self.rebuild_index()
+
+    def reconcile_index(self) -> bool:
+        """Milvus, after the log is replayed: the collection must hold exactly the live rows, of
+        the configured kind, with the store's vectors (checked on a sample); rebuild it from the
+        item table when it does not (a crash between a log append and the collection's update,
+        a collection dropped or rebuilt by someone else). Returns whether it was rebuilt."""
+        if self.milvus is None:
+            return False
+        rows = self.items.live_rows()
+        if self.index is None and not len(rows):
+            return False
+        rng = np.random.default_rng(self.config.seed)
+        if self.index is not None and self.index.agrees_with(
+                rows, self.ranker.index_vectors(rows), self.index_kind(len(rows)), len(self.items), rng):
+            return False
+        log.warning("the Milvus collection disagrees with the store; rebuilding it from the item table")
+        self.rebuild_index()
+        return True
 
     def check_models(self, models: dict[str, np.ndarray] | None, path: Path) -> None:
         """What the loaded models would save again must be in the file, shaped alike: a tensor a
@@ -151,11 +195,15 @@ class State:
         rows = np.array([self.items.append(item, rec.vectors[j], rec.t) for j, item in enumerate(rec.items)],
                         dtype=np.int64)
         self.ranker.on_items_added(self.items, self.proj, rows)
-        # An upserted or revived row still has its old vector in FAISS under the same id: rebuild.
+        # An upserted or revived row still has its old vector in FAISS under the same id: rebuild
+        # (Milvus replaces it in place).
         replaced = self.index is not None and bool(self.index.holds(rows).any())
         need_kind = self.index_kind(len(self.items.live_rows()))
-        if self.index is None or replaced or self.index.kind != need_kind or self.index.ntotal == 0:
+        if (self.index is None or (replaced and not self.index.in_place_upsert)
+                or self.index.kind != need_kind or self.index.ntotal == 0):
             self.rebuild_index()
+        elif replaced:
+            self.index.upsert(rows, self.ranker.index_vectors(rows))
         else:
             self.index.add(rows, self.ranker.index_vectors(rows))
 

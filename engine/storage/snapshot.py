@@ -106,7 +106,7 @@ def write_generation(store: StoreDir, gen: int, items: ItemTable, users: UserTab
     if models:
         paths.append(store.file("models", gen, "safetensors"))
         write_tensors(paths[-1], models)
-    if index is not None and index.ntotal:
+    if index is not None and index.ntotal and index.backend == "faiss":  # Milvus keeps its own
         paths.append(store.file("index", gen, "faiss"))
         atomic_write(paths[-1], index.save)
     return paths
