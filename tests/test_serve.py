@@ -197,7 +197,8 @@ def test_every_engine_error_class_has_its_status():
 
     expected = {"DuplicateItemError": 409, "UnknownItemError": 404, "UnknownUserError": 404,
                 "InvalidInputError": 400, "StoreError": 503, "CorruptStoreError": 503,
-                "StoreLockedError": 503, "ReadOnlyStoreError": 403, "ModelLoadError": 500, "EngineError": 500}
+                "StoreLockedError": 503, "ReadOnlyStoreError": 403, "ModelLoadError": 500, "EngineError": 500,
+                "ClusterError": 503, "MissingExtraError": 500}
     classes = {c.__name__: c for c in vars(engine_errors).values()
                if isinstance(c, type) and issubclass(c, engine_errors.EngineError)}
     assert set(classes) == set(expected)  # a new error class gets a status here

@@ -14,8 +14,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from ..errors import (
-    DuplicateItemError, EngineError, InvalidInputError, ReadOnlyStoreError, StoreError, UnknownItemError,
-    UnknownUserError,
+    ClusterError, DuplicateItemError, EngineError, InvalidInputError, MissingExtraError, ReadOnlyStoreError,
+    StoreError, UnknownItemError, UnknownUserError,
 )
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,8 @@ STATUS: tuple[tuple[type[Exception], int], ...] = (
     (InvalidInputError, 400),    # a rule broken by a value; the message names it
     (ReadOnlyStoreError, 403),   # a write sent to a read-only replica: writes go to the writer
     (StoreError, 503),           # the store is closed (shutting down), locked or unreadable
+    (ClusterError, 503),         # a cluster the work was sent to (Ray) failed there: retry later
+    (MissingExtraError, 500),    # the server runs without a package this store needs: fix the install
     (EngineError, 500),
 )
 
