@@ -1,14 +1,16 @@
 """The HTTP service against the in-process library, side by side in one run.
 
-    python benchmarks/serve.py [--items 0,100000] [--clients 1,8,32] [--requests 400] [--out FILE]
+    python benchmarks/serve.py [--items 0,100000] [--clients 1,8,32] [--requests 400] [--replicas 1]
+                               [--out FILE]
 
 For each catalog (0 = the bundled movielens-small catalog with its real MiniLM vectors; N > 0 = a
 clustered synthetic catalog of N items made from them, benchmarks/bench_data.py), a store is built
 with 256 users of 20 clicks each and fsync on. Then, in one run: `Engine.recommend` in this
 process (p50 / p99 one call at a time, and calls per second with 8 threads), the store closed, a
 real `kindling serve` process started on it, and `POST /recommend` and `POST /events` from 1, 8 and
-32 concurrent keep-alive clients (asyncio on raw sockets; requests per second, p50 / p99 per request). Prints one JSON object
-(also written to --out).
+32 concurrent keep-alive clients (asyncio on raw sockets; requests per second, p50 / p99 per
+request); then `POST /recommend` from 8 clients spread over the writer and `--replicas` read
+replicas (`kindling serve --replica`) of its store. Prints one JSON object (also written to --out).
 """
 
 from __future__ import annotations
@@ -82,9 +84,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(path: Path, port: int) -> subprocess.Popen:
+def start_server(path: Path, port: int, replica: bool = False) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", str(path), "--port", str(port)],
+    args = [sys.executable, "-m", "engine.cli", "serve", str(path), "--port", str(port)]
+    proc = subprocess.Popen(args + (["--replica"] if replica else []),
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     import httpx
 
@@ -99,8 +102,9 @@ def start_server(path: Path, port: int) -> subprocess.Popen:
     raise RuntimeError(f"kindling serve did not come up: {proc.stderr.read().decode()[-2000:]}")
 
 
-def load(url: str, bodies: list[dict], clients: int) -> dict:
-    """`bodies` POSTed to `url` by `clients` concurrent keep-alive connections.
+def load(url: str | list[str], bodies: list[dict], clients: int) -> dict:
+    """`bodies` POSTed to `url` by `clients` concurrent keep-alive connections (client i to
+    url[i % len(url)] when several servers are given).
 
     The load generator is asyncio on raw sockets in this one thread, with every request encoded
     before the clock starts: it costs tens of microseconds a request, where an httpx client in a
@@ -109,11 +113,12 @@ def load(url: str, bodies: list[dict], clients: int) -> dict:
     import asyncio
     from urllib.parse import urlsplit
 
-    parts = urlsplit(url)
-    host, port, path = parts.hostname, parts.port, parts.path
+    urls = [url] if isinstance(url, str) else url
     chunks = [bodies[i::clients] for i in range(clients)]
 
-    def request(body: dict) -> bytes:
+    def request(body: dict, target: str) -> bytes:
+        parts = urlsplit(target)
+        host, port, path = parts.hostname, parts.port, parts.path
         data = json.dumps(body).encode()
         return (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(data)}\r\n\r\n").encode() + data
@@ -126,10 +131,10 @@ def load(url: str, bodies: list[dict], clients: int) -> dict:
                       if line.lower().startswith(b"content-length:"))
         body = await reader.readexactly(length)
         if status != 200:
-            raise RuntimeError(f"{path}: {status} {body[:200]!r}")
+            raise RuntimeError(f"{req.split(b' ', 2)[1].decode()}: {status} {body[:200]!r}")
 
-    async def client(reqs: list[bytes], lat: list[float]) -> None:
-        reader, writer = await asyncio.open_connection(host, port)
+    async def client(target: str, reqs: list[bytes], lat: list[float]) -> None:
+        reader, writer = await asyncio.open_connection(urlsplit(target).hostname, urlsplit(target).port)
         try:
             await one(reader, writer, reqs[0])  # warm the connection
             for req in reqs[1:]:
@@ -141,16 +146,18 @@ def load(url: str, bodies: list[dict], clients: int) -> dict:
 
     async def run() -> tuple[list[float], float]:
         lat: list[float] = []
-        reqs = [[request(b) for b in ch] for ch in chunks if ch]
+        work = [(urls[i % len(urls)], ch) for i, ch in enumerate(chunks) if ch]
+        reqs = [(target, [request(b, target) for b in ch]) for target, ch in work]
         t = time.perf_counter()
-        await asyncio.gather(*(client(r, lat) for r in reqs))
+        await asyncio.gather(*(client(target, r, lat) for target, r in reqs))
         return lat, time.perf_counter() - t
 
     lat, wall = asyncio.run(run())
     return {**summary(lat), "rps": round(len(lat) / wall, 1)}
 
 
-def over_http(path: Path, users: list[str], item_ids: list[str], clients: list[int], requests: int) -> dict:
+def over_http(path: Path, users: list[str], item_ids: list[str], clients: list[int], requests: int,
+              replicas: int) -> dict:
     port = free_port()
     proc = start_server(path, port)
     base = f"http://127.0.0.1:{port}"
@@ -163,6 +170,17 @@ def over_http(path: Path, users: list[str], item_ids: list[str], clients: list[i
                   for i in range(requests)]
             out[f"{c} clients"] = {"recommend": load(f"{base}/recommend", rec, c),
                                    "events": load(f"{base}/events", ev, c)}
+        if replicas:  # /recommend spread over the writer and `replicas` read replicas of its store
+            ports = [free_port() for _ in range(replicas)]
+            followers = [start_server(path, p, replica=True) for p in ports]
+            try:
+                urls = [f"{base}/recommend"] + [f"http://127.0.0.1:{p}/recommend" for p in ports]
+                rec = [{"user_id": users[i % len(users)], "k": 10} for i in range(2 * requests)]
+                out[f"8 clients, writer + {replicas} replica(s)"] = {"recommend": load(urls, rec, 8)}
+            finally:
+                for f in followers:
+                    f.terminate()
+                    f.wait(timeout=60)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -174,6 +192,9 @@ def main() -> None:
     parser.add_argument("--items", default="0,100000", help="catalog sizes; 0 = the bundled catalog")
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--requests", type=int, default=400, help="requests per client count and route")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="also /recommend from 8 clients spread over the writer and this many "
+                             "`kindling serve --replica` processes (0: skip)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
@@ -187,7 +208,8 @@ def main() -> None:
             eng.close(save=False)
             name = "bundled" if n == 0 else f"{n} items"
             result["runs"][name] = {"in_process": in_process(path, users, args.requests),
-                                    "http": over_http(path, users, item_ids, clients, args.requests)}
+                                    "http": over_http(path, users, item_ids, clients, args.requests,
+                                                      args.replicas)}
             print(json.dumps({name: result["runs"][name]}), flush=True)
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(result, indent=2)
