@@ -393,7 +393,6 @@ class Ranker:
         return f
 
     def score(self, user: UserState, rows: np.ndarray) -> np.ndarray:
-        items = self._items
         if user.count + user.prior == 0:
             # nothing is known of this user: the exact popularity prior (the learned bias breaks
             # ties), which the bucket-0 weights only approximated (0.86x popularity on movielens)
@@ -401,9 +400,16 @@ class Ranker:
         if self.trained or self.reranker.trained:
             return self.reranker.score(self.features(user, rows))
         sim = self.item_vectors(rows) @ user.vector
-        top = max(float(self.popularity().max()) if len(items) else 0.0, 1.0)
+        top = max(self._top_popularity(), 1.0)
         pop = np.log1p(self.popularity(rows)) / np.log1p(top)
         return (sim + pop / (1.0 + user.count + user.prior)).astype(np.float32)
+
+    def _top_popularity(self) -> float:
+        """The largest popularity among the live rows: from the cached popular list when there
+        is one (O(list); it holds the top rows exactly), else one pass over the live rows."""
+        cache = self._pop_cache
+        rows = cache if cache is not None and len(cache) else self._items.live_rows()
+        return float(self.popularity(rows).max()) if len(rows) else 0.0
 
     def explore_bonus(self, user: UserState, rows: np.ndarray, scores: np.ndarray, user_key: str) -> np.ndarray:
         """Thompson sampling on each item's Beta CTR posterior, as a bounded bonus.
