@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,6 +36,28 @@ HOLDOUT_SHARE = 0.2
 MIN_HOLDOUT_USERS = 20
 #: Random catalog items added to each example's candidates (see _example).
 RANDOM_NEGATIVES = 64
+#: Threads torch and numpy's BLAS compute on during `fit`. One: the steps are a few hundred
+#: matrix products of ~10^8 multiply-adds and many small ops, where a second thread on a busy
+#: host mostly waits (a whole fit of the bundled ratings: 220 CPU s on two threads against ~100
+#: on one, benchmarks/fit.py), and a fixed count makes a seed give the same weights on any
+#: machine (a reduction split over threads rounds differently with the count).
+FIT_THREADS = 1
+
+
+@contextlib.contextmanager
+def fit_threads(n: int = FIT_THREADS) -> Iterator[None]:
+    """Run the block with torch and numpy's BLAS on `n` threads; the previous counts come back
+    after (they are process-wide: serving scores in numpy and does not notice)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def fit_state(state: "State", events: Sequence[EventRecord], progress: bool) -> dict[str, Any]:
@@ -44,8 +67,13 @@ def fit_state(state: "State", events: Sequence[EventRecord], progress: bool) -> 
     them is held out of the tower for the reranker (`holdout_users`). The stored users are not
     changed except that, when the tower is retrained, every stored vector is re-derived in the
     new space. The reranker starts afresh each time, so fitting the same events twice leaves the
-    same state as fitting once.
+    same state as fitting once. Torch and BLAS compute on FIT_THREADS threads meanwhile.
     """
+    with fit_threads():
+        return _fit_state(state, events, progress)
+
+
+def _fit_state(state: "State", events: Sequence[EventRecord], progress: bool) -> dict[str, Any]:
     train = training_users(state, events)
     holdout = holdout_users(train, state.config)
     summary = {"events": sum(state.items.live_row(ev.item_id) is not None for ev in events),

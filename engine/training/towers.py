@@ -99,20 +99,30 @@ def pca_init(text: np.ndarray, d_out: int, seed: int) -> torch.Tensor:
 
 def _examples(histories: list[np.ndarray], rng: np.random.Generator, max_hist: int
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One example per click: (target, padded history rows, history lengths)."""
-    targets, hists, lens = [], [], []
+    """One example per click: (target, padded history rows, history lengths).
+
+    For click j of a history h: m uniform in [0, min(len(h) - 1, max_hist)], then m of the other
+    clicks drawn without replacement (padded with -1). The draws are the ones
+    `rng.choice(np.delete(h, j), m, replace=False)` makes (choice draws positions from the
+    population's size alone), written straight into the output arrays.
+    """
+    n_all = sum(len(h) for h in histories)
+    targets = np.concatenate(histories).astype(np.int64) if histories else np.zeros(0, np.int64)
+    hists = np.full((n_all, max_hist), -1, np.int64)
+    lens = np.zeros(n_all, np.int64)
+    k = 0
     for h in histories:
         n = len(h)
+        top = min(n - 1, max_hist) + 1
         for j in range(n):
-            others = np.delete(h, j)
-            m = int(rng.integers(0, min(len(others), max_hist) + 1))
-            pick = rng.choice(others, size=m, replace=False) if m else others[:0]
-            targets.append(h[j])
-            hists.append(np.pad(pick, (0, max_hist - m), constant_values=-1))
-            lens.append(m)
-    order = rng.permutation(len(targets))
-    return (np.asarray(targets, np.int64)[order], np.asarray(hists, np.int64).reshape(-1, max_hist)[order],
-            np.asarray(lens, np.int64)[order])
+            m = int(rng.integers(0, top))
+            if m:
+                pos = rng.choice(n - 1, size=m, replace=False)
+                hists[k, :m] = h[pos + (pos >= j)]  # position in h without j -> position in h
+                lens[k] = m
+            k += 1
+    order = rng.permutation(n_all)
+    return targets[order], hists[order], lens[order]
 
 
 def train_towers(text: np.ndarray, histories: list[np.ndarray], live: np.ndarray, d_out: int,
