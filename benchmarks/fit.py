@@ -179,13 +179,16 @@ def run_once(enc: TextLookup, profile: bool, dump: Path | None) -> dict:
 def compare(a: Path, b: Path) -> dict:
     """Max absolute differences of the weights and scores of two dumps, and top-10 agreement."""
     x, y = np.load(a / "fit.npz"), np.load(b / "fit.npz")
+    keys = [k for k in x.files if k != "top10"]
     diffs = {k: float(np.max(np.abs(x[k].astype(np.float64) - y[k].astype(np.float64)))) if x[k].size else 0.0
-             for k in x.files if k != "top10"}
+             for k in keys if x[k].shape == y[k].shape}
     sa, sb = np.load(a / "scores.npy"), np.load(b / "scores.npy")
+    same = (x["top10"] == y["top10"]).all(axis=1)
     return {"max_weight_diff": max(diffs.values()), "weight_diffs": {k: v for k, v in diffs.items() if v},
-            "same_keys": sorted(x.files) == sorted(y.files),
-            "top10_identical_users": int((x["top10"] == y["top10"]).all(axis=1).sum()),
-            "users": len(x["top10"]), "max_score_diff": float(np.nanmax(np.abs(sa - sb)))}
+            "shapes_differ": [k for k in keys if x[k].shape != y[k].shape],
+            "top10_identical_users": int(same.sum()), "users": len(x["top10"]),
+            "top10_overlap": float(np.mean([len(set(p) & set(q)) / 10 for p, q in zip(x["top10"], y["top10"])])),
+            "max_score_diff": float(np.nanmax(np.abs(sa - sb)))}
 
 
 def main() -> None:
