@@ -46,6 +46,10 @@ class Config:
             latest click's time is "now"): the popular list, the popularity prior of a user with
             no history, and the popularity term of the untrained blend use the decayed counts.
         fsync: fsync the event log on every record (survives power loss, not only a crash).
+        fit_threads: threads torch and numpy's BLAS compute on during `fit` (given back after);
+            0 leaves them as they are (torch: every core). 1 (default): on a busy host a second
+            thread mostly waits (benchmarks/fit.py: 2.6x the CPU time on two threads), and a
+            fixed count gives a seed the same weights on any machine.
         encoder_backend: "torch" (default), or the opt-in "onnx" / "onnx-int8": ONNX Runtime on a
             graph exported locally from the same model (the `onnx` extra); "onnx-int8" embeds
             several times faster on a CPU at cosine ~0.99 to torch (see benchmarks/README.md).
@@ -84,6 +88,7 @@ class Config:
     online_lr: float = 0.0
     replay_size: int = 2048
     replay_batch: int = 16
+    fit_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.index not in INDEX_KINDS:
@@ -96,7 +101,7 @@ class Config:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
         for name in ("search_threads", "popular_candidates", "coclick_candidates", "exact_threshold", "ivf_nlist", "proj_epochs",
-                     "rerank_epochs", "replay_size"):
+                     "rerank_epochs", "replay_size", "fit_threads"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
         for name in ("user_min_step", "skip_step", "dislike_step", "compact_ratio"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine import Config, Engine
-from engine.training.fit import FIT_THREADS, fit_threads
+from engine.training.fit import fit_threads
 from engine.training.towers import _examples
 
 from conftest import FakeEncoder
@@ -49,9 +49,14 @@ def test_tower_examples_match_the_reference_draw_for_draw(seed: int, max_hist: i
 
 def test_fit_threads_are_set_inside_and_given_back() -> None:
     before = torch.get_num_threads()
-    with fit_threads():
-        assert torch.get_num_threads() == FIT_THREADS
+    assert Config().fit_threads == 1
+    with fit_threads(1):
+        assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+    with fit_threads(0):  # 0: as they are
+        assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="fit_threads must be >= 0"):
+        Config(fit_threads=-1)
 
 
 def _fitted(path: Path) -> tuple[dict[str, np.ndarray], dict[str, list[str]], int]:

@@ -36,18 +36,21 @@ HOLDOUT_SHARE = 0.2
 MIN_HOLDOUT_USERS = 20
 #: Random catalog items added to each example's candidates (see _example).
 RANDOM_NEGATIVES = 64
-#: Threads torch and numpy's BLAS compute on during `fit`. One: the steps are a few hundred
-#: matrix products of ~10^8 multiply-adds and many small ops, where a second thread on a busy
-#: host mostly waits (a whole fit of the bundled ratings: 220 CPU s on two threads against ~100
-#: on one, benchmarks/fit.py), and a fixed count makes a seed give the same weights on any
-#: machine (a reduction split over threads rounds differently with the count).
-FIT_THREADS = 1
-
-
 @contextlib.contextmanager
-def fit_threads(n: int = FIT_THREADS) -> Iterator[None]:
-    """Run the block with torch and numpy's BLAS on `n` threads; the previous counts come back
-    after (they are process-wide: serving scores in numpy and does not notice)."""
+def fit_threads(n: int) -> Iterator[None]:
+    """Run the block with torch and numpy's BLAS on `n` threads (`Config.fit_threads`; 0: as
+    they are); the previous counts come back after. They are process-wide, but serving scores
+    in numpy under its own limits and `fit` holds the write lock.
+
+    One thread is the default: a fit's steps are a few hundred matrix products of ~10^8
+    multiply-adds and many small ops, where a second thread on a busy host mostly waits (a fit
+    of the bundled ratings took 204 CPU s on two threads and 80 on one, benchmarks/fit.py), and
+    a reduction split over threads rounds differently with the count and, between runs, the
+    schedule: two 2-thread fits of the same seed differed by 0.05 in the reranker's weights.
+    """
+    if n <= 0:
+        yield
+        return
     import torch
     from threadpoolctl import threadpool_limits
 
@@ -67,9 +70,9 @@ def fit_state(state: "State", events: Sequence[EventRecord], progress: bool) -> 
     them is held out of the tower for the reranker (`holdout_users`). The stored users are not
     changed except that, when the tower is retrained, every stored vector is re-derived in the
     new space. The reranker starts afresh each time, so fitting the same events twice leaves the
-    same state as fitting once. Torch and BLAS compute on FIT_THREADS threads meanwhile.
+    same state as fitting once. Torch and BLAS compute on `Config.fit_threads` threads.
     """
-    with fit_threads():
+    with fit_threads(state.config.fit_threads):
         return _fit_state(state, events, progress)
 
 
