@@ -1,6 +1,7 @@
 """`Engine.fit` on the bundled ratings, as `kindling demo` runs it, with a stage breakdown.
 
-    python benchmarks/fit.py [--runs 1] [--dump DIR] [--profile] [--out FILE]
+    python benchmarks/fit.py [--runs 1] [--dump DIR] [--profile] [--fit-threads N] [--out FILE]
+    python benchmarks/fit.py --compare DIR_A DIR_B
 
 The store is built once (bundled movielens-small items with the real MiniLM vectors from
 benchmarks/.cache/, then `import_events` of the ratings >= 4, as engine/demo.py does) and kept in
@@ -131,7 +132,7 @@ def top10(eng: Engine, n_users: int = 300) -> np.ndarray:
     return np.array(rows)
 
 
-def run_once(enc: TextLookup, profile: bool, dump: Path | None) -> dict:
+def run_once(enc: TextLookup, profile: bool, dump: Path | None, fit_threads: int | None = None) -> dict:
     import faiss
     import torch
 
@@ -142,6 +143,9 @@ def run_once(enc: TextLookup, profile: bool, dump: Path | None) -> dict:
     try:
         events = read_events(CATALOG, min_value=4.0)
         eng = Engine.open(store, encoder=enc)
+        if fit_threads is not None:  # Config.fit_threads for this run only (not saved in the base)
+            st = eng._state  # noqa: SLF001
+            st.config = st.config.replace(fit_threads=fit_threads)
         stages = Stages()
         install(stages)
         prof = cProfile.Profile() if profile else None
@@ -198,12 +202,13 @@ def main() -> None:
     ap.add_argument("--dump", type=Path)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--compare", nargs=2, type=Path)
+    ap.add_argument("--fit-threads", type=int, help="Config.fit_threads for the fit (default: the store's)")
     args = ap.parse_args()
     if args.compare:
         print(json.dumps(compare(*args.compare), indent=1))
         return
     enc = TextLookup()
-    results = [run_once(enc, args.profile, args.dump) for _ in range(args.runs)]
+    results = [run_once(enc, args.profile, args.dump, args.fit_threads) for _ in range(args.runs)]
     text = json.dumps({"cores": os.cpu_count(), "runs": results}, indent=1, default=str)
     print(text)
     if args.out:
