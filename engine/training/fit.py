@@ -36,17 +36,20 @@ HOLDOUT_SHARE = 0.2
 MIN_HOLDOUT_USERS = 20
 #: Random catalog items added to each example's candidates (see _example).
 RANDOM_NEGATIVES = 64
+
+
 @contextlib.contextmanager
 def fit_threads(n: int) -> Iterator[None]:
     """Run the block with torch and numpy's BLAS on `n` threads (`Config.fit_threads`; 0: as
-    they are); the previous counts come back after. They are process-wide, but serving scores
-    in numpy under its own limits and `fit` holds the write lock.
+    they are); the previous counts come back after. The counts are process-wide: requests
+    served meanwhile (they score in numpy, small products) compute on the same counts.
 
     One thread is the default: a fit's steps are a few hundred matrix products of ~10^8
-    multiply-adds and many small ops, where a second thread on a busy host mostly waits (a fit
-    of the bundled ratings took 204 CPU s on two threads and 80 on one, benchmarks/fit.py), and
-    a reduction split over threads rounds differently with the count and, between runs, the
-    schedule: two 2-thread fits of the same seed differed by 0.05 in the reranker's weights.
+    multiply-adds and many small ops, where a second thread mostly waits, the more so on a busy
+    host (a fit of the bundled ratings: 54-58 CPU s on one thread, 99-204 on two; 55-60 s wall
+    against 67-160 at load 2-4, benchmarks/fit.py). And one thread is reproducible: two 2-thread
+    fits of the same seed differed by up to 0.05 in the reranker's weights, two 1-thread fits
+    not in a bit.
     """
     if n <= 0:
         yield
