@@ -49,7 +49,8 @@ class Config:
         fit_threads: threads torch and numpy's BLAS compute on during `fit` (given back after);
             0 leaves them as they are (torch: every core). 1 (default): a second thread mostly
             waits on these small steps (benchmarks/fit.py: 55 s against 67-160 s on two threads
-            for the bundled ratings), and a seed then gives the same weights bit for bit.
+            for the bundled ratings), and a seed then gives the same weights bit for bit on one
+            machine (two-thread reductions round differently from run to run).
         encoder_backend: "torch" (default), or the opt-in "onnx" / "onnx-int8": ONNX Runtime on a
             graph exported locally from the same model (the `onnx` extra); "onnx-int8" embeds
             several times faster on a CPU at cosine ~0.99 to torch (see benchmarks/README.md).
