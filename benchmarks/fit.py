@@ -94,7 +94,6 @@ class Stages:
 
 def install(stages: Stages) -> None:
     from engine.state.apply import State
-    from engine.storage import snapshot  # noqa: F401
     from engine.training import fit as fitmod
     from engine.training import towers, reranker
     from engine.models.rerank import Reranker
