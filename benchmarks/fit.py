@@ -66,14 +66,19 @@ def base_store(enc: TextLookup) -> Path:
 
 
 class Stages:
-    """Wall and CPU seconds per named stage (nested stages count in their parents too)."""
+    """Wall and CPU seconds per named stage (nested stages count in their parents too).
+
+    The wrappers are installed once per process and add to `Stages.current`."""
+
+    current: "Stages | None" = None
 
     def __init__(self) -> None:
         self.wall: dict[str, float] = defaultdict(float)
         self.cpu: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
 
-    def wrap(self, owner, attr: str, name: str) -> None:
+    @staticmethod
+    def wrap(owner, attr: str, name: str) -> None:
         fn = getattr(owner, attr)
 
         def timed(*a, **kw):
@@ -81,9 +86,11 @@ class Stages:
             try:
                 return fn(*a, **kw)
             finally:
-                self.wall[name] += time.perf_counter() - w
-                self.cpu[name] += time.process_time() - c
-                self.calls[name] += 1
+                st = Stages.current
+                if st is not None:
+                    st.wall[name] += time.perf_counter() - w
+                    st.cpu[name] += time.process_time() - c
+                    st.calls[name] += 1
 
         setattr(owner, attr, timed)
 
@@ -92,7 +99,14 @@ class Stages:
                 for k in self.wall}
 
 
+_INSTALLED = []
+
+
 def install(stages: Stages) -> None:
+    Stages.current = stages
+    if _INSTALLED:
+        return
+    _INSTALLED.append(True)
     from engine.state.apply import State
     from engine.training import fit as fitmod
     from engine.training import towers, reranker
