@@ -54,6 +54,11 @@ class Config:
             latest click's time is "now"): the popular list, the popularity prior of a user with
             no history, and the popularity term of the untrained blend use the decayed counts.
         fsync: fsync the event log on every record (survives power loss, not only a crash).
+        fit_threads: threads torch and numpy's BLAS compute on during `fit` (given back after);
+            0 leaves them as they are (torch: every core). 1 (default): a second thread mostly
+            waits on these small steps (benchmarks/fit.py: 55 s against 67-160 s on two threads
+            for the bundled ratings), and a seed then gives the same weights bit for bit on one
+            machine (two-thread reductions round differently from run to run).
         encoder_backend: "torch" (default), or the opt-in "onnx" / "onnx-int8": ONNX Runtime on a
             graph exported locally from the same model (the `onnx` extra); "onnx-int8" embeds
             several times faster on a CPU at cosine ~0.99 to torch (see benchmarks/README.md).
@@ -94,6 +99,7 @@ class Config:
     online_lr: float = 0.0
     replay_size: int = 2048
     replay_batch: int = 16
+    fit_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.index not in INDEX_KINDS:
@@ -107,7 +113,7 @@ class Config:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
         for name in ("search_threads", "popular_candidates", "coclick_candidates", "exact_threshold", "ivf_nlist", "proj_epochs",
-                     "rerank_epochs", "replay_size"):
+                     "rerank_epochs", "replay_size", "fit_threads"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
         for name in ("user_min_step", "skip_step", "dislike_step", "compact_ratio"):

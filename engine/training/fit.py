@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,6 +38,34 @@ MIN_HOLDOUT_USERS = 20
 RANDOM_NEGATIVES = 64
 
 
+@contextlib.contextmanager
+def fit_threads(n: int) -> Iterator[None]:
+    """Run the block with torch and numpy's BLAS on `n` threads (`Config.fit_threads`; 0: as
+    they are); the previous counts come back after. The counts are process-wide: requests
+    served meanwhile (they score in numpy, small products) compute on the same counts.
+
+    One thread is the default: a fit's steps are a few hundred matrix products of ~10^8
+    multiply-adds and many small ops, where a second thread mostly waits, the more so on a busy
+    host (a fit of the bundled ratings: 54-58 CPU s on one thread, 99-204 on two; 55-60 s wall
+    against 67-160 at load 2-4, benchmarks/fit.py). And one thread is reproducible: two 2-thread
+    fits of the same seed differed by up to 0.05 in the reranker's weights, two 1-thread fits
+    not in a bit.
+    """
+    if n <= 0:
+        yield
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def fit_state(state: "State", events: Sequence[EventRecord], progress: bool) -> dict[str, Any]:
     """`Engine.fit`: train the item tower, then the reranker, on the histories in `events`.
 
@@ -44,8 +73,13 @@ def fit_state(state: "State", events: Sequence[EventRecord], progress: bool) -> 
     them is held out of the tower for the reranker (`holdout_users`). The stored users are not
     changed except that, when the tower is retrained, every stored vector is re-derived in the
     new space. The reranker starts afresh each time, so fitting the same events twice leaves the
-    same state as fitting once.
+    same state as fitting once. Torch and BLAS compute on `Config.fit_threads` threads.
     """
+    with fit_threads(state.config.fit_threads):
+        return _fit_state(state, events, progress)
+
+
+def _fit_state(state: "State", events: Sequence[EventRecord], progress: bool) -> dict[str, Any]:
     train = training_users(state, events)
     holdout = holdout_users(train, state.config)
     summary = {"events": sum(state.items.live_row(ev.item_id) is not None for ev in events),

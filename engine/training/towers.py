@@ -73,11 +73,15 @@ class ItemTower(nn.Module):
 
     def forward(self, rows: torch.Tensor, keep: torch.Tensor | None, dropout: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unit vectors (len(rows), d_out) and biases (len(rows),); `keep` masks the residuals."""
-        e = self.text[rows]
+        """Unit vectors (len(rows), d_out) and biases (len(rows),); `keep` masks the residuals.
+
+        `rows` sorted and unique (`torch.unique`): when they are every row, the tables are used
+        as they are (a gather by the identity copies 10^6-10^7 floats a step for nothing)."""
+        every = len(rows) == len(self.text)
+        e = self.text if every else self.text[rows]
         if dropout > 0.0:
             e = nn.functional.dropout(e, dropout)
-        r, c = self.residual[rows], self.item_bias[rows]
+        r, c = (self.residual, self.item_bias) if every else (self.residual[rows], self.item_bias[rows])
         if keep is not None:
             r, c = r * keep[:, None], c * keep
         v = nn.functional.normalize(e @ self.weight + r, dim=1)
@@ -99,20 +103,30 @@ def pca_init(text: np.ndarray, d_out: int, seed: int) -> torch.Tensor:
 
 def _examples(histories: list[np.ndarray], rng: np.random.Generator, max_hist: int
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One example per click: (target, padded history rows, history lengths)."""
-    targets, hists, lens = [], [], []
+    """One example per click: (target, padded history rows, history lengths).
+
+    For click j of a history h: m uniform in [0, min(len(h) - 1, max_hist)], then m of the other
+    clicks drawn without replacement (padded with -1). The draws are the ones
+    `rng.choice(np.delete(h, j), m, replace=False)` makes (choice draws positions from the
+    population's size alone), written straight into the output arrays.
+    """
+    n_all = sum(len(h) for h in histories)
+    targets = np.concatenate(histories).astype(np.int64) if histories else np.zeros(0, np.int64)
+    hists = np.full((n_all, max_hist), -1, np.int64)
+    lens = np.zeros(n_all, np.int64)
+    k = 0
     for h in histories:
         n = len(h)
+        top = min(n - 1, max_hist) + 1
         for j in range(n):
-            others = np.delete(h, j)
-            m = int(rng.integers(0, min(len(others), max_hist) + 1))
-            pick = rng.choice(others, size=m, replace=False) if m else others[:0]
-            targets.append(h[j])
-            hists.append(np.pad(pick, (0, max_hist - m), constant_values=-1))
-            lens.append(m)
-    order = rng.permutation(len(targets))
-    return (np.asarray(targets, np.int64)[order], np.asarray(hists, np.int64).reshape(-1, max_hist)[order],
-            np.asarray(lens, np.int64)[order])
+            m = int(rng.integers(0, top))
+            if m:
+                pos = rng.choice(n - 1, size=m, replace=False)
+                hists[k, :m] = h[pos + (pos >= j)]  # position in h without j -> position in h
+                lens[k] = m
+            k += 1
+    order = rng.permutation(n_all)
+    return targets[order], hists[order], lens[order]
 
 
 def train_towers(text: np.ndarray, histories: list[np.ndarray], live: np.ndarray, d_out: int,
@@ -182,8 +196,11 @@ def _step(model: ItemTower, opt, target, hist, lens, live, warm, keep_p: float, 
     rows = torch.unique(torch.cat([pool, flat]))
     keep = (torch.rand(len(rows)) < keep_p).float() * warm[rows]
     v_rows, b_rows = model(rows, keep, input_dropout)
-    at_pool = _positions(rows, pool)
-    v_pool, b_pool = v_rows[at_pool], b_rows[at_pool]
+    if len(pool) == len(rows):  # both sorted and unique, pool within rows: the same rows
+        v_pool, b_pool = v_rows, b_rows
+    else:
+        at_pool = _positions(rows, pool)
+        v_pool, b_pool = v_rows[at_pool], b_rows[at_pool]
     hv = v_rows[_positions(rows, flat)].reshape(*hist.shape, -1) * mask[..., None]
     u = nn.functional.normalize(hv.sum(1), dim=1)  # zero history -> zero vector
     tau = model.log_tau.exp()[tau_bucket(lens)]
@@ -192,10 +209,12 @@ def _step(model: ItemTower, opt, target, hist, lens, live, warm, keep_p: float, 
     # the user's history is excluded at serving time, so it is left out of the softmax too
     hpos = _positions(pool, flat).reshape(hist.shape)
     mask = mask & (pool[hpos] == hist)
-    excl = torch.zeros(logits.shape, dtype=torch.bool)
-    excl.scatter_(1, torch.where(mask, hpos, pos[:, None].expand_as(hpos)), True)
-    excl[torch.arange(len(pos)), pos] = False
-    logits = logits.masked_fill(excl, -1e9)
+    # written at the (example, pool position) pairs themselves: a dense mask of the logits'
+    # shape would be filled, scattered and scanned, forward and backward
+    ex = torch.arange(len(pos))[:, None].expand_as(hpos)[mask]
+    col = hpos[mask]
+    not_target = col != pos[ex]
+    logits = logits.index_put((ex[not_target], col[not_target]), torch.tensor(-1e9, dtype=logits.dtype))
     loss = nn.functional.cross_entropy(logits, pos)
     reg = RESIDUAL_L2 * (model.residual.pow(2).sum(1).mean() + model.item_bias.pow(2).mean())
     opt.zero_grad()
