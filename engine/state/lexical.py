@@ -81,10 +81,12 @@ class Lexicon:
     def rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """TF-IDF rows, L2-normalised, as CSR parts (indptr, term ids, float32 weights)."""
         empty_t, empty_v = np.zeros(0, np.int64), np.zeros(0, np.float32)
-        terms = [self._terms[r] if r < len(self._terms) else empty_t for r in rows]
-        tfs = [self._tf[r] if r < len(self._tf) else empty_v for r in rows]
-        indptr = np.zeros(len(rows) + 1, np.int64)
-        indptr[1:] = np.cumsum([len(t) for t in terms])
+        n, all_terms, all_tf = len(self._terms), self._terms, self._tf
+        picked = np.asarray(rows, np.int64).tolist()  # Python ints index lists several times faster
+        terms = [all_terms[r] if r < n else empty_t for r in picked]
+        tfs = [all_tf[r] if r < n else empty_v for r in picked]
+        indptr = np.zeros(len(picked) + 1, np.int64)
+        indptr[1:] = np.cumsum(np.fromiter(map(len, terms), np.int64, len(terms)))
         idx = np.concatenate(terms) if terms else empty_t
         val = (np.concatenate(tfs) if tfs else empty_v) * self._idf(idx)
         norms = np.sqrt(_segment_sums(val * val, indptr))
