@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import json
 import os
 import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -130,3 +132,12 @@ def machine() -> dict[str, Any]:
             "simd": [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8") if f in flags],
             "faiss_omp_threads": faiss.omp_get_max_threads(), "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(), "libraries": libs}
+
+
+def finish(result: dict[str, Any], out: Path | None) -> None:
+    """Stamp the load average at the end, print the result as JSON and write it to `out` if given."""
+    result["load_after"] = load()
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")

@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_data import catalog_items  # noqa: E402
-from bench_timing import summary  # noqa: E402
+from bench_timing import finish, summary  # noqa: E402
 from serve import build  # noqa: E402
 
 from engine import Config, Engine, UnknownUserError  # noqa: E402
@@ -161,11 +161,7 @@ def main() -> None:
                 print(json.dumps({name: run}), flush=True)
         finally:
             r.shutdown(nosave=True)
-    result["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    finish(result, args.out)
 
 
 if __name__ == "__main__":

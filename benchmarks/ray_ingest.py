@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_data import catalog_items  # noqa: E402
-from bench_timing import load, machine  # noqa: E402
+from bench_timing import finish, load, machine  # noqa: E402
 
 from engine import Engine  # noqa: E402
 from engine.text.catalog import item_text  # noqa: E402
@@ -126,11 +126,7 @@ def main() -> None:
                         "rows_below_0.9999": int((cos < 0.9999).sum())}
     result["similar_top10_overlap"] = neighbours_agree(items, ref, vecs)
     result["ray_vs_local_speed"] = round(result["ray"]["items_per_s"] / result["local"]["items_per_s"], 2)
-    result["load_after"] = load()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    finish(result, args.out)
 
 
 if __name__ == "__main__":

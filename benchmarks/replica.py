@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_timing import summary  # noqa: E402
+from bench_timing import finish, summary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 USERS, CLICKS = 256, 20
@@ -154,11 +154,7 @@ def main() -> None:
         for r in [int(x) for x in args.replicas.split(",")]:
             result["runs"].append(run_once(store, item_ids, r, args))
             print(json.dumps(result["runs"][-1]), flush=True)
-    result["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    finish(result, args.out)
 
 
 if __name__ == "__main__":

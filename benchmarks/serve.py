@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_data import LookupEncoder, catalog_items, catalog_vectors, synthetic, user_clicks  # noqa: E402
 from bench_data import synthetic_items  # noqa: E402
-from bench_timing import summary, throughput  # noqa: E402
+from bench_timing import finish, summary, throughput  # noqa: E402
 
 from engine import Config, Engine, Event  # noqa: E402
 
@@ -211,11 +211,7 @@ def main() -> None:
                                     "http": over_http(path, users, item_ids, clients, args.requests,
                                                       args.replicas)}
             print(json.dumps({name: result["runs"][name]}), flush=True)
-    result["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    finish(result, args.out)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_data import LookupEncoder, catalog_vectors, synthetic, synthetic_items, user_clicks  # noqa: E402
-from bench_timing import summary, throughput  # noqa: E402
+from bench_timing import finish, summary, throughput  # noqa: E402
 
 from engine import Config, Engine, Event  # noqa: E402
 from engine.serving import queries as queries_mod  # noqa: E402
@@ -203,11 +203,7 @@ def main() -> None:
             out[name] = res
             print(json.dumps({name: res}), flush=True)
         eng.close(save=False)
-    out["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    finish(out, args.out)
 
 
 if __name__ == "__main__":
