@@ -76,3 +76,22 @@ def test_folding_the_overlay_keeps_every_count(monkeypatch) -> None:
     rows = np.arange(15)
     for j in range(15):
         np.testing.assert_array_equal(folded.scores([j], rows), ref[j])
+
+
+def test_several_weightings_in_one_pass_equal_each_alone() -> None:
+    """scores(sources, rows, weights of shape (m, len(sources))): row m is, bit for bit, what
+    weighting m gives alone (the matrix part and the online overlay both counted)."""
+    rng = np.random.default_rng(1)
+    histories = [list(rng.integers(0, 40, size=int(rng.integers(2, 20)))) for _ in range(30)]
+    cc = CoClicks(window=4)
+    cc.build(histories[:20], 40)
+    for h in histories[20:]:  # the overlay
+        for t, row in enumerate(h):
+            cc.add_click(h[:t], row)
+    sources, rows = [3, 17, 17, 25], rng.permutation(40)[:31]
+    weights = rng.uniform(0.1, 2.0, (3, len(sources)))
+    both = cc.scores(sources, rows, weights)
+    assert both.shape == (3, len(rows))
+    for m in range(3):
+        np.testing.assert_array_equal(both[m], cc.scores(sources, rows, weights[m]))
+    assert both.any()

@@ -383,8 +383,8 @@ class Ranker:
             f[:, _COL["recent"]] = (v @ self.item_vectors(np.array(recent)).T).max(axis=1)
         if recent and not as_cold:
             age = np.arange(len(recent) - 1, -1, -1)
-            co = self.coclicks.scores(recent, rows, RECENCY_DECAY ** age)
-            cf = self.coclicks.scores(recent, rows, RECENCY_DECAY ** age / np.sqrt(1.0 + items.clicks[recent]))
+            decay = RECENCY_DECAY ** age
+            co, cf = self.coclicks.scores(recent, rows, np.stack([decay, decay / np.sqrt(1.0 + items.clicks[recent])]))
             f[:, _COL["cooc"]] = np.log1p(co)
             f[:, _COL["itemcf"]] = cf / np.sqrt(1.0 + clicks)
         if user.profile_vec is not None:

@@ -89,17 +89,26 @@ class CoClicks:
 
     def scores(self, sources: Sequence[int], rows: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         """For each of `rows`, the co-click count with the items in `sources`, summed (each
-        source's counts times its weight in `weights`, aligned with `sources`, when given)."""
-        out = np.zeros(len(rows), np.float32)
-        if not len(sources) or not len(rows):
-            return out
-        order = np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
-        for n, j in enumerate(sources):
-            w = 1.0 if weights is None else float(weights[n])
-            for cols, counts in self._row(j):
-                self._add(out, order, sorted_rows, cols, w * counts)
-        return out
+        source's counts times its weight in `weights`, aligned with `sources`, when given).
+
+        `weights` of shape (m, len(sources)) gives m weightings at once, shape (m, len(rows)):
+        each row of the result is what that weighting alone gives, with one lookup per source."""
+        many = weights is not None and np.ndim(weights) == 2
+        w_sets = np.asarray(weights, np.float64) if many else [weights]
+        out = np.zeros((len(w_sets), len(rows)), np.float32)
+        if len(sources) and len(rows):
+            order = np.argsort(rows, kind="stable")
+            sorted_rows = rows[order]
+            for n, j in enumerate(sources):
+                for cols, counts in self._row(j):
+                    if not len(cols):
+                        continue
+                    pos = np.searchsorted(sorted_rows, cols).clip(max=len(sorted_rows) - 1)
+                    hit = sorted_rows[pos] == cols
+                    at, got = order[pos[hit]], counts[hit]
+                    for m, w in enumerate(w_sets):
+                        np.add.at(out[m], at, got if w is None else float(w[n]) * got)
+        return out if many else out[0]
 
     def _row(self, j: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Row j's (columns, counts): the matrix part and the overlay part."""
@@ -129,12 +138,3 @@ class CoClicks:
             keep = np.argpartition(-total, n - 1)[:n]
             uniq, total = uniq[keep], total[keep]
         return uniq[np.lexsort((uniq, -total))]
-
-    @staticmethod
-    def _add(out: np.ndarray, order: np.ndarray, sorted_rows: np.ndarray, cols: np.ndarray,
-             counts: np.ndarray) -> None:
-        if not len(cols):
-            return
-        pos = np.searchsorted(sorted_rows, cols).clip(max=len(sorted_rows) - 1)
-        hit = sorted_rows[pos] == cols
-        np.add.at(out, order[pos[hit]], counts[hit])
