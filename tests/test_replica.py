@@ -293,10 +293,17 @@ def test_readers_see_whole_records_while_the_replica_applies(writer: Engine) -> 
     threads = [threading.Thread(target=reader, args=(n,)) for n in range(3)]
     for t in threads:
         t.start()
+    def let_readers_look() -> None:  # a fast writer could finish before the readers ran
+        seen, deadline = len(observed), time.monotonic() + 0.5
+        while len(observed) == seen and time.monotonic() < deadline:
+            time.sleep(0.0005)
+
     try:
         for n in range(120):
             writer.record(f"r{n % 3}", small_catalog()[n % 12].item_id, "skip" if n % 7 == 0 else "click")
             states.append(frozen(writer.stats()))
+            if n % 4 == 0:
+                let_readers_look()
             if n % 15 == 0:
                 writer.add_items([Item(f"x{n}", f"Extra {n}", "rocket pasta goal " * (1 + n % 3))])
                 states.append(frozen(writer.stats()))
