@@ -158,3 +158,12 @@ def small(tmp_path_factory: pytest.TempPathFactory):
     from engine.evaluation.datasets import load_dataset, write_sample
 
     return load_dataset(write_sample(BUNDLED, tmp_path_factory.mktemp("eval-small"), 40, max_items=300))
+
+
+@pytest.fixture
+def small_store_path(tmp_path: Path) -> Path:
+    """A closed store of `small_catalog()` embedded by the fake encoder, at tmp_path / "store"."""
+    path = tmp_path / "store"
+    with Engine.create(path, encoder=FakeEncoder()) as eng:
+        eng.add_items(small_catalog())
+    return path

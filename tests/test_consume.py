@@ -46,11 +46,8 @@ def r(redis_server, request):
 
 
 @pytest.fixture
-def store(tmp_path) -> Path:
-    path = tmp_path / "store"
-    with Engine.create(path, encoder=FakeEncoder()) as eng:
-        eng.add_items(small_catalog())
-    return path
+def store(small_store_path: Path) -> Path:
+    return small_store_path
 
 
 def ev(n: int, user: str | None = None, item: str | None = None, **extra: str) -> dict[str, str]:

@@ -13,18 +13,15 @@ import pytest
 
 from engine import Engine
 
-from conftest import FakeEncoder, small_catalog
+from conftest import FakeEncoder
 
 KINDLING = Path(sys.executable).parent / "kindling"
 TIMEOUT = 60
 
 
 @pytest.fixture
-def store(tmp_path) -> Path:
-    path = tmp_path / "store"
-    with Engine.create(path, encoder=FakeEncoder()) as eng:
-        eng.add_items(small_catalog())
-    return path
+def store(small_store_path: Path) -> Path:
+    return small_store_path
 
 
 def _kill_when(proc: subprocess.Popen, marker: str) -> list[str]:

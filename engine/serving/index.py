@@ -43,6 +43,18 @@ def check_vectors(x: np.ndarray, dim: int, what: str = "vectors") -> np.ndarray:
 SMALL_BATCH = 16
 
 
+def one_query(query: object, dim: int) -> np.ndarray:
+    """A single query vector as the batch of one that `search_batch` takes: shape (1, dim).
+
+    Raises:
+        InvalidInputError: not a numpy array of `dim` values.
+    """
+    if not isinstance(query, np.ndarray) or query.size != dim:
+        raise InvalidInputError(f"query must be a numpy array of shape ({dim},) or (1, {dim}); "
+                                f"got {getattr(query, 'shape', type(query).__name__)}")
+    return query.reshape(1, -1)
+
+
 class VectorIndex:
     """Inner-product search over rows, with tombstones and per-query exclusions.
 
@@ -234,10 +246,7 @@ class VectorIndex:
         Returns:
             (rows int64, scores float32), best first, fewer than k when fewer rows qualify.
         """
-        if not isinstance(query, np.ndarray) or query.size != self.dim:
-            raise InvalidInputError(f"query must be a numpy array of shape ({self.dim},) or (1, {self.dim}); "
-                                    f"got {getattr(query, 'shape', type(query).__name__)}")
-        return self.search_batch(query.reshape(1, -1), k, exclude, allowed)[0]
+        return self.search_batch(one_query(query, self.dim), k, exclude, allowed)[0]
 
     def search_batch(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None,
                      allowed: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:

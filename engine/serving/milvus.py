@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import InvalidInputError, StoreError
 from ..vectors import grown
-from .index import check_vectors
+from .index import check_vectors, one_query
 
 log = logging.getLogger(__name__)
 
@@ -348,10 +348,7 @@ class MilvusIndex:
 
         Args and Returns as `index.VectorIndex.search`.
         """
-        if not isinstance(query, np.ndarray) or query.size != self.dim:
-            raise InvalidInputError(f"query must be a numpy array of shape ({self.dim},) or (1, {self.dim}); "
-                                    f"got {getattr(query, 'shape', type(query).__name__)}")
-        return self.search_batch(query.reshape(1, -1), k, exclude, allowed)[0]
+        return self.search_batch(one_query(query, self.dim), k, exclude, allowed)[0]
 
     def search_batch(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None,
                      allowed: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
