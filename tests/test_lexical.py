@@ -95,3 +95,42 @@ def test_expand_standardises_within_the_request_into_the_users_bucket():
     assert not x[:, others].any()
     # scaling a feature on every candidate changes nothing: only the order among them counts
     np.testing.assert_allclose(expand(raw * 10.0, 3), x, atol=1e-6)
+
+
+def test_rows_match_their_texts_through_sets_clears_and_compaction(monkeypatch):
+    """Random re-indexing, clearing and compaction of the flat pools: every row reads back as
+    TF-IDF of its current text, weighted by the current document frequencies."""
+    from engine.state import lexical
+
+    monkeypatch.setattr(lexical, "COMPACT_MIN", 8)
+    rng = np.random.default_rng(0)
+    words = ["ink", "toner", "paper", "pen", "blue", "black", "hp", "avery", "label", "stapler"]
+    lex, texts, appended = Lexicon(), {}, 0
+    for step in range(400):
+        row = int(rng.integers(0, 40))
+        if rng.random() < 0.25:
+            lex.clear(row)
+            texts[row] = ""
+        else:
+            texts[row] = " ".join(rng.choice(words, int(rng.integers(0, 6))))
+            lex.set(row, texts[row])
+            appended += len(term_counts(texts[row])[0])
+    assert lex._used < appended  # compaction ran and dropped the replaced slices
+    n = max(texts) + 1
+    docs = [term_counts(texts.get(r, "")) for r in range(n)]
+    df = np.zeros(lexical.BUCKETS, np.int64)
+    for t, _ in docs:
+        df[t] += 1
+    n_docs = sum(len(t) > 0 for t, _ in docs)
+    picked = np.array([3, 0, 39, 3, n + 5, 17])  # repeats and a row beyond the table
+    indptr, idx, val = lex.rows(picked)
+    for i, r in enumerate(picked):
+        t, tf = docs[r] if r < n else (np.zeros(0, np.int64), np.zeros(0, np.float32))
+        w = tf * (np.log((1.0 + n_docs) / (1.0 + df[t])) + 1.0)
+        w = w / max(np.linalg.norm(w), 1e-12)
+        np.testing.assert_array_equal(idx[indptr[i]:indptr[i + 1]], t)
+        np.testing.assert_allclose(val[indptr[i]:indptr[i + 1]], w, rtol=1e-5)
+    again = Lexicon()
+    again.rebuild([texts.get(r, "") for r in range(n)], np.zeros(n, bool))
+    np.testing.assert_array_equal(again.similarity(np.array([1, 2]), np.arange(n)),
+                                  lex.similarity(np.array([1, 2]), np.arange(n)))

@@ -92,23 +92,43 @@ class CoClicks:
         source's counts times its weight in `weights`, aligned with `sources`, when given).
 
         `weights` of shape (m, len(sources)) gives m weightings at once, shape (m, len(rows)):
-        each row of the result is what that weighting alone gives, with one lookup per source."""
+        each row of the result is what that weighting alone gives. Every source's matrix row is
+        read in one gather and matched against `rows` in one search (the overlay, small, per source).
+        """
         many = weights is not None and np.ndim(weights) == 2
-        w_sets = np.asarray(weights, np.float64) if many else [weights]
+        w_sets = (np.ones((1, len(sources))) if weights is None else
+                  np.asarray(weights, np.float64).reshape(-1, len(sources)))
         out = np.zeros((len(w_sets), len(rows)), np.float32)
         if len(sources) and len(rows):
+            src = np.asarray(sources, np.int64)
+            cols, counts, owner = self._gather(src)
             order = np.argsort(rows, kind="stable")
-            sorted_rows = rows[order]
-            for n, j in enumerate(sources):
-                for cols, counts in self._row(j):
-                    if not len(cols):
-                        continue
-                    pos = np.searchsorted(sorted_rows, cols).clip(max=len(sorted_rows) - 1)
-                    hit = sorted_rows[pos] == cols
-                    at, got = order[pos[hit]], counts[hit]
-                    for m, w in enumerate(w_sets):
-                        np.add.at(out[m], at, got if w is None else float(w[n]) * got)
+            sorted_rows = np.asarray(rows)[order]
+            pos = np.searchsorted(sorted_rows, cols).clip(max=len(sorted_rows) - 1)
+            hit = sorted_rows[pos] == cols
+            at, got, who = order[pos[hit]], counts[hit].astype(np.float64), owner[hit]
+            for m, w in enumerate(w_sets):
+                out[m] = np.bincount(at, weights=w[who] * got, minlength=len(rows))
         return out if many else out[0]
+
+    def _gather(self, sources: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The (columns, counts, position in `sources`) of every source's pairs: matrix and overlay."""
+        inside = sources + 1 < len(self._indptr)
+        safe = np.where(inside, sources, 0)
+        lo = self._indptr[safe]
+        lens = np.where(inside, self._indptr[safe + 1] - lo, 0)
+        ends = np.cumsum(lens)
+        pick = np.repeat(lo - (ends - lens), lens) + np.arange(ends[-1] if len(ends) else 0)
+        cols, counts = [self._indices[pick]], [self._counts[pick]]
+        owner = [np.repeat(np.arange(len(sources)), lens)]
+        if self._extra:
+            for n, j in enumerate(sources.tolist()):
+                extra = self._extra.get(j)
+                if extra:
+                    cols.append(np.fromiter(extra.keys(), np.int64, len(extra)))
+                    counts.append(np.fromiter(extra.values(), np.float32, len(extra)))
+                    owner.append(np.full(len(extra), n))
+        return np.concatenate(cols), np.concatenate(counts), np.concatenate(owner)
 
     def _row(self, j: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Row j's (columns, counts): the matrix part and the overlay part."""

@@ -16,12 +16,15 @@ from collections.abc import Iterable
 import numpy as np
 
 from ..text.catalog import clean_text
+from ..vectors import grown
 
 #: Hash buckets for terms: collisions stay rare for catalogs' vocabularies (usually < 10^6 words).
 BUCKETS = 1 << 20
 #: Terms read per item: the start of a long seller text carries its brand and kind; the rest is
 #: mostly boilerplate, and the cap bounds memory per item.
 MAX_TERMS = 300
+#: The term pools are compacted when more than this many entries (and half of them) are garbage.
+COMPACT_MIN = 1 << 16
 _TOKEN = re.compile(r"\b\w\w+\b")
 
 
@@ -37,58 +40,100 @@ def term_counts(text: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Lexicon:
-    """Hashed term counts by item row, with the catalog's document frequencies."""
+    """Hashed term counts by item row, with the catalog's document frequencies.
+
+    Every row's terms live in two flat pools (int32 term ids, float32 term frequencies), a row
+    being a slice of them (`_start`, `_len`): reading a few hundred rows is a handful of array
+    operations, not one Python step per row, and an item costs 8 bytes a term plus 12, not two
+    array objects. Re-indexing a row appends its new slice; the old one is garbage until the pools
+    are compacted (when garbage exceeds half of them).
+    """
 
     def __init__(self) -> None:
-        self._terms: list[np.ndarray] = []
-        self._tf: list[np.ndarray] = []
+        self._n = 0
+        self._start = np.zeros(0, np.int64)
+        self._len = np.zeros(0, np.int32)
+        self._terms = np.zeros(0, np.int32)
+        self._tf = np.zeros(0, np.float32)
+        self._used = 0      # pool entries written
+        self._garbage = 0   # of those, entries no row points at
         self._df = np.zeros(BUCKETS, np.int32)
         self._docs = 0
 
     def __len__(self) -> int:
-        return len(self._terms)
+        return self._n
 
     def set(self, row: int, text: str) -> None:
         """Index (or re-index) the text of item `row`; rows grow as needed."""
-        while len(self._terms) <= row:
-            self._terms.append(np.zeros(0, np.int64))
-            self._tf.append(np.zeros(0, np.float32))
+        if row >= self._n:
+            self._start, self._len = grown(self._start, row + 1), grown(self._len, row + 1)
+            self._n = row + 1
         self.clear(row)
         terms, tf = term_counts(text)
-        self._terms[row], self._tf[row] = terms, tf
         if len(terms):  # a document without words counts in no frequency (as `clear` assumes)
+            self._append(row, terms, tf)
             self._df[terms] += 1
             self._docs += 1
 
+    def _append(self, row: int, terms: np.ndarray, tf: np.ndarray) -> None:
+        end = self._used + len(terms)
+        self._terms, self._tf = grown(self._terms, end), grown(self._tf, end)
+        self._terms[self._used:end], self._tf[self._used:end] = terms, tf
+        self._start[row], self._len[row] = self._used, len(terms)
+        self._used = end
+
     def clear(self, row: int) -> None:
         """Forget a row's text (a removed item): it no longer counts in the frequencies."""
-        if row < len(self._terms) and len(self._terms[row]):
-            self._df[self._terms[row]] -= 1
+        if row < self._n and self._len[row]:
+            lo = self._start[row]
+            self._df[self._terms[lo:lo + self._len[row]]] -= 1
             self._docs -= 1
-            self._terms[row] = np.zeros(0, np.int64)
-            self._tf[row] = np.zeros(0, np.float32)
+            self._garbage += int(self._len[row])
+            self._len[row] = 0
+            if self._garbage > max(COMPACT_MIN, self._used // 2):
+                self._compact()
+
+    def _compact(self) -> None:
+        """Rewrite the pools with only the slices rows point at (same rows, same terms)."""
+        rows = np.arange(self._n)
+        indptr, pick = self._slices(rows)
+        self._terms, self._tf = self._terms[pick], self._tf[pick]
+        self._start[: self._n], self._used, self._garbage = indptr[:-1], len(pick), 0
 
     def rebuild(self, texts: Iterable[str], removed: np.ndarray) -> None:
         """Index every row from scratch (on open); removed rows stay empty."""
         self.__init__()
-        for row, text in enumerate(texts):
-            self.set(row, "" if removed[row] else text)
+        parts = [term_counts("" if removed[row] else text) for row, text in enumerate(texts)]
+        self._n = len(parts)
+        self._len = np.fromiter((len(t) for t, _ in parts), np.int32, len(parts))
+        self._start = np.zeros(len(parts), np.int64)
+        self._start[1:] = np.cumsum(self._len[:-1], dtype=np.int64)
+        self._terms = np.concatenate([t for t, _ in parts]).astype(np.int32) if parts else self._terms
+        self._tf = np.concatenate([f for _, f in parts]).astype(np.float32) if parts else self._tf
+        self._used = len(self._terms)
+        self._df = np.bincount(self._terms, minlength=BUCKETS).astype(np.int32)
+        self._docs = int((self._len > 0).sum())
 
     def _idf(self, terms: np.ndarray) -> np.ndarray:
         n = max(self._docs, 1)
         return (np.log((1.0 + n) / (1.0 + self._df[terms])) + 1.0).astype(np.float32)
 
+    def _slices(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(indptr, pool positions) of `rows`' slices, in order; rows beyond the table are empty."""
+        rows = np.asarray(rows, np.int64)
+        inside = rows < self._n
+        lens = np.where(inside, self._len[np.where(inside, rows, 0)] if self._n else 0, 0).astype(np.int64)
+        indptr = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum(lens, out=indptr[1:])
+        starts = self._start[np.where(inside, rows, 0)] if self._n else np.zeros(len(rows), np.int64)
+        pick = np.repeat(starts - indptr[:-1], lens) + np.arange(indptr[-1])
+        return indptr, pick
+
     def rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """TF-IDF rows, L2-normalised, as CSR parts (indptr, term ids, float32 weights)."""
-        empty_t, empty_v = np.zeros(0, np.int64), np.zeros(0, np.float32)
-        n, all_terms, all_tf = len(self._terms), self._terms, self._tf
-        picked = np.asarray(rows, np.int64).tolist()  # Python ints index lists several times faster
-        terms = [all_terms[r] if r < n else empty_t for r in picked]
-        tfs = [all_tf[r] if r < n else empty_v for r in picked]
-        indptr = np.zeros(len(picked) + 1, np.int64)
-        indptr[1:] = np.cumsum(np.fromiter(map(len, terms), np.int64, len(terms)))
-        idx = np.concatenate(terms) if terms else empty_t
-        val = (np.concatenate(tfs) if tfs else empty_v) * self._idf(idx)
+        indptr, pick = self._slices(rows)
+        idx = self._terms[pick]
+        val = self._tf[pick] * self._idf(idx)
         norms = np.sqrt(_segment_sums(val * val, indptr))
         val = val * np.repeat(1.0 / np.maximum(norms, 1e-12), np.diff(indptr)).astype(np.float32)
         return indptr, idx, val
