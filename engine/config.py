@@ -59,6 +59,13 @@ class Config:
             waits on these small steps (benchmarks/fit.py: 55 s against 67-160 s on two threads
             for the bundled ratings), and a seed then gives the same weights bit for bit on one
             machine (two-thread reductions round differently from run to run).
+        blas_threads: threads of numpy's BLAS, set process-wide when an engine is made (open or
+            create); 0 leaves them as they are. 1 (default): a request's products are small (the
+            reranker's MLP over a few hundred candidates), and a second BLAS thread per request
+            spins against the other requests and the host: the reranker's forward took 8.0 ms
+            p50 on two BLAS threads against 0.16 ms on one, on this 2-core host with another job
+            running (benchmarks/README.md, "Threads"). With FAISS on `search_threads` per search
+            and torch on `fit_threads` during fit, a request then computes on one core.
         encoder_backend: "torch" (default), or the opt-in "onnx" / "onnx-int8": ONNX Runtime on a
             graph exported locally from the same model (the `onnx` extra); "onnx-int8" embeds
             several times faster on a CPU at cosine ~0.99 to torch (see benchmarks/README.md).
@@ -100,6 +107,7 @@ class Config:
     replay_size: int = 2048
     replay_batch: int = 16
     fit_threads: int = 1
+    blas_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.index not in INDEX_KINDS:
@@ -113,7 +121,7 @@ class Config:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
         for name in ("search_threads", "popular_candidates", "coclick_candidates", "exact_threshold", "ivf_nlist", "proj_epochs",
-                     "rerank_epochs", "replay_size", "fit_threads"):
+                     "rerank_epochs", "replay_size", "fit_threads", "blas_threads"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
         for name in ("user_min_step", "skip_step", "dislike_step", "compact_ratio"):

@@ -60,6 +60,10 @@ class Engine:
 
     def __init__(self, store: StoreDir, config: Config, encoder: TextEncoder | None) -> None:
         self._store, self.config = store, config
+        if config.blas_threads:  # process-wide, as Config.blas_threads says
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(limits=config.blas_threads, user_api="blas")
         self._encoder = encoder
         self._encoder_lock = threading.Lock()  # loading the model must not hold up the state's lock
         self._lock = RWLock()

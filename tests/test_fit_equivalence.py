@@ -60,6 +60,35 @@ def test_fit_threads_are_set_inside_and_given_back() -> None:
         Config(fit_threads=-1)
 
 
+def _blas_threads() -> set[int]:
+    from threadpoolctl import threadpool_info
+
+    return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+
+def test_an_engine_sets_blas_threads_process_wide(tmp_path: Path) -> None:
+    """Config.blas_threads (default 1) is what numpy's BLAS runs on once an engine is made;
+    0 leaves the count as the process had it."""
+    from threadpoolctl import threadpool_limits
+
+    if not _blas_threads():
+        pytest.skip("numpy is linked to no BLAS that threadpoolctl can see")
+    original = threadpool_limits(limits=2, user_api="blas")  # a count the engine must change
+    try:
+        assert _blas_threads() == {2}
+        Engine.create(tmp_path / "a", Config(fsync=False), encoder=FakeEncoder(dim=8)).close()
+        assert _blas_threads() == {1}
+        threadpool_limits(limits=2, user_api="blas")
+        Engine.create(tmp_path / "b", Config(fsync=False, blas_threads=0), encoder=FakeEncoder(dim=8)).close()
+        assert _blas_threads() == {2}
+        Engine.open(tmp_path / "a", encoder=FakeEncoder(dim=8)).close()  # the stored config: 1
+        assert _blas_threads() == {1}
+    finally:
+        original.restore_original_limits()
+    with pytest.raises(ValueError, match="blas_threads must be >= 0"):
+        Config(blas_threads=-1)
+
+
 def _fitted(path: Path) -> tuple[dict[str, np.ndarray], dict[str, list[str]], int]:
     cfg = Config(proj_epochs=1, proj_dim=16, rerank_epochs=2, fsync=False, seed=7)
     events = clicks(users=120, per_user=5)  # 120 users: enough for a reranker holdout

@@ -14,8 +14,10 @@ from .baselines.base import Query, TrainSet
 
 
 def engine_config(seed: int, **overrides: object) -> Config:
-    """The evaluated settings: the defaults, seeded; no fsync per event (the store is throwaway)."""
-    return Config(seed=seed, fsync=False, **overrides)
+    """The evaluated settings: the defaults, seeded; no fsync per event (the store is throwaway);
+    BLAS left on its threads (`blas_threads=0`: the baselines in the same process solve large
+    systems, EASE's inverse, ALS; the counts change speed, not which items rank)."""
+    return Config(seed=seed, fsync=False, **{"blas_threads": 0, **overrides})
 
 
 def click_events(train: TrainSet) -> list[Event]:
