@@ -267,3 +267,33 @@ def test_every_configurable_index_kind_can_be_built():
     from engine.serving.index import FACTORY
 
     assert set(FACTORY) == set(INDEX_KINDS) - {"auto"}
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "hnsw-sq8", "ivf"])
+def test_stored_reads_faiss_own_floats_through_adds_upserts_and_a_reload(kind, rng, tmp_path):
+    """`stored` gives, bit for bit, the vectors FAISS holds for rows (flat and hnsw keep floats),
+    after appends, an upsert (flat: FAISS compacts its storage), and a save and load; None for
+    kinds that keep codes, and for rows FAISS does not hold."""
+    dim = DIM
+    v = unit_rows(rng, 300)
+    rows = np.arange(0, 600, 2)
+    idx = VectorIndex(dim, kind)
+    idx.build(rows, v)
+    if kind not in ("flat", "hnsw"):
+        assert idx.stored(rows[:3]) is None
+        return
+    np.testing.assert_array_equal(idx.stored(rows[[5, 0, 5]]), v[[5, 0, 5]])
+    np.testing.assert_array_equal(idx.stored(rows[[7]], 4), v[[7], :4])
+    assert idx.stored(np.array([1])) is None and idx.stored(np.array([10_000])) is None
+    more = unit_rows(rng, 3)
+    idx.add(np.array([1, 3, 9_999]), more)
+    np.testing.assert_array_equal(idx.stored(np.array([9_999, 1, 598])), np.vstack([more[2], more[0], v[299]]))
+    if kind == "flat":
+        new = unit_rows(rng, 1)
+        idx.upsert(np.array([0]), new)
+        np.testing.assert_array_equal(idx.stored(np.array([0, 2, 3])), np.vstack([new[0], v[1], more[1]]))
+    idx.save(tmp_path / "i.faiss")
+    again = VectorIndex(dim, kind)
+    again.load(tmp_path / "i.faiss", np.arange(600), 10_000)
+    held = np.array([2, 598, 9_999])
+    np.testing.assert_array_equal(again.stored(held), idx.stored(held))

@@ -44,6 +44,10 @@ class VectorBackend(Protocol):
     def holds(self, rows: np.ndarray) -> np.ndarray:
         """Which rows have a stored vector, removed ones included where the backend keeps them."""
 
+    def stored(self, rows: np.ndarray, width: int | None = None) -> np.ndarray | None:
+        """The held float vectors of `rows` from the backend's own memory, or None (see
+        VectorIndex.stored; a remote backend answers None)."""
+
     @property
     def ntotal(self) -> int: ...
 

@@ -80,6 +80,8 @@ class VectorIndex:
         self._held = np.zeros(0, dtype=np.uint8)  # bit r set <=> FAISS holds a vector of row r
         self._n_added = 0
         self._n_removed = 0
+        self._pos: np.ndarray | None = None   # row -> FAISS's internal position (-1: not held)
+        self._xb: np.ndarray | None = None    # a view of FAISS's own float32 storage, (ntotal, dim)
 
     # ---- building -------------------------------------------------------------------------
     def _new_faiss(self, train: np.ndarray) -> faiss.Index:
@@ -106,6 +108,7 @@ class VectorIndex:
         self._live = np.zeros(0, dtype=np.uint8)
         self._held = np.zeros(0, dtype=np.uint8)
         self._n_added = self._n_removed = 0
+        self._pos = self._xb = None
         if len(rows):
             self.add(rows, vectors)
 
@@ -133,7 +136,14 @@ class VectorIndex:
         if len(rows) == 0:
             return
         self._grow(int(rows.max()) + 1)
+        first = int(self._faiss.ntotal)
+        self._xb = None  # FAISS may move its storage as it grows
         self._faiss.add_with_ids(vectors, rows)
+        if self._pos is not None:  # appended in order: the positions follow the last one
+            need = int(rows.max()) + 1
+            if need > len(self._pos):
+                self._pos = np.concatenate([self._pos, np.full(max(need, 2 * len(self._pos)) - len(self._pos), -1)])
+            self._pos[rows] = first + np.arange(len(rows))
         self._set_bits(rows, True)
         self._set_bits(rows, True, self._held)
         self._n_added += len(rows)
@@ -154,6 +164,7 @@ class VectorIndex:
                                         f"{int(rows[held][0])}); rebuild the index instead")
             gone = rows[held]
             self._faiss.remove_ids(faiss.IDSelectorBatch(gone))
+            self._pos = self._xb = None  # removal compacts FAISS's storage
             self._n_added -= len(gone)
             self._n_removed -= int((~self.contains(gone)).sum())
             self._set_bits(gone, False)
@@ -197,6 +208,42 @@ class VectorIndex:
     def holds(self, rows: np.ndarray) -> np.ndarray:
         """Which rows FAISS holds a vector for, removed ones included (they go at the next build)."""
         return self._test_bits(self._held, rows)
+
+    def stored(self, rows: np.ndarray, width: int | None = None) -> np.ndarray | None:
+        """The vectors FAISS holds for `rows` (the first `width` columns; default all), a float32
+        copy read straight from FAISS's own float storage: the index is then the process's one
+        copy of what it holds. None when the kind keeps codes, not floats (hnsw-sq8, ivf, ivf-pq),
+        or a row is not held."""
+        rows = np.asarray(rows, dtype=np.int64)
+        xb = self._float_storage()
+        if xb is None:
+            return None
+        pos = self._positions()
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(pos)):
+            return None
+        at = pos[rows]
+        if len(at) and at.min() < 0:
+            return None
+        return xb[at, :width] if width is not None else xb[at]
+
+    def _float_storage(self) -> np.ndarray | None:
+        """FAISS's float32 vectors as an (ntotal, dim) numpy view (no copy), for flat and hnsw;
+        rebuilt after anything that can move them (add, remove, build, load)."""
+        if self._xb is None and self._faiss is not None and self.kind in ("flat", "hnsw"):
+            inner = faiss.downcast_index(self._faiss.index)
+            flat = faiss.downcast_index(inner.storage) if self.kind == "hnsw" else inner
+            n = int(flat.ntotal)
+            self._xb = (faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim) if n
+                        else np.zeros((0, self.dim), np.float32))
+        return self._xb
+
+    def _positions(self) -> np.ndarray:
+        if self._pos is None:
+            ids = faiss.vector_to_array(self._faiss.id_map).astype(np.int64)
+            pos = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, np.int64)
+            pos[ids] = np.arange(len(ids))
+            self._pos = pos
+        return self._pos
 
     # ---- state ------------------------------------------------------------------------------
     @property
@@ -306,6 +353,7 @@ class VectorIndex:
         if not hasattr(self._faiss, "id_map"):
             raise CorruptStoreError(f"{path}: not a Kindling index (no id map)")
         self.kind = _kind_of(self._faiss)  # the file decides, whatever the config would pick now
+        self._pos = self._xb = None
         held = faiss.vector_to_array(self._faiss.id_map).astype(np.int64)
         self._live = np.zeros(0, dtype=np.uint8)
         self._held = np.zeros(0, dtype=np.uint8)

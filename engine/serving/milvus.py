@@ -291,6 +291,10 @@ class MilvusIndex:
             self._held[rows] = False
             self._n -= len(rows)
 
+    def stored(self, rows: np.ndarray, width: int | None = None) -> None:
+        """None: the vectors live in Milvus, not in this process (the ranker reads the item table)."""
+        return None
+
     def contains(self, rows: np.ndarray) -> np.ndarray:
         """Which rows are searchable."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)

@@ -17,6 +17,7 @@ from ..text.catalog import item_text
 from ..state.coclick import CoClicks
 from ..config import Config
 from .diversity import mmr
+from .backend import VectorBackend
 from .index import VectorIndex
 from ..state.items import ItemTable
 from ..state.lexical import Lexicon
@@ -59,6 +60,8 @@ class Ranker:
         self._residual: np.ndarray | None = None  # warm items' learned residuals, by row
         self._item_bias: np.ndarray | None = None
         self._pop_cache: np.ndarray | None = None
+        #: The store's index (set by State): untrained, the vectors it holds are the raw ones
+        self.index: VectorBackend | None = None
         self.coclicks = CoClicks()
         self.lexicon = Lexicon()
         self.reset_reranker()
@@ -127,16 +130,31 @@ class Ranker:
         self._pop_cache = None
 
     def item_vectors(self, rows: np.ndarray) -> np.ndarray:
-        """Unit retrieval vectors of `rows`: shape (len(rows), d_out), float32."""
+        """Unit retrieval vectors of `rows`: shape (len(rows), d_out), float32.
+
+        Untrained, these are the raw text vectors, and the index holds them bit for bit ([v, 0]:
+        tau is 1): they are read from the index's own storage when it keeps floats (flat, hnsw),
+        so serving never touches the mapped vectors file and the index is the one copy in memory.
+        Otherwise, and for rows the index does not hold, from the item table (`_own_vectors`)."""
         rows = np.asarray(rows, dtype=np.int64)
-        if self._vecs is None:  # untrained: the raw text vectors (mapped; see ItemTable)
+        if self._vecs is None and self.index is not None and self.index.dim == self._items.dim + 1:
+            held = self.index.stored(rows, self._items.dim)
+            if held is not None:
+                return held
+        return self._own_vectors(rows)
+
+    def _own_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """`item_vectors` from the source of truth: the item table (untrained, mapped; see
+        ItemTable) or the tower's vectors, never the index (which a rebuild is replacing)."""
+        if self._vecs is None:
             return self._items.vector_rows(rows)
         return np.ascontiguousarray(self._vecs[rows])
 
     def index_vectors(self, rows: np.ndarray) -> np.ndarray:
         """What FAISS stores: [tau * v, b], so <[u, 1], .> = tau <u, v> + b (the tower score)."""
         tau = self.projection.tau
-        return np.ascontiguousarray(np.hstack([tau * self.item_vectors(rows), self._bias[rows, None]]),
+        rows = np.asarray(rows, dtype=np.int64)
+        return np.ascontiguousarray(np.hstack([tau * self._own_vectors(rows), self._bias[rows, None]]),
                                     dtype=np.float32)
 
     def query(self, u: np.ndarray, n: int = 0) -> np.ndarray:

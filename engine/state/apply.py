@@ -51,7 +51,7 @@ class State:
         self.proj = Projection(d_text)
         self.users = UserTable(self.proj.d_out)
         self.ranker = Ranker(config)
-        self.index: VectorBackend | None = None
+        self._index: VectorBackend | None = None
         #: With index_backend "milvus" on a writable store: the store's milvus.MilvusHome, and the
         #: collection the loaded snapshot names. None otherwise (a read-only open of a Milvus
         #: store serves from an exact FAISS index of the snapshot's rows: Milvus Lite allows one
@@ -60,6 +60,14 @@ class State:
         self.milvus_collection: str | None = None
         self.event_keys: set[int] = set()  # identities of every event applied (see EventRecord.key)
         self.event_ids: set[int] = set()  # caller-given event ids applied, hashed (records.id_key)
+
+    @property
+    def index(self) -> VectorBackend | None:
+        return self._index
+
+    @index.setter
+    def index(self, index: VectorBackend | None) -> None:
+        self._index = self.ranker.index = index  # the ranker reads item vectors from its copy
 
     # ---- the index policy --------------------------------------------------------------------
     def index_kind(self, n: int) -> str:
