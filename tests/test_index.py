@@ -297,3 +297,18 @@ def test_stored_reads_faiss_own_floats_through_adds_upserts_and_a_reload(kind, r
     again.load(tmp_path / "i.faiss", np.arange(600), 10_000)
     held = np.array([2, 598, 9_999])
     np.testing.assert_array_equal(again.stored(held), idx.stored(held))
+
+
+def test_an_index_written_as_idmap2_by_earlier_versions_still_loads(rng, tmp_path):
+    """Stores written before the switch to IndexIDMap hold an IndexIDMap2: same search, same
+    stored vectors."""
+    import faiss
+
+    x = unit_rows(rng)
+    old = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
+    old.add_with_ids(x, np.arange(N, dtype=np.int64) * 3)
+    faiss.write_index(old, str(tmp_path / "old.faiss"))
+    idx = VectorIndex(DIM, "flat")
+    idx.load(tmp_path / "old.faiss", np.arange(N) * 3, 3 * N)
+    assert idx.search(x[7], 1)[0].tolist() == [21]
+    np.testing.assert_array_equal(idx.stored(np.array([21, 0])), x[[7, 0]])

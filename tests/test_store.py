@@ -118,7 +118,7 @@ def _file_format(path: Path) -> str:
         return "safetensors" if all("dtype" in v for k, v in header.items() if k != "__metadata__") \
             else "unknown"
     if name.endswith(".faiss"):
-        return "faiss" if data[:4] == b"IxM2" else "unknown"  # IndexIDMap2's fourcc
+        return "faiss" if data[:4] in (b"IxMp", b"IxM2") else "unknown"  # IndexIDMap's (IDMap2's) fourcc
     if name.endswith(".log"):
         list(read_log(path))  # every byte belongs to a CRC-checked JSON record
         return "log"
