@@ -137,13 +137,13 @@ class VectorIndex:
             return
         self._grow(int(rows.max()) + 1)
         first = int(self._faiss.ntotal)
-        self._xb = None  # FAISS may move its storage as it grows
         self._faiss.add_with_ids(vectors, rows)
         if self._pos is not None:  # appended in order: the positions follow the last one
             need = int(rows.max()) + 1
             if need > len(self._pos):
                 self._pos = np.concatenate([self._pos, np.full(max(need, 2 * len(self._pos)) - len(self._pos), -1)])
             self._pos[rows] = first + np.arange(len(rows))
+        self._refresh_storage()  # FAISS may have moved its storage as it grew
         self._set_bits(rows, True)
         self._set_bits(rows, True, self._held)
         self._n_added += len(rows)
@@ -165,6 +165,7 @@ class VectorIndex:
             gone = rows[held]
             self._faiss.remove_ids(faiss.IDSelectorBatch(gone))
             self._pos = self._xb = None  # removal compacts FAISS's storage
+            self._refresh_storage()
             self._n_added -= len(gone)
             self._n_removed -= int((~self.contains(gone)).sum())
             self._set_bits(gone, False)
@@ -215,10 +216,9 @@ class VectorIndex:
         copy of what it holds. None when the kind keeps codes, not floats (hnsw-sq8, ivf, ivf-pq),
         or a row is not held."""
         rows = np.asarray(rows, dtype=np.int64)
-        xb = self._float_storage()
-        if xb is None:
+        xb, pos = self._xb, self._pos
+        if xb is None or pos is None:
             return None
-        pos = self._positions()
         if len(rows) and (rows.min() < 0 or rows.max() >= len(pos)):
             return None
         at = pos[rows]
@@ -226,24 +226,23 @@ class VectorIndex:
             return None
         return xb[at, :width] if width is not None else xb[at]
 
-    def _float_storage(self) -> np.ndarray | None:
-        """FAISS's float32 vectors as an (ntotal, dim) numpy view (no copy), for flat and hnsw;
-        rebuilt after anything that can move them (add, remove, build, load)."""
-        if self._xb is None and self._faiss is not None and self.kind in ("flat", "hnsw"):
-            inner = faiss.downcast_index(self._faiss.index)
-            flat = faiss.downcast_index(inner.storage) if self.kind == "hnsw" else inner
-            n = int(flat.ntotal)
-            self._xb = (faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim) if n
-                        else np.zeros((0, self.dim), np.float32))
-        return self._xb
-
-    def _positions(self) -> np.ndarray:
+    def _refresh_storage(self) -> None:
+        """After anything that can move FAISS's float storage (add, remove, build, load), on the
+        write path: a numpy view of it, (ntotal, dim) with no copy, and each row's position in it
+        (FAISS's internal order), for flat and hnsw. Readers (`stored`) only read both."""
+        if self._faiss is None or self.kind not in ("flat", "hnsw"):
+            self._pos = self._xb = None
+            return
+        inner = faiss.downcast_index(self._faiss.index)
+        flat = faiss.downcast_index(inner.storage) if self.kind == "hnsw" else inner
+        n = int(flat.ntotal)
+        self._xb = (faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim) if n
+                    else np.zeros((0, self.dim), np.float32))
         if self._pos is None:
             ids = faiss.vector_to_array(self._faiss.id_map).astype(np.int64)
             pos = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, np.int64)
             pos[ids] = np.arange(len(ids))
             self._pos = pos
-        return self._pos
 
     # ---- state ------------------------------------------------------------------------------
     @property
@@ -354,6 +353,7 @@ class VectorIndex:
             raise CorruptStoreError(f"{path}: not a Kindling index (no id map)")
         self.kind = _kind_of(self._faiss)  # the file decides, whatever the config would pick now
         self._pos = self._xb = None
+        self._refresh_storage()
         held = faiss.vector_to_array(self._faiss.id_map).astype(np.int64)
         self._live = np.zeros(0, dtype=np.uint8)
         self._held = np.zeros(0, dtype=np.uint8)
