@@ -100,6 +100,23 @@ def method_timer(cls: type, name: str) -> Iterator[list[float]]:
         setattr(cls, name, original)
 
 
+@contextlib.contextmanager
+def busy_host(n: int) -> Iterator[None]:
+    """Inside the block, n other processes each keep a core busy (a pure-Python loop, no I/O):
+    the "busy host" the targets are also checked on, made the same way on every run."""
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        time.sleep(0.5 if n else 0.0)  # scheduled and spinning before the first timing
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
 def rss_bytes() -> int:
     """Resident memory of this process now, after a garbage collection and returning free heap to the OS."""
     gc.collect()

@@ -16,6 +16,10 @@ picks) with 256 users of 20 clicks each, fsync on. Then, in one run:
   counts have changed (checked after every call), and that plus the next `recommend`;
 - recommend throughput with 1 and 2 threads (calls per second, no wrappers).
 
+With `--busy N` every phase is measured twice: as above, then again with N other processes each
+spinning a core (bench_timing.busy_host), the "busy host" of the targets, made the same way on
+every run.
+
 Prints one JSON object (also written to --out).
 """
 
@@ -35,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_data import LookupEncoder, catalog_vectors, synthetic, synthetic_items, user_clicks  # noqa: E402
-from bench_timing import finish, summary, throughput  # noqa: E402
+from bench_timing import busy_host, finish, method_timer, summary, throughput  # noqa: E402
 
 from engine import Config, Engine, Event  # noqa: E402
 from engine.serving import queries as queries_mod  # noqa: E402
@@ -43,20 +47,24 @@ from engine.serving.index import VectorIndex  # noqa: E402
 from engine.serving.ranking import Ranker  # noqa: E402
 
 USERS, CLICKS = 256, 20
-ADD_CHUNK = 20_000
 
 
-def build(path: Path, n: int) -> tuple[Engine, list[str], np.ndarray]:
+def build(path: Path, n: int) -> tuple[Engine, list[str], dict]:
+    """The store: `ingest` of the catalog (one snapshot, no log record per item: a 1M catalog
+    would log 2 GB of vectors through add_items), then the users' clicks. Returns the engine,
+    the users and the build's timings (ingest wall seconds, of which the index build)."""
     vectors, _ = synthetic(catalog_vectors(), n, seed=0)
     items = synthetic_items(n)
     eng = Engine.create(path, config=Config(seed=0), encoder=LookupEncoder(vectors))
-    for s in range(0, n, ADD_CHUNK):
-        eng.add_items(items[s:s + ADD_CHUNK], vectors=vectors[s:s + ADD_CHUNK])
+    with method_timer(VectorIndex, "build") as builds:
+        t = time.perf_counter()
+        eng.ingest(items, progress=False)
+        ingest_s = time.perf_counter() - t
     users = [f"u{i}" for i in range(USERS)]
     eng.import_events([Event(u, items[int(r)].item_id, "click", 1.0, 1_700_000_000 + j)
                        for u, rows in zip(users, user_clicks(vectors, USERS, CLICKS, seed=1))
                        for j, r in enumerate(rows)])
-    return eng, users, vectors
+    return eng, users, {"ingest_s": round(ingest_s, 2), "index_build_s": round(sum(builds), 2)}
 
 
 class Stages:
@@ -157,8 +165,9 @@ def feedback(eng: Engine, n_items: int, count: int) -> dict:
     rng = np.random.default_rng(7)
     rows = rng.choice(n_items, count + 20, replace=False)
     rec, to_list = [], []
+    first = sum(1 for _ in st.users.vocab.ids() if _.startswith("f"))  # new users on every call
     for j, r in enumerate(rows):
-        user, item = f"f{j}", f"s{r}"
+        user, item = f"f{first + j}", f"s{r}"
         row = st.items.vocab.row(item)
         clicks_before = float(st.items.clicks[row])
         t = time.perf_counter()
@@ -175,18 +184,31 @@ def feedback(eng: Engine, n_items: int, count: int) -> dict:
     return {"record": summary(rec), "record_then_recommend": summary(to_list), "fsync": eng.config.fsync}
 
 
+def measure(eng: Engine, users: list[str], args: argparse.Namespace) -> dict:
+    res = {"load_before": [round(x, 2) for x in os.getloadavg()],
+           "floor": floor(eng, users, args.queries),
+           "stages": stage_breakdown(eng, users, args.queries),
+           "feedback": feedback(eng, args.items, min(args.queries, 500))}
+    pick = [users[i % len(users)] for i in range(args.queries)]
+    res["throughput"] = {f"{t} threads": round(throughput(lambda u: eng.recommend(u, k=10), pick, threads=t), 1)
+                         for t in (int(x) for x in args.threads.split(","))}
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--items", type=int, default=100_000)
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--threads", default="1,2")
     p.add_argument("--fit", action="store_true", help="also measure after fit() on the users' clicks")
+    p.add_argument("--busy", type=int, default=0, help="also measure with N processes spinning a core each")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     out: dict = {"items": args.items, "cpus": os.cpu_count(), "load_before": [round(x, 2) for x in os.getloadavg()]}
     with tempfile.TemporaryDirectory(prefix="kindling-stages-") as tmp:
-        eng, users, _ = build(Path(tmp) / "store", args.items)
+        eng, users, out["build"] = build(Path(tmp) / "store", args.items)
         out["index"] = eng.stats().get("index")
+        print(json.dumps({"build": out["build"], "index": out["index"]}), flush=True)
         phases = [("untrained", None)]
         if args.fit:
             phases.append(("after fit", True))
@@ -194,14 +216,12 @@ def main() -> None:
             if fit:
                 events = [Event(u, h, "click") for u in users for h in eng.user_history(u)]
                 eng.fit(events, progress=False)
-            res = {"floor": floor(eng, users, args.queries),
-                   "stages": stage_breakdown(eng, users, args.queries),
-                   "feedback": feedback(eng, args.items, min(args.queries, 500))}
-            pick = [users[i % len(users)] for i in range(args.queries)]
-            res["throughput"] = {f"{t} threads": round(throughput(lambda u: eng.recommend(u, k=10), pick, threads=t), 1)
-                                 for t in (int(x) for x in args.threads.split(","))}
-            out[name] = res
-            print(json.dumps({name: res}), flush=True)
+            for busy in sorted({0, args.busy}):
+                with busy_host(busy):
+                    res = measure(eng, users, args)
+                key = name if not busy else f"{name}, busy {busy}"
+                out[key] = res
+                print(json.dumps({key: res}), flush=True)
         eng.close(save=False)
     finish(out, args.out)
 
