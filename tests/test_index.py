@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine import Config, Engine, InvalidInputError, Item
+from engine import Config, CorruptStoreError, Engine, InvalidInputError, Item
 from engine.serving.index import VectorIndex, check_vectors
 
 DIM = 16
@@ -312,3 +312,33 @@ def test_an_index_written_as_idmap2_by_earlier_versions_still_loads(rng, tmp_pat
     idx.load(tmp_path / "old.faiss", np.arange(N) * 3, 3 * N)
     assert idx.search(x[7], 1)[0].tolist() == [21]
     np.testing.assert_array_equal(idx.stored(np.array([21, 0])), x[[7, 0]])
+
+
+def test_hnsw_sq8_pads_to_a_multiple_of_8_and_older_unpadded_files_still_load(rng, tmp_path):
+    """FAISS's SQ8 distances take their SIMD path only at widths that are multiples of 8: the
+    index appends zero columns (inner products unchanged). A 385-wide SQ8 file written before
+    the padding loads and searches as it did."""
+    import faiss
+
+    dim = 13
+    x = unit_rows(rng, 300, dim)
+    idx = VectorIndex(dim, "hnsw-sq8")
+    idx.build(np.arange(300), x)
+    assert idx._faiss.d == 16
+    exact = [int(np.argmax(x @ x[j])) for j in range(20)]
+    assert sum(idx.search(x[j], 1)[0][0] == exact[j] for j in range(20)) >= 19
+    idx.save(tmp_path / "padded.faiss")
+    again = VectorIndex(dim, "hnsw")  # the file decides the kind
+    again.load(tmp_path / "padded.faiss", np.arange(300), 300)
+    assert again.kind == "hnsw-sq8" and again.search(x[3], 1)[0].tolist() == idx.search(x[3], 1)[0].tolist()
+    old = faiss.IndexIDMap(faiss.index_factory(dim, "HNSW16_SQ8", faiss.METRIC_INNER_PRODUCT))
+    old.train(x)
+    old.add_with_ids(x, np.arange(300, dtype=np.int64))
+    faiss.write_index(old, str(tmp_path / "old.faiss"))
+    unpadded = VectorIndex(dim, "hnsw-sq8")
+    unpadded.load(tmp_path / "old.faiss", np.arange(300), 300)
+    assert unpadded.search(x[5], 1)[0].tolist() == [exact[5]]
+    flat16 = faiss.IndexIDMap(faiss.IndexFlatIP(16))  # padding is for sq8 only
+    faiss.write_index(flat16, str(tmp_path / "flat16.faiss"))
+    with pytest.raises(CorruptStoreError, match="dimension 16, expected 13"):
+        VectorIndex(dim, "flat").load(tmp_path / "flat16.faiss", np.arange(0), 0)

@@ -67,7 +67,7 @@ class VectorIndex:
     #: FAISS keeps a replaced row's old vector (HNSW cannot delete): the engine rebuilds instead.
     in_place_upsert = False
 
-    def __init__(self, dim: int, kind: str = "flat", *, hnsw_m: int = 32, ef_construction: int = 100,
+    def __init__(self, dim: int, kind: str = "flat", *, hnsw_m: int = 32, ef_construction: int = 40,
                  ef_search: int = 128, nlist: int = 0, nprobe: int = 32, search_threads: int = 1) -> None:
         if kind not in FACTORY:
             raise ValueError(f"index kind must be one of {', '.join(FACTORY)}; got {kind!r}")
@@ -80,6 +80,9 @@ class VectorIndex:
         self._held = np.zeros(0, dtype=np.uint8)  # bit r set <=> FAISS holds a vector of row r
         self._n_added = 0
         self._n_removed = 0
+        #: zero columns FAISS's vectors carry beyond `dim`: hnsw-sq8 pads to a multiple of 8, where
+        #: FAISS's SQ8 distances take their SIMD path (385 wide: 3-4x slower builds and searches)
+        self._pad = (-self.dim) % 8 if kind == "hnsw-sq8" else 0
         self._pos: np.ndarray | None = None   # row -> FAISS's internal position (-1: not held)
         self._xb: np.ndarray | None = None    # a view of FAISS's own float32 storage, (ntotal, dim)
 
@@ -90,15 +93,19 @@ class VectorIndex:
         spec = FACTORY[self.kind].format(m=self.hnsw_m, nlist=nlist, pq=_pq_subquantizers(self.dim))
         if self.kind == "ivf-pq" and n < 256:  # 8-bit codes need 256 training points; use fewer bits
             spec += f"x{max(1, int(np.log2(max(n // 39, 2))))}"
-        inner = faiss.index_factory(self.dim, spec, faiss.METRIC_INNER_PRODUCT)
+        inner = faiss.index_factory(self.dim + self._pad, spec, faiss.METRIC_INNER_PRODUCT)
         if "HNSW" in spec:
             hnsw = faiss.downcast_index(inner) if not hasattr(inner, "hnsw") else inner
             hnsw.hnsw.efConstruction = self.ef_construction
         if not inner.is_trained:
             if n == 0:
                 raise InvalidInputError(f"an {self.kind} index needs training vectors; add items first")
-            inner.train(train)
+            inner.train(self._padded(train))
         return faiss.IndexIDMap(inner)  # not IDMap2: its reverse hash map costs ~50 B a row, unused
+
+    def _padded(self, x: np.ndarray) -> np.ndarray:
+        """`x` (n, dim) with the index's zero columns appended (inner products unchanged)."""
+        return np.pad(x, ((0, 0), (0, self._pad))) if self._pad else x
 
     def build(self, rows: np.ndarray, vectors: np.ndarray) -> None:
         """Replace the whole index with these rows (used at first build and by compaction)."""
@@ -137,7 +144,7 @@ class VectorIndex:
             return
         self._grow(int(rows.max()) + 1)
         first = int(self._faiss.ntotal)
-        self._faiss.add_with_ids(vectors, rows)
+        self._faiss.add_with_ids(self._padded(vectors), rows)
         if self._pos is not None:  # appended in order: the positions follow the last one
             need = int(rows.max()) + 1
             if need > len(self._pos):
@@ -323,6 +330,7 @@ class VectorIndex:
         a busy host a single query split over two threads waits for the second core: 10x slower
         at the tail in benchmarks/README.md (finding 1).
         """
+        q = self._padded(q)
         if self.search_threads <= 0 or len(q) > SMALL_BATCH:
             return self._faiss.search(q, k, params=params)
         before = faiss.omp_get_max_threads()
@@ -347,11 +355,13 @@ class VectorIndex:
             self._faiss = faiss.read_index(faiss.PyCallbackIOReader(fh.read) if fh is not None else str(path))
         except RuntimeError as exc:
             raise CorruptStoreError(f"{path}: not a readable FAISS index ({exc})") from exc
-        if self._faiss.d != self.dim:
-            raise CorruptStoreError(f"{path}: index has dimension {self._faiss.d}, expected {self.dim}")
         if not hasattr(self._faiss, "id_map"):
             raise CorruptStoreError(f"{path}: not a Kindling index (no id map)")
         self.kind = _kind_of(self._faiss)  # the file decides, whatever the config would pick now
+        # hnsw-sq8 pads to a multiple of 8 (an hnsw-sq8 index written before that has no padding)
+        self._pad = self._faiss.d - self.dim
+        if self._pad not in ((0, (-self.dim) % 8) if self.kind == "hnsw-sq8" else (0,)):
+            raise CorruptStoreError(f"{path}: index has dimension {self._faiss.d}, expected {self.dim}")
         self._pos = self._xb = None
         self._refresh_storage()
         held = faiss.vector_to_array(self._faiss.id_map).astype(np.int64)

@@ -152,7 +152,7 @@ class MilvusIndex:
     in_place_upsert = True
 
     def __init__(self, home: MilvusHome, dim: int, kind: str = "flat", *, hnsw_m: int = 32,
-                 ef_construction: int = 100, ef_search: int = 128, nlist: int = 0, nprobe: int = 32,
+                 ef_construction: int = 40, ef_search: int = 128, nlist: int = 0, nprobe: int = 32,
                  **_: object) -> None:
         if kind not in MILVUS_INDEX:
             raise ValueError(f"index kind must be one of {', '.join(MILVUS_INDEX)}; got {kind!r}")
