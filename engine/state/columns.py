@@ -1,0 +1,151 @@
+"""A column of strings kept compact: the snapshot's rows in its Arrow array, changes in Python.
+
+ItemTable keeps its vectors as the snapshot's (mapped) rows plus a small tail of rows added since;
+`StringColumn` does the same for titles, texts and ids. The rows that came from the snapshot stay
+in the Arrow array the snapshot was read into (its offsets and UTF-8 bytes: ~4 B a row plus the
+text, against ~50 B plus the text for a Python str and its list slot); rows appended since live in
+a Python list and snapshot rows replaced since in a dict. Reading a row decodes it to a new str.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+#: Bytes a pa.string() array's int32 offsets can address; a larger column becomes large_string.
+MAX_STRING_BYTES = 2**31 - 1
+
+_MISSING = object()
+
+
+def one_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """`values` as a single pa.string() or pa.large_string() array (chunks combined, other
+    string-like types cast). Raises pa.ArrowException for a column that is not strings."""
+    if isinstance(values, pa.ChunkedArray):
+        chunks = values.chunks
+        if not chunks:
+            values = pa.array([], values.type)
+        elif len(chunks) == 1:
+            values = chunks[0]
+        else:
+            size = sum(c.nbytes for c in chunks)
+            if size > MAX_STRING_BYTES:
+                values = values.cast(pa.large_string())
+            values = pa.concat_arrays(values.chunks)
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        values = values.cast(pa.large_string() if values.nbytes > MAX_STRING_BYTES else pa.string())
+    return values
+
+
+class StringColumn:
+    """Strings (or None, for a null of the snapshot) of rows 0..n-1.
+
+    Index it like the list it replaces: `col[row]`, `col[row] = s`, `col.append(s)`, `len(col)`,
+    iteration. `to_arrow` gives every row as one pa.string() array; `compact` also folds the
+    tail and the changes into it, so they never outgrow what changed since the last save.
+    """
+
+    def __init__(self, base: pa.Array | pa.ChunkedArray | None = None) -> None:
+        self._tail: list[str | None] = []  # rows from len(base) on
+        self._changed: dict[int, str | None] = {}  # base rows replaced since
+        self._install(None if base is None else one_array(base))
+
+    def _install(self, base: pa.Array | None) -> None:
+        if base is None:  # no pa.array here: its first call imports pandas (~1 s)
+            self._base, self._n_base, self._offsets, self._data = None, 0, memoryview(b""), memoryview(b"")
+            self._tail, self._changed = [], {}
+            return
+        bufs = base.buffers()
+        fmt = "q" if pa.types.is_large_string(base.type) else "i"
+        offsets = memoryview(bufs[1]).cast("B").cast(fmt) if bufs[1] is not None else memoryview(b"").cast(fmt)
+        # Python ints from a memoryview: faster per row than numpy scalars
+        self._offsets = offsets[base.offset: base.offset + len(base) + 1]
+        self._data = memoryview(bufs[2]) if bufs[2] is not None else memoryview(b"")
+        self._base, self._n_base = base, len(base)
+        self._tail, self._changed = [], {}
+        if base.null_count:
+            for r in np.flatnonzero(base.is_null().to_numpy(zero_copy_only=False)).tolist():
+                self._changed[r] = None
+
+    def __len__(self) -> int:
+        return self._n_base + len(self._tail)
+
+    def _row(self, row) -> int:
+        """`row` as an int in 0..len-1 (negative counts from the end, like a list's)."""
+        row = operator.index(row)
+        if row < 0:
+            row += len(self)
+            if row < 0:
+                raise IndexError("row out of range")
+        return row
+
+    def __getitem__(self, row):
+        if row.__class__ is not int:
+            if isinstance(row, slice):
+                return [self[i] for i in range(*row.indices(len(self)))]
+            row = operator.index(row)
+        if 0 <= row < self._n_base:
+            if self._changed:
+                value = self._changed.get(row, _MISSING)
+                if value is not _MISSING:
+                    return value
+            o = self._offsets
+            return str(self._data[o[row]:o[row + 1]], "utf-8")
+        if row < 0:
+            return self[self._row(row)]
+        return self._tail[row - self._n_base]  # IndexError past the end
+
+    def __setitem__(self, row, value: str | None) -> None:
+        row = self._row(row)
+        if row < self._n_base:
+            self._changed[row] = value
+        else:
+            self._tail[row - self._n_base] = value
+
+    def append(self, value: str | None) -> None:
+        self._tail.append(value)
+
+    def __iter__(self) -> Iterator[str | None]:
+        step = 65536  # a bounded slice of the base at a time, not one str per row at once
+        for lo in range(0, self._n_base, step):
+            values = self._base.slice(lo, step).to_pylist()
+            if self._changed:
+                for r, v in self._changed.items():
+                    if lo <= r < lo + step:
+                        values[r - lo] = v
+            yield from values
+        yield from self._tail
+
+    def tolist(self) -> list[str | None]:
+        return list(self)
+
+    def to_arrow(self) -> pa.Array:
+        """Every row as one pa.string() array (the same values `pa.array(list(self), pa.string())`
+        gives)."""
+        if self._base is None:
+            return pa.array(self._tail, pa.string())
+        base = self._base if pa.types.is_string(self._base.type) else self._base.cast(pa.string())
+        if not self._changed and not self._tail:
+            return base
+        changed = sorted(self._changed)
+        extra = pa.array([self._changed[r] for r in changed] + self._tail, pa.string())
+        both = pa.concat_arrays([base, extra])
+        if not changed:
+            return both
+        take = np.arange(len(self), dtype=np.int64)
+        take[changed] = self._n_base + np.arange(len(changed))
+        take[self._n_base:] = self._n_base + len(changed) + np.arange(len(self._tail))
+        return both.take(pa.array(take))
+
+    def compact(self) -> pa.Array:
+        """`to_arrow()`, which from now on holds every row (the tail and changes are dropped)."""
+        out = self.to_arrow()
+        if self._tail or self._changed:
+            self._install(out)
+        return out
+
+
+__all__ = ["StringColumn", "one_array"]
