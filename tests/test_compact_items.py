@@ -179,6 +179,7 @@ def test_item_table_matches_plain_lists_through_adds_upserts_removes_and_snapsho
         else:  # save and reopen: a real Parquet round trip
             table = t.to_arrow()
             assert table.equals(_old_table(ids, titles, texts, cats, t))
+            assert not (t.titles._tail or t.texts._changed or t.vocab._ids._tail)  # folded into Arrow
             path = tmp_path / f"items-{step}.parquet"
             write_parquet(path, table)
             t = ItemTable.from_arrow(read_parquet(path), t.vectors.copy())

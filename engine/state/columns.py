@@ -2,8 +2,9 @@
 
 ItemTable keeps its vectors as the snapshot's (mapped) rows plus a small tail of rows added since;
 `StringColumn` does the same for titles, texts and ids. The rows that came from the snapshot stay
-in the Arrow array the snapshot was read into (its offsets and UTF-8 bytes: ~4 B a row plus the
-text, against ~50 B plus the text for a Python str and its list slot); rows appended since live in
+as the UTF-8 bytes and offsets of the Arrow array the snapshot was read into (one bytes object
+and a numpy array: 4 B a row plus the text, against ~57 B plus the text for a Python str and its
+list slot); rows appended since live in
 a Python list and snapshot rows replaced since in a dict. Reading a row decodes it to a new str.
 """
 
@@ -54,21 +55,45 @@ class StringColumn:
         self._install(None if base is None else one_array(base))
 
     def _install(self, base: pa.Array | None) -> None:
-        if base is None:  # no pa.array here: its first call imports pandas (~1 s)
-            self._base, self._n_base, self._offsets, self._data = None, 0, memoryview(b""), memoryview(b"")
-            self._tail, self._changed = [], {}
-            return
-        bufs = base.buffers()
-        fmt = "q" if pa.types.is_large_string(base.type) else "i"
-        offsets = memoryview(bufs[1]).cast("B").cast(fmt) if bufs[1] is not None else memoryview(b"").cast(fmt)
-        # Python ints from a memoryview: faster per row than numpy scalars
-        self._offsets = offsets[base.offset: base.offset + len(base) + 1]
-        self._data = memoryview(bufs[2]) if bufs[2] is not None else memoryview(b"")
-        self._base, self._n_base = base, len(base)
+        """Keep `base`'s rows as its UTF-8 bytes (one Python bytes object) and offsets (numpy);
+        the Arrow array itself is not kept. Its nulls become changed rows holding None."""
         self._tail, self._changed = [], {}
-        if base.null_count:
-            for r in np.flatnonzero(base.is_null().to_numpy(zero_copy_only=False)).tolist():
-                self._changed[r] = None
+        self._type = pa.string()
+        self._data = b""
+        self._offsets_np = np.zeros(1, np.int32)
+        if base is not None and len(base):
+            bufs = base.buffers()
+            if pa.types.is_large_string(base.type):
+                self._type, dtype = pa.large_string(), np.int64
+            else:
+                dtype = np.int32
+            offsets = np.frombuffer(bufs[1], dtype)[base.offset: base.offset + len(base) + 1]
+            lo, hi = int(offsets[0]), int(offsets[-1])
+            self._data = bufs[2].slice(lo, hi - lo).to_pybytes() if hi > lo else b""
+            self._offsets_np = offsets - dtype(lo)  # a copy: no Arrow buffer stays alive
+            if base.null_count:
+                for r in np.flatnonzero(base.is_null().to_numpy(zero_copy_only=False)).tolist():
+                    self._changed[r] = None
+        self._n_base = len(self._offsets_np) - 1
+        # Indexing a memoryview gives a Python int: faster per row than a numpy scalar
+        self._offsets = memoryview(self._offsets_np)
+
+    def _base(self) -> pa.Array:
+        """The base rows as an Arrow array (sharing this column's memory; no nulls)."""
+        return pa.Array.from_buffers(self._type, self._n_base,
+                                     [None, pa.py_buffer(self._offsets_np), pa.py_buffer(self._data)])
+
+    def equals(self, row: int, value: str) -> bool:
+        """`self[row] == value` for a row in 0..len-1, without making a str of a base row."""
+        if row < self._n_base and value.__class__ is str and row not in self._changed:
+            o = self._offsets
+            start = o[row]
+            try:
+                raw = value.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate: no stored (valid UTF-8) row equals it
+                return False
+            return o[row + 1] - start == len(raw) and self._data.startswith(raw, start)
+        return self[row] == value
 
     def __len__(self) -> int:
         return self._n_base + len(self._tail)
@@ -93,7 +118,7 @@ class StringColumn:
                 if value is not _MISSING:
                     return value
             o = self._offsets
-            return str(self._data[o[row]:o[row + 1]], "utf-8")
+            return self._data[o[row]:o[row + 1]].decode()
         if row < 0:
             return self[self._row(row)]
         return self._tail[row - self._n_base]  # IndexError past the end
@@ -110,8 +135,9 @@ class StringColumn:
 
     def __iter__(self) -> Iterator[str | None]:
         step = 65536  # a bounded slice of the base at a time, not one str per row at once
+        base = self._base()
         for lo in range(0, self._n_base, step):
-            values = self._base.slice(lo, step).to_pylist()
+            values = base.slice(lo, step).to_pylist()
             if self._changed:
                 for r, v in self._changed.items():
                     if lo <= r < lo + step:
@@ -125,9 +151,9 @@ class StringColumn:
     def to_arrow(self) -> pa.Array:
         """Every row as one pa.string() array (the same values `pa.array(list(self), pa.string())`
         gives)."""
-        if self._base is None:
-            return pa.array(self._tail, pa.string())
-        base = self._base if pa.types.is_string(self._base.type) else self._base.cast(pa.string())
+        if not self._n_base:  # no pa.array for an empty table: its first call imports pandas (~1 s)
+            return pa.array(self._tail, pa.string()) if self._tail else self._base()
+        base = self._base() if self._type == pa.string() else self._base().cast(pa.string())
         if not self._changed and not self._tail:
             return base
         changed = sorted(self._changed)
