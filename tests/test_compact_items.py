@@ -136,6 +136,16 @@ def test_string_column_reads_like_a_list(kind):
         col[-len(ref) - 1]
 
 
+def test_string_column_takes_string_like_arrays_only():
+    assert StringColumn(pa.array(["a", "b"]).dictionary_encode()).tolist() == ["a", "b"]
+    assert StringColumn(pa.array(["a", None], pa.string_view())).tolist() == ["a", None]
+    assert StringColumn(pa.nulls(2)).tolist() == [None, None]
+    with pytest.raises(TypeError, match="must hold strings"):
+        StringColumn(pa.array([1, 2]))
+    with pytest.raises(TypeError, match="must hold strings"):
+        Vocabulary.from_arrow(pa.array([b"a"]))
+
+
 def _old_table(ids, titles, texts, cats, t: ItemTable) -> pa.Table:
     """The table as ItemTable.to_arrow wrote it from plain lists."""
     n = len(t)

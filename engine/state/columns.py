@@ -24,7 +24,7 @@ _MISSING = object()
 
 def one_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     """`values` as a single pa.string() or pa.large_string() array (chunks combined, other
-    string-like types cast). Raises pa.ArrowException for a column that is not strings."""
+    string-like types cast). Raises TypeError for a column that is not strings."""
     if isinstance(values, pa.ChunkedArray):
         chunks = values.chunks
         if not chunks:
@@ -36,9 +36,17 @@ def one_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
             if size > MAX_STRING_BYTES:
                 values = values.cast(pa.large_string())
             values = pa.concat_arrays(values.chunks)
-    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+    t = values.type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        if not (pa.types.is_null(t) or pa.types.is_string_view(t) or
+                (pa.types.is_dictionary(t) and _is_text(t.value_type))):
+            raise TypeError(f"a string column must hold strings; got {t}")
         values = values.cast(pa.large_string() if values.nbytes > MAX_STRING_BYTES else pa.string())
     return values
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
 class StringColumn:
