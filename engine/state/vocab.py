@@ -127,7 +127,7 @@ class Vocabulary:
         if row >= len(self._hashes):
             self._hashes = grown(self._hashes, row + 1, MIN_HASHES)
             self._hash_view = memoryview(self._hashes)
-        self._hashes[row] = h
+        self._hash_view[row] = h
         if 2 * (row + 1) > len(self._slots):  # keep the load at most 1/2: double, re-place in bulk
             self._place(2 * len(self._slots))
         else:
