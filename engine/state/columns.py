@@ -1,11 +1,11 @@
-"""A column of strings kept compact: the snapshot's rows in its Arrow array, changes in Python.
+"""A column of strings kept compact: the snapshot's rows as UTF-8 bytes, changes in Python.
 
 ItemTable keeps its vectors as the snapshot's (mapped) rows plus a small tail of rows added since;
 `StringColumn` does the same for titles, texts and ids. The rows that came from the snapshot stay
 as the UTF-8 bytes and offsets of the Arrow array the snapshot was read into (one bytes object
 and a numpy array: 4 B a row plus the text, against ~57 B plus the text for a Python str and its
-list slot); rows appended since live in
-a Python list and snapshot rows replaced since in a dict. Reading a row decodes it to a new str.
+list slot); rows appended since live in a Python list and snapshot rows replaced since in a dict.
+Reading a row decodes it to a new str (equal to the one a list would hold, not the same object).
 """
 
 from __future__ import annotations

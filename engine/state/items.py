@@ -4,8 +4,9 @@ The raw text vectors are kept once: rows that came from the snapshot stay in its
 memory-mapped copy-on-write (see storage/mapped.py), and rows added since live in a small
 in-memory tail. A save writes both into the next snapshot and maps that (`install_vectors`), so
 the tail never outgrows what was added since the last save. Ids, titles and texts are kept the
-same way (see columns.py): the snapshot's stay in the Arrow arrays it was read into, rows added or
-replaced since in small Python containers, folded in by the next save (`to_arrow`).
+same way (see columns.py): the snapshot's stay as the UTF-8 bytes and offsets of the Arrow arrays
+it was read into, rows added or replaced since in small Python containers, folded in by the next
+save (`to_arrow`).
 """
 
 from __future__ import annotations

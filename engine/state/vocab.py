@@ -51,8 +51,8 @@ def check_id(value: object, what: str = "id") -> str:
 class Vocabulary:
     """Append-only mapping between external ids and rows 0..n-1.
 
-    The ids are a `StringColumn` (a snapshot's ids stay in its Arrow array; ids added since in a
-    list). The id -> row lookup is an open-addressing hash table in numpy: `_slots` (a power of
+    The ids are a `StringColumn` (a snapshot's ids as one bytes object and offsets; ids added
+    since in a list). The id -> row lookup is an open-addressing hash table in numpy: `_slots` (a power of
     two, at least twice the rows) holds rows (-1: empty), probed linearly from `hash(id) & mask`;
     `_hashes` keeps each row's hash, so a probe compares hashes first and decodes an id only to
     confirm, and growth re-places the rows without hashing a string again. Python's str hash is
@@ -68,8 +68,9 @@ class Vocabulary:
 
     @classmethod
     def from_arrow(cls, ids: pa.Array | pa.ChunkedArray) -> "Vocabulary":
-        """The vocabulary of `ids` (rows 0..n-1 in order), kept in their Arrow array. Raises
-        ValueError if an id is null or repeated."""
+        """The vocabulary of `ids` (rows 0..n-1 in order), built in bulk: the ids are hashed a
+        chunk at a time and placed with numpy. Raises ValueError if an id is null or repeated,
+        TypeError if `ids` are not strings."""
         v = cls()
         base = one_array(ids)
         v._ids = StringColumn(base)
