@@ -236,3 +236,36 @@ def test_engine_store_reads_the_same_items_after_saves_and_reopens(tmp_path):
                     eng.get_item(k)
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("table", ["items", "users"])
+def test_a_store_whose_table_repeats_an_id_does_not_open(tmp_path, table):
+    """An intact file (its checksum matches) from a foreign writer that gives two rows one id:
+    the store does not open, the error names the file, and the file is left as it was."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from engine import CorruptStoreError
+    from engine.storage.store import manifest_digest, sha256_file
+
+    store = tmp_path / "s"
+    with Engine.create(store, config=Config(seed=0, fsync=False), encoder=FakeEncoder()) as eng:
+        eng.add_items([Item(f"i{j}", f"title {j}", f"rocket {j}") for j in range(3)])
+        eng.record("ann", "i0")
+        eng.record("bob", "i1")
+        eng.save()
+    manifest = json.loads((store / "manifest.json").read_text())
+    name = next(n for n in manifest["files"] if n.startswith(f"{table}-"))
+    key = "item_id" if table == "items" else "user_id"
+    t = pq.read_table(store / name)
+    ids = t.column(key).to_pylist()
+    ids[-1] = ids[0]
+    pq.write_table(t.set_column(t.column_names.index(key), key, pa.array(ids, pa.string())), store / name)
+    manifest["files"][name] = {"bytes": (store / name).stat().st_size, "sha256": sha256_file(store / name)}
+    manifest["checksum"] = manifest_digest(manifest)
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    before = (store / name).read_bytes()
+    with pytest.raises(CorruptStoreError, match=f"{name}.*ids must be unique"):
+        Engine.open(store, encoder=FakeEncoder())
+    assert (store / name).read_bytes() == before
