@@ -73,6 +73,7 @@ def test_vocabulary_handles_collisions_of_the_low_bits(monkeypatch):
                   lambda: Vocabulary.from_arrow(pa.chunked_array([ids[:5], ids[5:]], pa.large_string()))):
         weak = build()
         _check_vocab(weak, ids, np.random.default_rng(1))
+        assert weak.row("i\ud8001") is None  # a lone surrogate with the weak hash of "id0".."id9"
         more = [f"more{j}" for j in range(40)]  # grows past 2x twice, re-placing the rows in bulk
         for i in more:
             weak.add(i)

@@ -153,9 +153,11 @@ class Vocabulary:
                 ids = self._ids
                 if r < ids._n_base and key.__class__ is str:  # StringColumn.equals, inlined
                     o = ids._offsets
-                    start, end = o[r], o[r + 1]
-                    if ids._data[start:end] == key.encode("utf-8", "surrogatepass"):
-                        return r
+                    try:
+                        if ids._data[o[r]:o[r + 1]] == key.encode():
+                            return r
+                    except UnicodeEncodeError:  # a lone surrogate: no stored (UTF-8) id equals it
+                        pass
                 elif ids[r] == key:
                     return r
             i = (i + 1) & mask
