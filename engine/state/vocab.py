@@ -77,7 +77,7 @@ class Vocabulary:
         if base.null_count:
             raise ValueError(f"ids must not be null; row {base.is_null().index(True).as_py()} is")
         n = len(base)
-        hashes = np.empty(max(n, MIN_HASHES), np.int64)
+        hashes = np.zeros(max(n, MIN_HASHES), np.int64)
         for lo in range(0, n, BUILD_CHUNK):  # a bounded number of str objects alive at a time
             part = base.slice(lo, BUILD_CHUNK).to_pylist()
             hashes[lo: lo + len(part)] = np.fromiter(map(_hash, part), np.int64, len(part))
