@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from engine import Config, Engine, Item
+from engine.state.columns import StringColumn
+from engine.state.vocab import Vocabulary
 
 from conftest import FakeEncoder
 
@@ -18,10 +20,14 @@ WORDS = ["rocket", "orbit", "pasta", "oven", "goal", "league", "guitar", "drum",
 
 def fingerprint(obj: object, memo: set[int] | None = None) -> object:
     """A comparable picture of everything reachable from `obj`: arrays by content, containers by
-    their elements, objects by their attributes (not FAISS's own objects or locks)."""
+    their elements, objects by their attributes (not FAISS's own objects or locks). Id and string
+    columns by their rows, as a dict is by its items: how they are laid out (snapshot bytes or
+    tail, hash slots) depends on the history, not on the state."""
     memo = set() if memo is None else memo
     if isinstance(obj, (str, int, float, bool, type(None), bytes)):
         return obj
+    if isinstance(obj, (StringColumn, Vocabulary)):
+        return (type(obj).__name__, obj.tolist() if isinstance(obj, StringColumn) else obj.ids())
     if id(obj) in memo:
         return "<seen>"
     memo.add(id(obj))

@@ -3,7 +3,10 @@
 The raw text vectors are kept once: rows that came from the snapshot stay in its vectors file,
 memory-mapped copy-on-write (see storage/mapped.py), and rows added since live in a small
 in-memory tail. A save writes both into the next snapshot and maps that (`install_vectors`), so
-the tail never outgrows what was added since the last save.
+the tail never outgrows what was added since the last save. Ids, titles and texts are kept the
+same way (see columns.py): the snapshot's stay as the UTF-8 bytes and offsets of the Arrow arrays
+it was read into, rows added or replaced since in small Python containers, folded in by the next
+save (`to_arrow`).
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..types import Item
 from ..vectors import grown
+from .columns import StringColumn
 from .vocab import Vocabulary
 
 ITEM_SCHEMA = pa.schema([
@@ -39,8 +44,8 @@ class ItemTable:
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self.vocab = Vocabulary()
-        self.titles: list[str] = []
-        self.texts: list[str] = []
+        self.titles = StringColumn()  # indexed like a list of str
+        self.texts = StringColumn()
         self.categories: list[tuple[str, ...]] = []
         self.added_at = np.zeros(0, np.int64)
         self.removed = np.zeros(0, bool)
@@ -185,10 +190,13 @@ class ItemTable:
         return row
 
     def to_arrow(self) -> pa.Table:
+        """Every row as a table of ITEM_SCHEMA. The ids, titles and texts added or replaced since
+        the last call are folded into the Arrow arrays the table is made of (memory holds one
+        copy of each string, however often the store is saved)."""
         n = self._n
         return pa.Table.from_arrays([
-            pa.array(self.vocab.ids(), pa.string()), pa.array(self.titles, pa.string()),
-            pa.array(self.texts, pa.string()), pa.array([list(c) for c in self.categories],
+            self.vocab.to_arrow(), self.titles.compact(),
+            self.texts.compact(), pa.array([list(c) for c in self.categories],
                                                          pa.list_(pa.string())),
             pa.array(self.added_at[:n]), pa.array(self.removed[:n]), pa.array(self.impressions[:n]),
             pa.array(self.clicks[:n]), pa.array(self.skips[:n]),
@@ -201,14 +209,17 @@ class ItemTable:
         """The table of `table`'s rows; `vectors` (shape (rows, dim), float32) is kept, not copied,
         unless it is read-only (a map of the snapshot is writable: copy-on-write)."""
         t = cls(vectors.shape[1])
-        cols = {c: table.column(c).to_pylist() for c in ("item_id", "title", "text", "categories")}
         n = table.num_rows
         t._reserve(n)
-        for r in range(n):
-            t.vocab.add(cols["item_id"][r])
-        t.titles, t.texts = cols["title"], cols["text"]
-        for r, c in enumerate(cols["categories"]):
-            t._set_categories(r, tuple(c or ()))
+        t.vocab = Vocabulary.from_arrow(table.column("item_id"))
+        t.titles, t.texts = StringColumn(table.column("title")), StringColumn(table.column("text"))
+        cats = table.column("categories")
+        has = np.flatnonzero(pc.list_value_length(cats).fill_null(0).to_numpy(zero_copy_only=False))
+        t.categories = [()] * n  # the one empty tuple; only rows with categories make objects
+        for r, c in zip(has.tolist(), cats.take(has).to_pylist()):
+            t.categories[r] = tuple(c)
+            for name in t.categories[r]:
+                t._by_category.setdefault(name, set()).add(r)
         for name in ("added_at", "removed", "impressions", "clicks", "skips"):
             getattr(t, name)[:n] = table.column(name).to_numpy(zero_copy_only=False)
         for name in ("pop_clicks", "pop_t"):

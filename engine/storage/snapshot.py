@@ -16,6 +16,7 @@ from .mapped import map_tensors
 from ..state.items import ITEM_SCHEMA, OPTIONAL_ITEM_COLUMNS, ItemTable
 from .store import StoreDir, atomic_write
 from ..state.users import UserTable
+from ..state.vocab import Vocabulary
 
 USER_SCHEMA = pa.schema([
     ("user_id", pa.string()), ("clicks", pa.list_(pa.int64())), ("skips", pa.list_(pa.int64())),
@@ -29,7 +30,7 @@ OPTIONAL_USER_COLUMNS = ("held", "dislikes")
 def users_to_arrow(users: UserTable) -> pa.Table:
     s = users.states
     return pa.Table.from_arrays([
-        pa.array(users.vocab.ids(), pa.string()), pa.array([u.clicks for u in s], pa.list_(pa.int64())),
+        users.vocab.to_arrow(), pa.array([u.clicks for u in s], pa.list_(pa.int64())),
         pa.array([u.skips for u in s], pa.list_(pa.int64())), pa.array([u.impressions for u in s], pa.int64()),
         pa.array([u.profile for u in s], pa.string()), pa.array([u.held for u in s], pa.list_(pa.int64())),
         pa.array([u.dislikes for u in s], pa.list_(pa.int64())),
@@ -49,6 +50,7 @@ def user_arrays(users: UserTable, d_text: int) -> dict[str, np.ndarray]:
 
 def users_from_arrow(table: pa.Table, vecs: np.ndarray, profiles: np.ndarray) -> UserTable:
     users = UserTable(vecs.shape[1] if vecs.ndim == 2 else 0)
+    users.vocab = Vocabulary.from_arrow(table.column("user_id"))  # row r is table row r
     cols = table.to_pydict()
     for r, uid in enumerate(cols["user_id"]):
         state = users.get_or_create(uid)
