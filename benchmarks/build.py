@@ -136,6 +136,8 @@ def run_one(kind: str, m: int, efc: int, vectors: np.ndarray, queries: np.ndarra
                              "omp_threads_at_build": faiss.omp_get_max_threads(), "load_before": bt.load()}
     rss0 = bt.rss_bytes()
     vi = VectorIndex(vectors.shape[1], kind, hnsw_m=m, ef_construction=efc, search_threads=1)
+    if kind == "ivf":  # M:efC mean nothing here; nlist is the engine's 4 * sqrt(n)
+        entry.update({"M": None, "efConstruction": None})
     c0, t0 = os.times(), time.perf_counter()
     with CpuSampler() as sampler:
         if chunk and chunk < n:
@@ -157,8 +159,8 @@ def run_one(kind: str, m: int, efc: int, vectors: np.ndarray, queries: np.ndarra
     entry["file_bytes_per_item"] = round(path.stat().st_size / n, 1)
     path.unlink()
     entry["search"] = {}
-    for ef in ef_searches:
-        vi.ef_search = ef
+    for ef in ef_searches:  # efSearch for HNSW, nprobe for IVF
+        vi.ef_search = vi.nprobe = ef
         found = np.full((len(queries), K), -1, np.int64)
         for i in range(min(20, len(queries))):  # warm-up
             vi.search(queries[i], K)
@@ -182,7 +184,8 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--grid", nargs="+", default=["32:100", "32:40", "24:40", "16:40"],
                    help="M:efConstruction pairs")
-    p.add_argument("--kinds", nargs="+", default=["hnsw"], choices=["hnsw", "hnsw-sq8"])
+    p.add_argument("--kinds", nargs="+", default=["hnsw"], choices=["hnsw", "hnsw-sq8", "ivf"],
+                   help="ivf: one build per run (the grid is ignored), --ef-search is then nprobe")
     p.add_argument("--ef-search", nargs="+", type=int, default=[64, 128, 256])
     p.add_argument("--chunk", type=int, default=0, help="add in chunks of this many rows (0: one build call)")
     p.add_argument("--build-threads", type=int, default=0, help="FAISS OpenMP threads for the build (0: default)")
@@ -209,7 +212,7 @@ def main() -> None:
     result["runs"] = []
     with tempfile.TemporaryDirectory(prefix="kindling-build-") as tmp:
         for kind in a.kinds:
-            for m, efc in grid:
+            for m, efc in (grid if kind != "ivf" else grid[:1]):
                 entry = run_one(kind, m, efc, vectors, queries, truth, a.ef_search, a.chunk,
                                 a.build_threads, Path(tmp))
                 result["runs"].append(entry)
