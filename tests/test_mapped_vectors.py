@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from engine import CorruptStoreError, Engine, Item
+from engine import Config, CorruptStoreError, Engine, Item
 from engine.storage.mapped import map_tensors
 from engine.text.catalog import item_text
 
@@ -205,3 +205,34 @@ def test_opening_and_serving_a_20k_item_store_does_not_read_its_vectors_into_mem
     # serving reads candidates' vectors from the index's copy, not the mapped file: 200 requests
     # of ~300 candidates touch most of its pages otherwise (RssFile +~1.0x the raw vectors)
     assert grew["served_file"] < 0.1 * raw, (grew, raw)
+
+
+def _rss_file() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))
+
+
+def test_a_pass_over_every_row_does_not_leave_the_vectors_file_resident(tmp_path):
+    """After a pass over all rows (what a trained store's open, a rebuild and fit do), the
+    mapped file's pages leave the process (MADV_PAGEOUT); a row an upsert wrote keeps its new
+    vector (a private page is never dropped)."""
+    n, dim = 20_000, 768
+    vecs = np.random.default_rng(3).standard_normal((n, dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    with Engine.create(tmp_path / "s", Config(fsync=False), encoder=_Lookup(vecs)) as eng:
+        eng.ingest([Item(f"i{j}", f"item {j}") for j in range(n)], progress=False)
+    eng = Engine.open(tmp_path / "s", encoder=_Lookup(vecs))
+    items = eng._state.items  # noqa: SLF001 - the mapped table itself
+    new = np.zeros((1, dim), np.float32)
+    new[0, 0] = 1.0
+    items._set_vector(5, new[0])  # noqa: SLF001 - a copy-on-write write, as an upsert does
+    f0 = _rss_file()
+    total = float(items.vectors.sum())  # touch every page
+    touched = _rss_file() - f0
+    items.release_vector_pages()
+    left = _rss_file() - f0
+    assert touched > 0.8 * n * dim * 4, touched
+    assert left < 0.1 * n * dim * 4, (touched, left)
+    np.testing.assert_array_equal(items.vector_rows(np.array([5]))[0], new[0])
+    assert float(items.vectors.sum()) == total  # every value as it was (re-read from the file)
+    eng.close(save=False)

@@ -93,6 +93,7 @@ class Ranker:
             ib = None if self._item_bias is None else self._item_bias[:n]
             self._vecs = proj.transform(items.vectors, res)
             self._bias = proj.bias(items.vectors, ib)
+            items.release_vector_pages()  # one pass over every row: the file need not stay resident
         else:
             self._vecs, self._bias = None, np.zeros(n, np.float32)
         self._pop_cache = None

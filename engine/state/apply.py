@@ -92,6 +92,7 @@ class State:
         rows = self.items.live_rows()
         self.index = self.new_index(self.index_kind(len(rows)))
         self.index.build(rows, self.ranker.index_vectors(rows))
+        self.items.release_vector_pages()
 
     def load(self, items: ItemTable, users: UserTable, models: dict[str, np.ndarray] | None,
              index_path: Path | None, index_fh: Any, models_path: Path, event_keys: np.ndarray,
