@@ -181,7 +181,25 @@ def feedback(eng: Engine, n_items: int, count: int) -> dict:
         if j >= 20:
             rec.append(t_rec - t)
             to_list.append(t_end - t)
-    return {"record": summary(rec), "record_then_recommend": summary(to_list), "fsync": eng.config.fsync}
+    return {"record": summary(rec), "record_then_recommend": summary(to_list), "fsync": eng.config.fsync,
+            "append_and_fsync_alone": fsync_floor(Path(eng.path), count)}
+
+
+def fsync_floor(folder: Path, count: int) -> dict:
+    """A 200-byte append and its fsync on the store's own disk, alone: the floor under `record`."""
+    path = folder / "fsync-probe.tmp"
+    lat = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for _ in range(count):
+            t = time.perf_counter()
+            os.write(fd, b"x" * 200)
+            os.fsync(fd)
+            lat.append(time.perf_counter() - t)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return summary(lat)
 
 
 def measure(eng: Engine, users: list[str], args: argparse.Namespace) -> dict:

@@ -64,7 +64,8 @@ class Config:
             for the bundled ratings), and a seed then gives the same weights bit for bit on one
             machine (two-thread reductions round differently from run to run).
         blas_threads: threads of numpy's BLAS, set process-wide when an engine is made (open or
-            create); 0 leaves them as they are. 1 (default): a request's products are small (the
+            create); 0 leaves them as they are. A BLAS that threads through OpenMP (faiss-cpu
+            bundles one) is left alone: limiting it would leave FAISS's builds on one core. 1 (default): a request's products are small (the
             reranker's MLP over a few hundred candidates), and a second BLAS thread per request
             spins against the other requests and the host: the reranker's forward took 8.0 ms
             p50 on two BLAS threads against 0.16 ms on one, on this 2-core host with another job

@@ -61,9 +61,9 @@ class Engine:
     def __init__(self, store: StoreDir, config: Config, encoder: TextEncoder | None) -> None:
         self._store, self.config = store, config
         if config.blas_threads:  # process-wide, as Config.blas_threads says
-            from threadpoolctl import threadpool_limits
+            from .threads import numpy_blas
 
-            threadpool_limits(limits=config.blas_threads, user_api="blas")
+            numpy_blas().limit(limits=config.blas_threads)
         self._encoder = encoder
         self._encoder_lock = threading.Lock()  # loading the model must not hold up the state's lock
         self._lock = RWLock()

@@ -61,28 +61,38 @@ def test_fit_threads_are_set_inside_and_given_back() -> None:
 
 
 def _blas_threads() -> set[int]:
+    """Thread counts of the BLAS libraries that do not thread through OpenMP (numpy's)."""
     from threadpoolctl import threadpool_info
 
-    return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+    from engine.threads import OPENMP_LAYERS
+
+    return {lib["num_threads"] for lib in threadpool_info()
+            if lib["user_api"] == "blas" and lib.get("threading_layer") not in OPENMP_LAYERS}
 
 
-def test_an_engine_sets_blas_threads_process_wide(tmp_path: Path) -> None:
+def test_an_engine_sets_blas_threads_process_wide_and_leaves_faiss_its_cores(tmp_path: Path) -> None:
     """Config.blas_threads (default 1) is what numpy's BLAS runs on once an engine is made;
-    0 leaves the count as the process had it."""
-    from threadpoolctl import threadpool_limits
+    0 leaves the count as the process had it. FAISS's OpenMP threads (its index builds) are
+    never touched, by the engine nor by fit: faiss-cpu's own BLAS threads through OpenMP, and
+    limiting it with the rest once left FAISS's builds on one core."""
+    import faiss
+    from engine.threads import numpy_blas
 
     if not _blas_threads():
         pytest.skip("numpy is linked to no BLAS that threadpoolctl can see")
-    original = threadpool_limits(limits=2, user_api="blas")  # a count the engine must change
+    omp = faiss.omp_get_max_threads()
+    original = numpy_blas().limit(limits=2)  # a count the engine must change
     try:
         assert _blas_threads() == {2}
         Engine.create(tmp_path / "a", Config(fsync=False), encoder=FakeEncoder(dim=8)).close()
-        assert _blas_threads() == {1}
-        threadpool_limits(limits=2, user_api="blas")
+        assert _blas_threads() == {1} and faiss.omp_get_max_threads() == omp
+        numpy_blas().limit(limits=2)
         Engine.create(tmp_path / "b", Config(fsync=False, blas_threads=0), encoder=FakeEncoder(dim=8)).close()
         assert _blas_threads() == {2}
         Engine.open(tmp_path / "a", encoder=FakeEncoder(dim=8)).close()  # the stored config: 1
         assert _blas_threads() == {1}
+        with fit_threads(1):
+            assert faiss.omp_get_max_threads() == omp
     finally:
         original.restore_original_limits()
     with pytest.raises(ValueError, match="blas_threads must be >= 0"):

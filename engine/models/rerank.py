@@ -107,10 +107,10 @@ def _one_blas_thread():
     split over every core waits for all of them (a 12 ms step took 80 ms under load)."""
     global _BLAS
     if _BLAS is None:
-        from threadpoolctl import ThreadpoolController
+        from ..threads import numpy_blas
 
-        _BLAS = ThreadpoolController()
-    return _BLAS.limit(limits=1, user_api="blas")
+        _BLAS = numpy_blas()
+    return _BLAS.limit(limits=1)
 
 
 #: The online step's gradient norm is clipped here: one odd click must not move the network far.

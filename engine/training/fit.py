@@ -55,12 +55,13 @@ def fit_threads(n: int) -> Iterator[None]:
         yield
         return
     import torch
-    from threadpoolctl import threadpool_limits
+
+    from ..threads import numpy_blas
 
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
-        with threadpool_limits(limits=n, user_api="blas"):
+        with numpy_blas().limit(limits=n):
             yield
     finally:
         torch.set_num_threads(before)
