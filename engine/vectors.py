@@ -25,11 +25,19 @@ def normalise_rows(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norms, ZERO_NORM)).astype(np.float32)
 
 
-def grown(arr: np.ndarray, n: int, at_least: int = 0) -> np.ndarray:
-    """`arr` if it has n rows, else a zero-filled copy with room for max(n, 2 * rows, at_least)
-    rows (doubling keeps appends amortised O(1)); same dtype and trailing shape."""
+def grown(arr: np.ndarray, n: int, at_least: int = 0, fill: float = 0) -> np.ndarray:
+    """`arr` if it has n rows, else a copy with room for max(n, 2 * rows, at_least) rows, the
+    new ones `fill` (doubling keeps appends amortised O(1)); same dtype and trailing shape."""
     if len(arr) >= n:
         return arr
-    out = np.zeros((max(n, 2 * len(arr), at_least),) + arr.shape[1:], arr.dtype)
+    out = np.full((max(n, 2 * len(arr), at_least),) + arr.shape[1:], fill, arr.dtype)
     out[: len(arr)] = arr
     return out
+
+
+def slices(starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The positions of consecutive slices [starts[i], starts[i] + lens[i]) of a flat array, in
+    order, as CSR parts: (indptr, positions). One gather then reads every slice at once."""
+    indptr = np.zeros(len(lens) + 1, np.int64)
+    np.cumsum(lens, out=indptr[1:])
+    return indptr, np.repeat(np.asarray(starts, np.int64) - indptr[:-1], lens) + np.arange(indptr[-1])

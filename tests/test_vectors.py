@@ -23,3 +23,18 @@ def test_grown_doubles_keeps_content_dtype_and_shape():
     b = grown(a, 4)
     assert b.shape == (6, 2) and b.dtype == np.int64 and (b[:3] == a).all() and not b[3:].any()
     assert len(grown(a, 20)) == 20 and len(grown(np.zeros(0, bool), 1, at_least=1024)) == 1024
+
+
+def test_slices_gather_consecutive_runs_in_order():
+    from engine.vectors import slices
+
+    indptr, pos = slices(np.array([5, 0, 9, 2]), np.array([2, 0, 3, 1]))
+    assert indptr.tolist() == [0, 2, 2, 5, 6]
+    assert pos.tolist() == [5, 6, 9, 10, 11, 2]
+    indptr, pos = slices(np.zeros(0, np.int64), np.zeros(0, np.int64))
+    assert indptr.tolist() == [0] and pos.tolist() == []
+
+
+def test_grown_fills_new_rows_with_the_fill_value():
+    out = grown(np.array([3, 4]), 5, fill=-1)
+    assert out[:2].tolist() == [3, 4] and (out[2:] == -1).all() and len(out) == 5

@@ -146,9 +146,7 @@ class VectorIndex:
         first = int(self._faiss.ntotal)
         self._faiss.add_with_ids(self._padded(vectors), rows)
         if self._pos is not None:  # appended in order: the positions follow the last one
-            need = int(rows.max()) + 1
-            if need > len(self._pos):
-                self._pos = np.concatenate([self._pos, np.full(max(need, 2 * len(self._pos)) - len(self._pos), -1)])
+            self._pos = grown(self._pos, int(rows.max()) + 1, fill=-1)
             self._pos[rows] = first + np.arange(len(rows))
         self._refresh_storage()  # FAISS may have moved its storage as it grew
         self._set_bits(rows, True)

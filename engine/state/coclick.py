@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..vectors import slices
+
 #: A click pairs with this many of the user's previous clicks.
 WINDOW = 20
 #: Overlay pairs (new since the matrix was built) at which they are folded into the matrix.
@@ -117,8 +119,7 @@ class CoClicks:
         safe = np.where(inside, sources, 0)
         lo = self._indptr[safe]
         lens = np.where(inside, self._indptr[safe + 1] - lo, 0)
-        ends = np.cumsum(lens)
-        pick = np.repeat(lo - (ends - lens), lens) + np.arange(ends[-1] if len(ends) else 0)
+        _, pick = slices(lo, lens)
         cols, counts = [self._indices[pick]], [self._counts[pick]]
         owner = [np.repeat(np.arange(len(sources)), lens)]
         if self._extra:

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from ..text.catalog import clean_text
-from ..vectors import grown
+from ..vectors import grown, slices
 
 #: Hash buckets for terms: collisions stay rare for catalogs' vocabularies (usually < 10^6 words).
 BUCKETS = 1 << 20
@@ -123,11 +123,8 @@ class Lexicon:
         rows = np.asarray(rows, np.int64)
         inside = rows < self._n
         lens = np.where(inside, self._len[np.where(inside, rows, 0)] if self._n else 0, 0).astype(np.int64)
-        indptr = np.zeros(len(rows) + 1, np.int64)
-        np.cumsum(lens, out=indptr[1:])
         starts = self._start[np.where(inside, rows, 0)] if self._n else np.zeros(len(rows), np.int64)
-        pick = np.repeat(starts - indptr[:-1], lens) + np.arange(indptr[-1])
-        return indptr, pick
+        return slices(starts, lens)
 
     def rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """TF-IDF rows, L2-normalised, as CSR parts (indptr, term ids, float32 weights)."""
