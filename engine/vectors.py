@@ -41,3 +41,33 @@ def slices(starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray
     indptr = np.zeros(len(lens) + 1, np.int64)
     np.cumsum(lens, out=indptr[1:])
     return indptr, np.repeat(np.asarray(starts, np.int64) - indptr[:-1], lens) + np.arange(indptr[-1])
+
+
+def sorted_unique(a: np.ndarray, return_inverse: bool = False):
+    """`np.unique` of a 1-d integer array (sorted distinct values; with `return_inverse`, also
+    the position of each element's value among them), by one sort.
+
+    The same answer as np.unique, several times faster on the few hundred rows of a request
+    (np.unique's hash pass and its checks cost ~30 us there; this ~6 us).
+    """
+    a = np.asarray(a)
+    order = np.argsort(a, kind="stable") if return_inverse else None
+    s = a[order] if return_inverse else np.sort(a)
+    first = np.empty(len(s), bool)
+    first[:1] = True
+    np.not_equal(s[1:], s[:-1], out=first[1:])
+    if not return_inverse:
+        return s[first]
+    inverse = np.empty(len(s), np.int64)
+    inverse[order] = np.cumsum(first) - 1
+    return s[first], inverse
+
+
+def outside(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Bool mask: which of `values` are not in `sorted_set` (sorted, 1-d); `~np.isin` by one
+    binary search, for the handful of rows a request excludes."""
+    if not len(sorted_set):
+        return np.ones(len(values), bool)
+    pos = np.searchsorted(sorted_set, values)
+    np.minimum(pos, len(sorted_set) - 1, out=pos)
+    return sorted_set[pos] != values

@@ -38,3 +38,18 @@ def test_slices_gather_consecutive_runs_in_order():
 def test_grown_fills_new_rows_with_the_fill_value():
     out = grown(np.array([3, 4]), 5, fill=-1)
     assert out[:2].tolist() == [3, 4] and (out[2:] == -1).all() and len(out) == 5
+
+
+def test_sorted_unique_and_outside_equal_numpys_answers(rng):
+    from engine.vectors import outside, sorted_unique
+
+    for size, high in ((0, 5), (1, 5), (7, 3), (400, 100), (400, 100_000)):
+        a = rng.integers(0, high, size).astype(np.int64)
+        np.testing.assert_array_equal(sorted_unique(a), np.unique(a))
+        uniq, inverse = sorted_unique(a, return_inverse=True)
+        want, want_inverse = np.unique(a, return_inverse=True)
+        np.testing.assert_array_equal(uniq, want)
+        np.testing.assert_array_equal(inverse, want_inverse)
+        for n_banned in (0, 1, 20):
+            banned = rng.integers(0, high, n_banned).astype(np.int64)
+            np.testing.assert_array_equal(outside(a, np.sort(banned)), ~np.isin(a, banned))

@@ -24,7 +24,7 @@ from ..state.lexical import Lexicon
 from ..models.projection import Projection
 from ..models.rerank import FEATURES, N_FEATURES, Reranker, expand
 from ..state.users import UserState, UserTable, apply_click, apply_dislike, apply_skip
-from ..vectors import grown, normalise
+from ..vectors import grown, normalise, outside, sorted_unique
 
 #: The popular list holds at least this many rows (4x what its first request needs, when more),
 #: so that requests with longer exclusions rarely need a rebuild.
@@ -275,19 +275,16 @@ class Ranker:
         if self.searches(user):
             parts.append(ann if ann is not None else
                          index.search(self.user_query(user), max(self.config.retrieve, k), exclude=banned)[0])
+        banned_sorted = np.sort(banned)
         if self.config.coclick_candidates and user.clicks:
             near = self.coclicks.neighbours(self._recent(user), self.config.coclick_candidates + len(banned))
-            near = near[~self._items.removed[near]]
-            if len(banned):
-                near = near[~np.isin(near, banned)]
+            near = near[~self._items.removed[near] & outside(near, banned_sorted)]
             parts.append(near[: self.config.coclick_candidates])
         if self.config.popular_candidates:
             pop = self.popular(self.config.popular_candidates + len(banned), refresh)
-            pop = pop[~self._items.removed[pop]]
-            if len(banned):
-                pop = pop[~np.isin(pop, banned)]
+            pop = pop[~self._items.removed[pop] & outside(pop, banned_sorted)]
             parts.append(pop[: self.config.popular_candidates])
-        rows = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+        rows = sorted_unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
         if len(rows) < k:  # k beyond the pool: the most clicked of the other allowed rows
             others = np.setdiff1d(self._items.live_rows(), np.union1d(rows, banned))
             rows = np.union1d(rows, self._most_clicked(k - len(rows), others))
@@ -308,7 +305,7 @@ class Ranker:
         eligible = np.flatnonzero(ok)
         if self.config.popular_candidates:
             parts.append(self._most_clicked(self.config.popular_candidates, eligible))
-        rows = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+        rows = sorted_unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
         if len(rows) < k:
             rows = np.union1d(rows, self._most_clicked(k - len(rows), np.setdiff1d(eligible, rows)))
         return rows
@@ -445,7 +442,7 @@ class Ranker:
         a = 1.0 + clicks
         b = 1.0 + np.maximum(items.impressions[rows] - clicks, 0.0)
         theta = rng.beta(a, b)
-        z = np.clip((theta - a / (a + b)) / PRIOR_SD, -EXPLORE_CLIP, EXPLORE_CLIP)
+        z = np.minimum(np.maximum((theta - a / (a + b)) / PRIOR_SD, -EXPLORE_CLIP), EXPLORE_CLIP)
         spread = float(scores.std()) if len(scores) > 1 else 1.0
         return (self.config.explore_weight * spread * z).astype(np.float32)
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..vectors import slices
+from ..vectors import slices, sorted_unique
 
 #: A click pairs with this many of the user's previous clicks.
 WINDOW = 20
@@ -150,7 +150,7 @@ class CoClicks:
         if not parts or n <= 0:
             return np.zeros(0, np.int64)
         cols = np.concatenate([c for c, _ in parts])
-        uniq, inverse = np.unique(cols, return_inverse=True)
+        uniq, inverse = sorted_unique(cols, return_inverse=True)
         total = np.bincount(inverse, weights=np.concatenate([v for _, v in parts]), minlength=len(uniq))
         if among is not None:
             keep = (uniq < len(among)) & among[np.minimum(uniq, len(among) - 1)]

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from ..text.catalog import clean_text
-from ..vectors import grown, slices
+from ..vectors import grown, slices, sorted_unique
 
 #: Hash buckets for terms: collisions stay rare for catalogs' vocabularies (usually < 10^6 words).
 BUCKETS = 1 << 20
@@ -141,7 +141,7 @@ class Lexicon:
         if not len(history) or not len(rows):
             return out
         _, h_idx, h_val = self.rows(np.asarray(history, np.int64))
-        terms, inverse = np.unique(h_idx, return_inverse=True)
+        terms, inverse = sorted_unique(h_idx, return_inverse=True)
         weights = np.bincount(inverse, weights=h_val, minlength=len(terms))
         norm = float(np.linalg.norm(weights))
         if norm == 0.0:
