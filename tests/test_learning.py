@@ -202,10 +202,50 @@ def test_trained_models_round_trip_through_safetensors(tmp_path: Path) -> None:
     assert len(models) == 1
     assert models[0].read_bytes()[8:9] == b"{"  # a safetensors header, not a pickle
     tensors = load_file(str(models[0]))
-    assert {"projection.weight", "projection.taus", "tower.residual", "rerank.linear.weight"} <= set(tensors)
+    assert {"projection.weight", "projection.taus", "tower.warm_rows", "rerank.linear.weight"} <= set(tensors)
+    assert "tower.residual" not in tensors  # the residuals of warm items only (WarmResiduals)
     again = Engine.open(tmp_path / "rt", encoder=FakeEncoder(dim=512))
     assert [r.item_id for r in again.recommend("u1", k=10)] == expected
     assert again.stats()["trained"]
+    again.close(save=False)
+
+
+def test_warm_residuals_are_kept_for_warm_items_only_and_dense_files_still_load(tmp_path: Path) -> None:
+    import json
+
+    from safetensors.numpy import save_file
+
+    from engine.storage.store import manifest_digest, sha256_file
+
+    eng, _ = build(tmp_path, "warm", Config(explore=False, proj_epochs=3, proj_dim=16, rerank_epochs=1, fsync=False))
+    st = eng._state
+    warm = st.ranker._warm
+    n = len(st.items)
+    assert 0 < len(warm.rows) < n and (np.diff(warm.rows) > 0).all()
+    assert warm.residual.shape == (len(warm.rows), 16) and warm.residual.any(axis=1).all()
+    expected = {u: [r.item_id for r in eng.recommend(u, k=10)] for u in ("u0", "u1", "u2")}
+    vecs = st.ranker.item_vectors(np.arange(n)).copy()
+    eng.close()
+    # a store written with one dense residual row per item (before WarmResiduals) opens the same
+    path = sorted((tmp_path / "warm").glob("models-*.safetensors"))[-1]
+    t = load_file(str(path))
+    rows = t.pop("tower.warm_rows")
+    residual, bias = np.zeros((n, 16), np.float32), np.zeros(n, np.float32)
+    residual[rows], bias[rows] = t.pop("tower.warm_residual"), t.pop("tower.warm_bias")
+    save_file({**t, "tower.residual": residual, "tower.item_bias": bias}, str(path))
+    manifest = json.loads((path.parent / "manifest.json").read_text())
+    manifest["files"][path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    manifest["checksum"] = manifest_digest(manifest)
+    (path.parent / "manifest.json").write_text(json.dumps(manifest))
+    again = Engine.open(tmp_path / "warm", encoder=FakeEncoder(dim=512))
+    np.testing.assert_array_equal(again._state.ranker.item_vectors(np.arange(n)), vecs)
+    assert {u: [r.item_id for r in again.recommend(u, k=10)] for u in expected} == expected
+    np.testing.assert_array_equal(again._state.ranker._warm.rows, rows)
+    # a replaced item has no audience yet: its residual goes
+    item = again._state.items.item(int(rows[0]))
+    again.add_items([Item(item.item_id, item.title + " (new edition)", item.text, item.categories)], upsert=True)
+    assert int(rows[0]) not in again._state.ranker._warm.rows.tolist()
+    assert len(again._state.ranker._warm.rows) == len(rows) - 1
     again.close(save=False)
 
 

@@ -50,22 +50,31 @@ class Projection:
     def d_out(self) -> int:
         return self.d_in if self.weight is None else int(self.weight.shape[1])
 
-    def transform(self, raw: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
-        """Shape (n, d_in) float32 -> (n, d_out) float32, unit rows."""
+    def transform(self, raw: np.ndarray, residual: np.ndarray | None = None,
+                  rows: np.ndarray | None = None) -> np.ndarray:
+        """Shape (n, d_in) float32 -> (n, d_out) float32, unit rows. `residual`: one row per row
+        of `raw`, or, with `rows`, the residuals of those rows of `raw` only (the others none)."""
         raw = np.asarray(raw, np.float32)
         if self.weight is None:
             return normalise_rows(raw)
         out = raw @ self.weight
-        if residual is not None:
+        if residual is not None and rows is None:
             out = out + residual
+        elif residual is not None:
+            out[rows] += residual
         return normalise_rows(out)
 
-    def bias(self, raw: np.ndarray, item_bias: np.ndarray | None = None) -> np.ndarray:
-        """Popularity bias predicted from text, shape (n,)."""
+    def bias(self, raw: np.ndarray, item_bias: np.ndarray | None = None,
+             rows: np.ndarray | None = None) -> np.ndarray:
+        """Popularity bias predicted from text, shape (n,); `item_bias` and `rows` as in `transform`."""
         if self.bias_weight is None:
             return np.zeros(len(raw), np.float32)
         b = np.asarray(raw, np.float32) @ self.bias_weight + self.bias_const
-        return (b if item_bias is None else b + item_bias).astype(np.float32)
+        if item_bias is not None and rows is None:
+            b = b + item_bias
+        elif item_bias is not None:
+            b[rows] += item_bias
+        return b.astype(np.float32)
 
     def tensors(self) -> dict[str, np.ndarray]:
         if not self.trained:

@@ -57,8 +57,7 @@ class Ranker:
         self._items: ItemTable | None = None
         self._vecs: np.ndarray | None = None      # retrieval vectors when trained (else the raw ones)
         self._bias = np.zeros(0, np.float32)
-        self._residual: np.ndarray | None = None  # warm items' learned residuals, by row
-        self._item_bias: np.ndarray | None = None
+        self._warm: WarmResiduals | None = None  # the towers' learned residuals of warm items
         self._pop_cache: np.ndarray | None = None
         #: The store's index (set by State): untrained, the vectors it holds are the raw ones
         self.index: VectorBackend | None = None
@@ -76,7 +75,7 @@ class Ranker:
         return self.projection.d_out + 1
 
     def _rows_capacity(self, n: int) -> None:
-        for name in ("_residual", "_item_bias", "_vecs", "_bias"):
+        for name in ("_vecs", "_bias"):
             arr = getattr(self, name)
             if arr is not None:
                 setattr(self, name, grown(arr, n))
@@ -89,10 +88,9 @@ class Ranker:
         if len(self.lexicon) != n:
             self.lexicon.rebuild((item_text(items.item(r)) for r in range(n)), items.removed)
         if proj.trained:
-            res = None if self._residual is None else self._residual[:n]
-            ib = None if self._item_bias is None else self._item_bias[:n]
-            self._vecs = proj.transform(items.vectors, res)
-            self._bias = proj.bias(items.vectors, ib)
+            warm = self._warm.below(n) if self._warm is not None else WarmResiduals.empty(proj.d_out)
+            self._vecs = proj.transform(items.vectors, warm.residual, warm.rows)
+            self._bias = proj.bias(items.vectors, warm.bias, warm.rows)
             items.release_vector_pages()  # one pass over every row: the file need not stay resident
         else:
             self._vecs, self._bias = None, np.zeros(n, np.float32)
@@ -101,9 +99,8 @@ class Ranker:
     def on_items_added(self, items: ItemTable, proj: Projection, rows: np.ndarray) -> None:
         self._items, self.projection = items, proj
         self._rows_capacity(len(items))
-        if self._residual is not None:  # a new (or replaced) item has no audience yet
-            self._residual[rows] = 0.0
-            self._item_bias[rows] = 0.0
+        if self._warm is not None:  # a new (or replaced) item has no audience yet
+            self._warm = self._warm.without(rows)
         if self._vecs is not None:
             self._vecs[rows] = proj.transform(items.vector_rows(rows))
         self._bias[rows] = proj.bias(items.vector_rows(rows))
@@ -470,24 +467,68 @@ class Ranker:
     def model_tensors(self, proj: Projection) -> dict[str, np.ndarray]:
         out = dict(proj.tensors())
         n = len(self._items) if self._items is not None else 0
-        if self._residual is not None:
-            out["tower.residual"] = self._residual[:n]
-            out["tower.item_bias"] = self._item_bias[:n]
+        if self._warm is not None:
+            out.update(self._warm.below(n).tensors())
         out.update(self.reranker.tensors())
         return out
 
     def load_models(self, tensors: dict[str, np.ndarray], d_text: int) -> Projection:
         proj = Projection.from_tensors(tensors, d_text)
-        if "tower.residual" in tensors:
-            self._residual = tensors["tower.residual"].astype(np.float32).copy()
-            self._item_bias = tensors["tower.item_bias"].astype(np.float32).copy()
+        self._warm = WarmResiduals.from_tensors(tensors)
         self.reranker.load(tensors)
         self.projection = proj
         self.prepare()
         return proj
 
     def set_towers(self, proj: Projection, residual: np.ndarray, item_bias: np.ndarray) -> None:
-        self.projection, self._residual, self._item_bias = proj, residual.copy(), item_bias.copy()
+        self.projection, self._warm = proj, WarmResiduals.from_dense(residual, item_bias)
+
+
+class WarmResiduals:
+    """The item tower's learned residuals (vector and bias), held for the warm items only: the
+    rows that had clicks when the towers were fit (sorted), their residual vectors and biases.
+
+    Every other item's residual is zero, so a dense (items, d_out) array spent 4 * d_out bytes
+    an item (512 at d_out 128: a third of the raw vectors again) mostly on zeros. Saved as
+    `tower.warm_rows`, `tower.warm_residual`, `tower.warm_bias`; a dense `tower.residual` and
+    `tower.item_bias` (stores written before) load too.
+    """
+
+    def __init__(self, rows: np.ndarray, residual: np.ndarray, bias: np.ndarray) -> None:
+        self.rows = np.asarray(rows, np.int64)
+        self.residual = np.asarray(residual, np.float32).reshape(len(self.rows), -1)
+        self.bias = np.asarray(bias, np.float32)
+
+    @classmethod
+    def empty(cls, dim: int) -> "WarmResiduals":
+        return cls(np.zeros(0, np.int64), np.zeros((0, dim), np.float32), np.zeros(0, np.float32))
+
+    @classmethod
+    def from_dense(cls, residual: np.ndarray, bias: np.ndarray) -> "WarmResiduals":
+        """From one residual row and bias per item (zero for the cold ones)."""
+        warm = np.flatnonzero(np.asarray(residual).any(axis=1) | (np.asarray(bias) != 0))
+        return cls(warm, residual[warm], bias[warm])
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, np.ndarray]) -> "WarmResiduals | None":
+        if "tower.warm_rows" in t:
+            return cls(t["tower.warm_rows"], t["tower.warm_residual"], t["tower.warm_bias"])
+        if "tower.residual" in t:
+            return cls.from_dense(t["tower.residual"], t["tower.item_bias"])
+        return None
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {"tower.warm_rows": self.rows, "tower.warm_residual": self.residual, "tower.warm_bias": self.bias}
+
+    def below(self, n: int) -> "WarmResiduals":
+        """Those of rows < n."""
+        keep = self.rows < n
+        return self if keep.all() else WarmResiduals(self.rows[keep], self.residual[keep], self.bias[keep])
+
+    def without(self, rows: np.ndarray) -> "WarmResiduals":
+        """Those of rows other than `rows` (items replaced or added: no audience yet)."""
+        keep = outside(self.rows, np.sort(np.asarray(rows, np.int64)))
+        return self if keep.all() else WarmResiduals(self.rows[keep], self.residual[keep], self.bias[keep])
 
 
 def user_from_clicks(rows: list[int], vecs: np.ndarray, profile: np.ndarray | None, min_step: float) -> UserState:

@@ -148,6 +148,8 @@ class State:
         if models is None:
             return
         aside = ("rerank.", "replay.") if self.ranker.reranker.set_aside else ()
+        if "tower.residual" in models:  # dense residuals (files before WarmResiduals), converted
+            aside += ("tower.warm_",)
         bad = [k for k, v in self.ranker.model_tensors(self.proj).items()
                if not k.startswith(aside) and (k not in models or models[k].shape != np.shape(v))]
         if bad:
