@@ -32,6 +32,7 @@ from .errors import (
 )
 from .storage.eventlog import EventLog, LogSyncError, read_log
 from .locks import RWLock
+from .memory import release_free_memory
 from .replica import FOLLOW_INTERVAL_S, Follower, check_interval
 from .storage.records import (
     AddRecord, EventRecord, ImportRecord, ProfileRecord, Record, RemoveRecord, from_payload, to_payload,
@@ -173,6 +174,7 @@ class Engine:
             if self._state is not None and self._state.reconcile_index():
                 self._dirty = True
             self._drop_stale_collections(manifest)
+        release_free_memory()  # the snapshot's Arrow tables and the build's temporaries
 
     def _new_state(self, d_text: int) -> State:
         """An empty State; on a writable Milvus store, wired to the store's collection."""
@@ -825,6 +827,7 @@ class Engine:
             show = progress if progress is not None else sys.stderr.isatty()
             summary = fit_state(self._state, recs, show)
             self._commit()
+        release_free_memory()  # training's examples and temporaries
         return summary
 
 

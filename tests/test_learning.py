@@ -100,6 +100,40 @@ def test_online_step_raises_the_clicked_candidates_probability() -> None:
     assert len(rr.buffer) == 5
 
 
+def test_replay_buffer_packs_expand_layout_and_round_trips_old_and_new_files() -> None:
+    from engine.models.rerank import N_FEATURES, expand, pack, unpack
+
+    rng = np.random.default_rng(2)
+    rr = Reranker(hidden=16, lr=0.05, replay_size=8, replay_batch=4, seed=0)
+    laid_out = [(expand(rng.normal(size=(m, N_FEATURES)), n), rng.choice(m, 2, replace=False))
+                for m, n in [(6, 0), (9, 3), (4, 40)]]
+    rr.remember(laid_out)
+    assert [b for _, b, _ in rr.buffer] == [0, 3, 5] and all(f.shape[1] == N_FEATURES for f, _, _ in rr.buffer)
+    for (feats, labels), entry in zip(laid_out, rr.buffer):
+        back, lab = unpack(*entry)
+        np.testing.assert_array_equal(back, feats)
+        np.testing.assert_array_equal(lab, labels)
+    dense = rng.normal(size=(5, N_INPUTS)).astype(np.float32)  # not expand's layout: kept whole
+    assert pack(dense)[1] == -1 and np.array_equal(pack(dense)[0], dense)
+    saved = rr.tensors()
+    assert saved["replay.blocks"].shape == (19, N_FEATURES) and "replay.features" not in saved
+    again = Reranker(hidden=16, lr=0.05, replay_size=8, replay_batch=4, seed=0)
+    again.load(saved)
+    old = dict(saved)  # a file from before packing: whole-width features
+    old["replay.features"] = np.concatenate([f for f, _ in laid_out])
+    del old["replay.blocks"], old["replay.buckets"]
+    from_old = Reranker(hidden=16, lr=0.05, replay_size=8, replay_batch=4, seed=0)
+    from_old.load(old)
+    for loaded in (again, from_old):
+        assert len(loaded.buffer) == 3
+        for (feats, labels), entry in zip(laid_out, loaded.buffer):
+            np.testing.assert_array_equal(unpack(*entry)[0], feats)
+            np.testing.assert_array_equal(entry[2], labels)
+    rr.partial_fit(dense, np.array([1]))
+    mixed = rr.tensors()
+    assert "replay.blocks" not in mixed and mixed["replay.features"].shape == (24, N_INPUTS)
+
+
 def test_online_gradients_match_autograd() -> None:
     rng = np.random.default_rng(1)
     rr = Reranker(hidden=16, lr=0.01, replay_size=64, replay_batch=8, seed=0)

@@ -99,6 +99,31 @@ def expand(raw: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+def pack(feats: np.ndarray) -> tuple[np.ndarray, int]:
+    """Inputs (m, N_INPUTS) -> (the bucket's block (m, N_FEATURES), bucket) when they are in
+    `expand`'s layout (one bucket's block, its one-hot, zeros elsewhere): 6x less memory for the
+    replay buffer, and `unpack` gives them back exactly. Otherwise (inputs, -1), kept whole."""
+    feats = np.asarray(feats, np.float32)
+    hot = feats[:, N_FEATURES * N_BUCKETS:] if len(feats) else np.zeros((0, N_BUCKETS), np.float32)
+    if len(feats) and (hot == hot[0]).all() and (hot[0] == np.eye(N_BUCKETS, dtype=np.float32)[hot[0].argmax()]).all():
+        b = int(hot[0].argmax())
+        block = feats[:, b * N_FEATURES:(b + 1) * N_FEATURES]
+        rest = np.delete(feats[:, : N_FEATURES * N_BUCKETS], np.s_[b * N_FEATURES:(b + 1) * N_FEATURES], axis=1)
+        if not rest.any():
+            return block.copy(), b
+    return feats.copy(), -1
+
+
+def unpack(feats: np.ndarray, bucket: int, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A replay entry (see `pack`) -> (inputs (m, N_INPUTS), labels)."""
+    if bucket < 0:
+        return feats, labels
+    out = np.zeros((len(feats), N_INPUTS), np.float32)
+    out[:, bucket * N_FEATURES:(bucket + 1) * N_FEATURES] = feats
+    out[:, N_FEATURES * N_BUCKETS + bucket] = 1.0
+    return out, labels
+
+
 _BLAS: object | None = None
 
 
@@ -157,7 +182,8 @@ class Reranker:
     def __init__(self, hidden: int, lr: float, replay_size: int, replay_batch: int, seed: int) -> None:
         self.hidden, self.seed = hidden, seed
         self.lr, self.replay_batch = lr, replay_batch
-        self.buffer: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=max(replay_size, 1))
+        #: examples for the online step's replay, packed (`pack`): (features, bucket, labels)
+        self.buffer: deque[tuple[np.ndarray, int, np.ndarray]] = deque(maxlen=max(replay_size, 1))
         self.rng = np.random.default_rng(seed)
         self.trained = False
         self.valid_recall: float | None = None
@@ -207,10 +233,10 @@ class Reranker:
         against autograd): for a network this small, torch's per-call overhead would cost more than
         the arithmetic, and this runs inside `record()`.
         """
-        self.buffer.append((feats.astype(np.float32), labels.astype(np.int64)))
+        self.remember([(feats, labels)])
         n = min(self.replay_batch, len(self.buffer))
         picks = self.rng.choice(len(self.buffer) - 1, size=n - 1, replace=False) if n > 1 else []
-        batch = [self.buffer[-1]] + [self.buffer[int(i)] for i in picks]
+        batch = [unpack(*self.buffer[-1])] + [unpack(*self.buffer[int(i)]) for i in picks]
         weights = self.weights
         with _one_blas_thread():
             loss, grads = listwise_grads(weights, batch)
@@ -220,15 +246,26 @@ class Reranker:
             weights[name] -= step * g
         return loss
 
+    def remember(self, examples: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Keep (inputs, labels) examples for the replay (the oldest go beyond `replay_size`)."""
+        for feats, labels in examples:
+            self.buffer.append(pack(feats) + (np.asarray(labels, np.int64),))
+
     # ---- persistence --------------------------------------------------------------------------
     def tensors(self) -> dict[str, np.ndarray]:
-        """What a snapshot keeps: the weights once drawn or loaded, the replay buffer, the flag."""
+        """What a snapshot keeps: the weights once drawn or loaded, the replay buffer, the flag.
+        The buffer is saved packed (`replay.blocks`, `replay.buckets`) when every example is in
+        `expand`'s layout, as every example the engine makes is; else whole (`replay.features`)."""
         out = {} if self._np is None else {f"rerank.{k}": v.astype(np.float32) for k, v in self._np.items()}
         if self.buffer:
-            out["replay.features"] = np.concatenate([f for f, _ in self.buffer]).astype(np.float32)
-            out["replay.sizes"] = np.array([len(f) for f, _ in self.buffer], np.int64)
-            out["replay.labels"] = np.concatenate([lab for _, lab in self.buffer]).astype(np.int64)
-            out["replay.label_sizes"] = np.array([len(lab) for _, lab in self.buffer], np.int64)
+            packed = all(b >= 0 for _, b, _ in self.buffer)
+            feats = [f if packed else unpack(f, b, lab)[0] for f, b, lab in self.buffer]
+            out["replay.blocks" if packed else "replay.features"] = np.concatenate(feats).astype(np.float32)
+            if packed:
+                out["replay.buckets"] = np.array([b for _, b, _ in self.buffer], np.int64)
+            out["replay.sizes"] = np.array([len(f) for f in feats], np.int64)
+            out["replay.labels"] = np.concatenate([lab for _, _, lab in self.buffer]).astype(np.int64)
+            out["replay.label_sizes"] = np.array([len(lab) for _, _, lab in self.buffer], np.int64)
         out["rerank.trained"] = np.array([1 if self.trained else 0], np.int64)
         return out
 
@@ -257,10 +294,14 @@ class Reranker:
                 raise ValueError(f"reranker weights missing, unexpected or misshapen: {', '.join(bad[:5])}")
             self._np = {k: np.array(v, np.float32) for k, v in sd.items()}
         self.trained = bool(tensors.get("rerank.trained", np.zeros(1))[0])
-        if "replay.features" in tensors:
+        packed = "replay.blocks" in tensors
+        if packed or "replay.features" in tensors:
             f_ends = np.cumsum(tensors["replay.sizes"])
             l_ends = np.cumsum(tensors["replay.label_sizes"])
-            feats = np.split(tensors["replay.features"], f_ends[:-1])
+            feats = np.split(tensors["replay.blocks" if packed else "replay.features"], f_ends[:-1])
             labels = np.split(tensors["replay.labels"], l_ends[:-1])
             self.buffer.clear()
-            self.buffer.extend(zip(feats, labels))
+            if packed:
+                self.buffer.extend(zip(feats, tensors["replay.buckets"].tolist(), labels))
+            else:  # a whole-width buffer (files written before packing): packed as it loads
+                self.remember(list(zip(feats, labels)))

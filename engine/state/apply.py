@@ -34,6 +34,7 @@ from ..errors import CorruptStoreError
 from ..serving.backend import VectorBackend
 from ..serving.index import VectorIndex
 from .items import ItemTable
+from ..memory import release_free_memory
 from ..models.projection import Projection
 from ..serving.ranking import Ranker
 from ..storage.records import AddRecord, EventRecord, ImportRecord, ProfileRecord, Record, RemoveRecord, id_key
@@ -93,6 +94,7 @@ class State:
         self.index = self.new_index(self.index_kind(len(rows)))
         self.index.build(rows, self.ranker.index_vectors(rows))
         self.items.release_vector_pages()
+        release_free_memory()
 
     def load(self, items: ItemTable, users: UserTable, models: dict[str, np.ndarray] | None,
              index_path: Path | None, index_fh: Any, models_path: Path, event_keys: np.ndarray,
@@ -150,6 +152,8 @@ class State:
         aside = ("rerank.", "replay.") if self.ranker.reranker.set_aside else ()
         if "tower.residual" in models:  # dense residuals (files before WarmResiduals), converted
             aside += ("tower.warm_",)
+        if "replay.features" in models:  # a whole-width replay buffer (rerank.pack), packed on load
+            aside += ("replay.",)
         bad = [k for k, v in self.ranker.model_tensors(self.proj).items()
                if not k.startswith(aside) and (k not in models or models[k].shape != np.shape(v))]
         if bad:

@@ -158,5 +158,5 @@ def fit(rr: "Reranker", examples: list[tuple[np.ndarray, np.ndarray]], epochs: i
     if best_state is not None:
         net.load_state_dict(best_state)
     rr.install(to_numpy(net), valid_recall=None if best == np.inf else -best)
-    rr.buffer.extend(examples[-rr.buffer.maxlen:])
+    rr.remember(examples[-rr.buffer.maxlen:])
     return losses
