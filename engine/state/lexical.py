@@ -121,6 +121,8 @@ class Lexicon:
     def _slices(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(indptr, pool positions) of `rows`' slices, in order; rows beyond the table are empty."""
         rows = np.asarray(rows, np.int64)
+        if len(rows) and rows.max() < self._n:  # (a request's rows: all indexed)
+            return slices(self._start[rows], self._len[rows])
         inside = rows < self._n
         lens = np.where(inside, self._len[np.where(inside, rows, 0)] if self._n else 0, 0).astype(np.int64)
         starts = self._start[np.where(inside, rows, 0)] if self._n else np.zeros(len(rows), np.int64)
@@ -140,14 +142,18 @@ class Lexicon:
         out = np.zeros(len(rows), np.float32)
         if not len(history) or not len(rows):
             return out
-        _, h_idx, h_val = self.rows(np.asarray(history, np.int64))
-        terms, inverse = sorted_unique(h_idx, return_inverse=True)
-        weights = np.bincount(inverse, weights=h_val, minlength=len(terms))
+        # the history's rows and the candidates' in one pass (each row is normalised alone)
+        both, cut = np.concatenate([np.asarray(history, np.int64), np.asarray(rows, np.int64)]), len(history)
+        indptr, idx, val = self.rows(both)
+        split = indptr[cut]
+        terms, inverse = sorted_unique(idx[:split], return_inverse=True)
+        weights = np.bincount(inverse, weights=val[:split], minlength=len(terms))
         norm = float(np.linalg.norm(weights))
         if norm == 0.0:
             return out
-        indptr, idx, val = self.rows(np.asarray(rows, np.int64))
-        pos = np.searchsorted(terms, idx).clip(max=len(terms) - 1)
+        indptr, idx, val = indptr[cut:] - split, idx[split:], val[split:]
+        pos = np.searchsorted(terms, idx)
+        np.minimum(pos, len(terms) - 1, out=pos)
         hit = terms[pos] == idx
         contrib = np.where(hit, val * weights[pos] / norm, 0.0)
         return _segment_sums(contrib, indptr)
