@@ -176,12 +176,12 @@ class _Lookup(FakeEncoder):
         return self.vecs[[int(t.split()[-1]) for t in texts]]
 
 
-def _store(path: Path, n: int, dim: int) -> None:
+def _store(path: Path, n: int, dim: int, kind: str = "auto") -> None:
     from engine import Config, Event
 
     vecs = np.random.default_rng(n).standard_normal((n, dim)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-    with Engine.create(path, Config(fsync=False), encoder=_Lookup(vecs)) as eng:
+    with Engine.create(path, Config(fsync=False, index=kind), encoder=_Lookup(vecs)) as eng:
         eng.ingest([Item(f"i{j}", f"item {j}") for j in range(n)], progress=False)  # no log record
         eng.record_many([Event(f"u{j % 20}", f"i{(j * 7919) % n}", "click") for j in range(100)])
 
@@ -205,6 +205,32 @@ def test_opening_and_serving_a_20k_item_store_does_not_read_its_vectors_into_mem
     # serving reads candidates' vectors from the index's copy, not the mapped file: 200 requests
     # of ~300 candidates touch most of its pages otherwise (RssFile +~1.0x the raw vectors)
     assert grew["served_file"] < 0.1 * raw, (grew, raw)
+
+
+def test_serving_from_the_compressed_index_reads_no_float_copy(tmp_path):
+    """hnsw-sq8 keeps 8-bit codes: the candidates' vectors are decoded from them (what its search
+    scored), not read from the mapped file, which 200 requests would pull in (~1.0x the raw
+    vectors of RssFile before); a click's step still uses the exact vector."""
+    from engine import Config
+
+    n, dim = 20_000, 384
+    _store(tmp_path / "sq8", n, dim, "hnsw-sq8")
+    _store(tmp_path / "small", 50, dim, "hnsw-sq8")
+    proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tmp_path / "sq8"), str(tmp_path / "small"),
+                           str(Path(__file__).parent)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grew = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert grew["served_file"] < 0.1 * n * dim * 4, grew
+    with Engine.open(tmp_path / "sq8") as eng:
+        st = eng._state  # noqa: SLF001 - the ranker's two readings of the same rows
+        assert st.index.kind == "hnsw-sq8" and Config.from_dict(eng.config.to_dict()).index == "hnsw-sq8"
+        rows = np.arange(0, n, 97)
+        raw = st.items.vector_rows(rows)
+        decoded = st.ranker.scoring_vectors(rows)
+        cos = (raw * decoded).sum(1) / np.linalg.norm(decoded, axis=1)
+        assert decoded.shape == raw.shape and cos.min() > 0.999 and not np.array_equal(decoded, raw)
+        np.testing.assert_array_equal(st.ranker.item_vectors(rows), raw)  # state changes: exact
+        assert len(eng.recommend("u0", 10)) == 10
 
 
 def _rss_file() -> int:

@@ -48,6 +48,10 @@ class VectorBackend(Protocol):
         """The held float vectors of `rows` from the backend's own memory, or None (see
         VectorIndex.stored; a remote backend answers None)."""
 
+    def decoded(self, rows: np.ndarray, width: int | None = None) -> np.ndarray | None:
+        """The vectors a compressed index's codes stand for, of `rows`, or None (see
+        VectorIndex.decoded; a remote backend answers None)."""
+
     @property
     def ntotal(self) -> int: ...
 

@@ -85,6 +85,7 @@ class VectorIndex:
         self._pad = (-self.dim) % 8 if kind == "hnsw-sq8" else 0
         self._pos: np.ndarray | None = None   # row -> FAISS's internal position (-1: not held)
         self._xb: np.ndarray | None = None    # a view of FAISS's own float32 storage, (ntotal, dim)
+        self._codes: np.ndarray | None = None  # hnsw-sq8: a view of its codes, (ntotal, code size)
 
     # ---- building -------------------------------------------------------------------------
     def _new_faiss(self, train: np.ndarray) -> faiss.Index:
@@ -115,7 +116,7 @@ class VectorIndex:
         self._live = np.zeros(0, dtype=np.uint8)
         self._held = np.zeros(0, dtype=np.uint8)
         self._n_added = self._n_removed = 0
-        self._pos = self._xb = None
+        self._pos = self._xb = self._codes = None
         if len(rows):
             self.add(rows, vectors)
 
@@ -169,7 +170,7 @@ class VectorIndex:
                                         f"{int(rows[held][0])}); rebuild the index instead")
             gone = rows[held]
             self._faiss.remove_ids(faiss.IDSelectorBatch(gone))
-            self._pos = self._xb = None  # removal compacts FAISS's storage
+            self._pos = self._xb = self._codes = None  # removal compacts FAISS's storage
             self._refresh_storage()
             self._n_added -= len(gone)
             self._n_removed -= int((~self.contains(gone)).sum())
@@ -231,18 +232,40 @@ class VectorIndex:
             return None
         return xb[at, :width] if width is not None else xb[at]
 
+    def decoded(self, rows: np.ndarray, width: int | None = None) -> np.ndarray | None:
+        """hnsw-sq8: the vectors its 8-bit codes stand for (what its search scores), for `rows`
+        (the first `width` columns; default all), decoded from FAISS's own codes: serving from
+        the compressed index reads no float copy. None for other kinds, or a row not held."""
+        codes, pos = self._codes, self._pos
+        if codes is None or pos is None:
+            return None
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(pos)):
+            return None
+        at = pos[rows]
+        if len(at) and at.min() < 0:
+            return None
+        out = self._sq.sa_decode(np.ascontiguousarray(codes[at]))
+        return out[:, : self.dim if width is None else width]
+
     def _refresh_storage(self) -> None:
-        """After anything that can move FAISS's float storage (add, remove, build, load), on the
-        write path: a numpy view of it, (ntotal, dim) with no copy, and each row's position in it
-        (FAISS's internal order), for flat and hnsw. Readers (`stored`) only read both."""
-        if self._faiss is None or self.kind not in ("flat", "hnsw"):
-            self._pos = self._xb = None
+        """After anything that can move FAISS's storage (add, remove, build, load), on the write
+        path: a numpy view of it with no copy (flat, hnsw: the float32 vectors (ntotal, dim);
+        hnsw-sq8: the codes), and each row's position in it (FAISS's internal order). Readers
+        (`stored`, `decoded`) only read them."""
+        if self._faiss is None or self.kind not in ("flat", "hnsw", "hnsw-sq8"):
+            self._pos = self._xb = self._codes = None
             return
         inner = faiss.downcast_index(self._faiss.index)
-        flat = faiss.downcast_index(inner.storage) if self.kind == "hnsw" else inner
+        flat = faiss.downcast_index(inner.storage) if self.kind.startswith("hnsw") else inner
         n = int(flat.ntotal)
-        self._xb = (faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim) if n
-                    else np.zeros((0, self.dim), np.float32))
+        if self.kind == "hnsw-sq8":
+            self._sq, size = flat, int(flat.code_size)
+            self._codes = (faiss.rev_swig_ptr(flat.codes.data(), n * size).reshape(n, size) if n
+                           else np.zeros((0, size), np.uint8))
+        else:
+            self._xb = (faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim) if n
+                        else np.zeros((0, self.dim), np.float32))
         if self._pos is None:
             ids = faiss.vector_to_array(self._faiss.id_map).astype(np.int64)
             pos = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, np.int64)
@@ -360,7 +383,7 @@ class VectorIndex:
         self._pad = self._faiss.d - self.dim
         if self._pad not in ((0, (-self.dim) % 8) if self.kind == "hnsw-sq8" else (0,)):
             raise CorruptStoreError(f"{path}: index has dimension {self._faiss.d}, expected {self.dim}")
-        self._pos = self._xb = None
+        self._pos = self._xb = self._codes = None
         self._refresh_storage()
         held = faiss.vector_to_array(self._faiss.id_map).astype(np.int64)
         self._live = np.zeros(0, dtype=np.uint8)

@@ -295,6 +295,10 @@ class MilvusIndex:
         """None: the vectors live in Milvus, not in this process (the ranker reads the item table)."""
         return None
 
+    def decoded(self, rows: np.ndarray, width: int | None = None) -> None:
+        """None: as `stored`."""
+        return None
+
     def contains(self, rows: np.ndarray) -> np.ndarray:
         """Which rows are searchable."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
