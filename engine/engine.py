@@ -293,6 +293,7 @@ class Engine:
         self._drop_stale_collections(manifest)
         if self._state is not None:
             self._state.ranker.invalidate_popular()  # a restart recomputes it: keep lists identical
+        release_free_memory()  # the tables the snapshot was written from
 
     def _restore(self) -> None:
         """Drop the in-memory state and reload the last snapshot plus the log (a failed commit)."""
@@ -826,8 +827,7 @@ class Engine:
             self._require_items()
             show = progress if progress is not None else sys.stderr.isatty()
             summary = fit_state(self._state, recs, show)
-            self._commit()
-        release_free_memory()  # training's examples and temporaries
+            self._commit()  # (its save gives the training's temporaries back: _adopt)
         return summary
 
 
