@@ -13,7 +13,10 @@ picks) with 256 users of 20 clicks each, fsync on. Then, in one run:
 - the floor: the same users' FAISS search alone (`VectorIndex.search` of the query the engine
   builds, `retrieve` rows, the seen rows excluded), with no wrappers installed;
 - `record(click)`: the time until it returns, when the user's vector, history and the item's
-  counts have changed (checked after every call), and that plus the next `recommend`;
+  counts have changed (checked after every call), and that plus the next `recommend`; in the
+  same loop a 200-byte append and fsync, also after a `recommend` (the floor in the same
+  conditions: on this host a core that ran a request, or slept, runs the next short call 2-3x
+  slower than one that ran it back to back), and `record` back to back with nothing between;
 - recommend throughput with 1 and 2 threads (calls per second, no wrappers).
 
 With `--busy N` every phase is measured twice: as above, then again with N other processes each
@@ -160,36 +163,61 @@ def floor(eng: Engine, users: list[str], queries: int) -> dict:
 
 def feedback(eng: Engine, n_items: int, count: int) -> dict:
     """record(click) by a new user each time: until it returns (the effect is in the state, checked),
-    and until the next recommend has answered."""
+    and until the next recommend has answered. Beside it, in the same loop and so after the same
+    kind of request: a 200-byte append and fsync on the store's disk followed by a recommend (the
+    floor under `record` in those conditions). Then `record` back to back with nothing between."""
     st = eng._state
     rng = np.random.default_rng(7)
-    rows = rng.choice(n_items, count + 20, replace=False)
-    rec, to_list = [], []
+    rows = rng.choice(n_items, 2 * count + 40, replace=False)
+    rec, to_list, probe = [], [], []
     first = sum(1 for _ in st.users.vocab.ids() if _.startswith("f"))  # new users on every call
-    for j, r in enumerate(rows):
-        user, item = f"f{first + j}", f"s{r}"
-        row = st.items.vocab.row(item)
-        clicks_before = float(st.items.clicks[row])
+    fd, probe_path = _probe(Path(eng.path))
+    try:
+        for j, r in enumerate(rows[: count + 20]):
+            user, item = f"f{first + j}", f"s{r}"
+            row = st.items.vocab.row(item)
+            clicks_before = float(st.items.clicks[row])
+            t = time.perf_counter()
+            eng.record(user, item, "click")
+            t_rec = time.perf_counter()
+            eng.recommend(user, k=10)
+            t_end = time.perf_counter()
+            u = st.users.get(user)
+            assert u is not None and u.clicks[-1] == row and st.items.clicks[row] == clicks_before + 1
+            assert float(np.abs(u.vector).sum()) > 0
+            t_probe = time.perf_counter()
+            os.write(fd, b"x" * 200)
+            os.fsync(fd)
+            probe_s = time.perf_counter() - t_probe
+            eng.recommend(user, k=10)
+            if j >= 20:
+                rec.append(t_rec - t)
+                to_list.append(t_end - t)
+                probe.append(probe_s)
+    finally:
+        os.close(fd)
+        probe_path.unlink()
+    hot = []
+    for j, r in enumerate(rows[count + 20:]):
         t = time.perf_counter()
-        eng.record(user, item, "click")
-        t_rec = time.perf_counter()
-        eng.recommend(user, k=10)
-        t_end = time.perf_counter()
-        u = st.users.get(user)
-        assert u is not None and u.clicks[-1] == row and st.items.clicks[row] == clicks_before + 1
-        assert float(np.abs(u.vector).sum()) > 0
+        eng.record(f"g{first + j}", f"s{r}", "click")
         if j >= 20:
-            rec.append(t_rec - t)
-            to_list.append(t_end - t)
+            hot.append(time.perf_counter() - t)
     return {"record": summary(rec), "record_then_recommend": summary(to_list), "fsync": eng.config.fsync,
+            "append_and_fsync_in_the_loop": summary(probe),
+            "record_back_to_back": summary(hot),
             "append_and_fsync_alone": fsync_floor(Path(eng.path), count)}
+
+
+def _probe(folder: Path) -> tuple[int, Path]:
+    path = folder / "fsync-probe.tmp"
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), path
 
 
 def fsync_floor(folder: Path, count: int) -> dict:
     """A 200-byte append and its fsync on the store's own disk, alone: the floor under `record`."""
-    path = folder / "fsync-probe.tmp"
     lat = []
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    fd, path = _probe(folder)
     try:
         for _ in range(count):
             t = time.perf_counter()
