@@ -281,10 +281,21 @@ def test_stored_reads_faiss_own_floats_through_adds_upserts_and_a_reload(kind, r
     idx.build(rows, v)
     if kind not in ("flat", "hnsw"):
         assert idx.stored(rows[:3]) is None
+        if kind == "hnsw-sq8":  # the vectors its codes stand for: close, not equal
+            got = idx.decoded(rows[[5, 0, 5]])
+            assert got.shape == (3, dim) and np.abs(got - v[[5, 0, 5]]).max() < 0.02
+            assert idx.decoded(np.array([1])) is None and idx.decoded(rows[[7]], 4).shape == (1, 4)
+        else:
+            assert idx.decoded(rows[:3]) is None
         return
+    assert idx.decoded(rows[:3]) is None
     np.testing.assert_array_equal(idx.stored(rows[[5, 0, 5]]), v[[5, 0, 5]])
-    np.testing.assert_array_equal(idx.stored(rows[[7]], 4), v[[7], :4])
+    one = idx.stored(rows[[7]], 4)
+    np.testing.assert_array_equal(one, v[[7], :4])
+    one[:] = 9.0  # a copy: FAISS's storage is not written through it
+    np.testing.assert_array_equal(idx.stored(rows[[7]]), v[[7]])
     assert idx.stored(np.array([1])) is None and idx.stored(np.array([10_000])) is None
+    assert idx.stored(np.array([-1])) is None
     more = unit_rows(rng, 3)
     idx.add(np.array([1, 3, 9_999]), more)
     np.testing.assert_array_equal(idx.stored(np.array([9_999, 1, 598])), np.vstack([more[2], more[0], v[299]]))

@@ -225,6 +225,10 @@ class VectorIndex:
         xb, pos = self._xb, self._pos
         if xb is None or pos is None:
             return None
+        if rows.shape == (1,):  # one row (a click's step): Python ints, not three reductions
+            r = int(rows[0])
+            at = int(pos[r]) if 0 <= r < len(pos) else -1
+            return None if at < 0 else xb[at:at + 1, :width].copy()
         if len(rows) and (rows.min() < 0 or rows.max() >= len(pos)):
             return None
         at = pos[rows]
