@@ -95,3 +95,31 @@ def test_several_weightings_in_one_pass_equal_each_alone() -> None:
     for m in range(3):
         np.testing.assert_array_equal(both[m], cc.scores(sources, rows, weights[m]))
     assert both.any()
+
+
+def test_neighbours_rank_summed_counts_over_matrix_and_overlay_like_brute_force() -> None:
+    """Sources read in one gather (matrix rows and the overlay of clicks since): the n rows with
+    the largest summed counts, best first, only `among` when given."""
+    rng = np.random.default_rng(3)
+    histories = [list(rng.integers(0, 30, size=int(rng.integers(2, 12)))) for _ in range(40)]
+    cc = CoClicks(window=4)
+    cc.build(histories[:25], 30)
+    for h in histories[25:]:  # counted in the overlay
+        for t, row in enumerate(h):
+            cc.add_click(h[:t], row)
+    ref = brute_force(histories, 4, 30)
+    among = rng.random(30) < 0.6
+    for _ in range(30):
+        sources = list(rng.choice(30, int(rng.integers(1, 6)), replace=False))
+        total = ref[sources].sum(axis=0)
+        for mask in (None, among):
+            ok = (total > 0) & (True if mask is None else mask)
+            want = sorted(np.flatnonzero(ok), key=lambda r: (-total[r], r))[:7]
+            got = cc.neighbours(sources, 7, among=mask)
+            # the same counts, best first (ties to the lower row); which of the rows tied at the
+            # boundary fill the last places is argpartition's pick
+            assert total[got].tolist() == total[want].tolist(), (sources, got, want)
+            assert got.tolist() == sorted(got.tolist(), key=lambda r: (-total[r], r))
+            assert set(want) - set(got) <= set(np.flatnonzero(total == total[want[-1]])) if want else True
+            assert all(ok[got])
+    assert cc.neighbours([], 5).tolist() == [] and cc.neighbours([1], 0).tolist() == []

@@ -131,27 +131,17 @@ class CoClicks:
                     owner.append(np.full(len(extra), n))
         return np.concatenate(cols), np.concatenate(counts), np.concatenate(owner)
 
-    def _row(self, j: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Row j's (columns, counts): the matrix part and the overlay part."""
-        parts = []
-        if j + 1 < len(self._indptr):
-            lo, hi = self._indptr[j], self._indptr[j + 1]
-            parts.append((self._indices[lo:hi], self._counts[lo:hi]))
-        extra = self._extra.get(j)
-        if extra:
-            parts.append((np.fromiter(extra.keys(), np.int64, len(extra)),
-                          np.fromiter(extra.values(), np.float32, len(extra))))
-        return parts
-
     def neighbours(self, sources: Sequence[int], n: int, among: np.ndarray | None = None) -> np.ndarray:
-        """Up to n rows most co-clicked with `sources` (summed counts; ties to the lower row),
-        only rows r with among[r] true when `among` (bool by row) is given."""
-        parts = [p for j in sources for p in self._row(int(j))]
-        if not parts or n <= 0:
+        """Up to n rows most co-clicked with `sources` (summed counts), best first, ties to the
+        lower row (of rows tied at the n-th place, which ones make the list is argpartition's
+        pick), only rows r with among[r] true when `among` (bool by row) is given."""
+        if n <= 0 or not len(sources):
             return np.zeros(0, np.int64)
-        cols = np.concatenate([c for c, _ in parts])
+        # every source's row in one gather; the counts are whole numbers, so their float64 sums
+        # do not depend on the order they come in
+        cols, counts, _ = self._gather(np.asarray(sources, np.int64))
         uniq, inverse = sorted_unique(cols, return_inverse=True)
-        total = np.bincount(inverse, weights=np.concatenate([v for _, v in parts]), minlength=len(uniq))
+        total = np.bincount(inverse, weights=counts, minlength=len(uniq))
         if among is not None:
             keep = (uniq < len(among)) & among[np.minimum(uniq, len(among) - 1)]
             uniq, total = uniq[keep], total[keep]
