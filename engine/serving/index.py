@@ -86,6 +86,7 @@ class VectorIndex:
         self._pos: np.ndarray | None = None   # row -> FAISS's internal position (-1: not held)
         self._xb: np.ndarray | None = None    # a view of FAISS's own float32 storage, (ntotal, dim)
         self._codes: np.ndarray | None = None  # hnsw-sq8: a view of its codes, (ntotal, code size)
+        self._sq: faiss.IndexScalarQuantizer | None = None  # hnsw-sq8: the storage that decodes them
 
     # ---- building -------------------------------------------------------------------------
     def _new_faiss(self, train: np.ndarray) -> faiss.Index:
