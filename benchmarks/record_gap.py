@@ -16,11 +16,11 @@ Prints one JSON object (also written to --out).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_data import LookupEncoder, catalog_vectors, synthetic, synthetic_items, user_clicks  # noqa: E402
-from bench_timing import finish, summary  # noqa: E402
+from bench_timing import finish, method_timer, summary  # noqa: E402
 
 from engine import Config, Engine, Event  # noqa: E402
 from engine.storage.eventlog import EventLog  # noqa: E402
@@ -42,19 +42,12 @@ def main() -> None:
     p.add_argument("--events", type=int, default=300)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    spent: dict[str, list[float]] = defaultdict(list)
-    saved = []
-    for owner, name, part in PARTS:
-        fn = getattr(owner, name)
-        saved.append((owner, name, fn))
+    with contextlib.ExitStack() as stack:
+        spent = {part: stack.enter_context(method_timer(owner, name)) for owner, name, part in PARTS}
+        measure(args, spent)
 
-        def timed(*a, _fn=fn, _part=part, **k):
-            t = time.perf_counter()
-            try:
-                return _fn(*a, **k)
-            finally:
-                spent[_part].append(time.perf_counter() - t)
-        setattr(owner, name, timed)
+
+def measure(args: argparse.Namespace, spent: dict[str, list[float]]) -> None:
     out: dict = {"items": args.items, "index": "flat", "fsync": True, "modes": {}}
     with tempfile.TemporaryDirectory(prefix="kindling-gap-") as tmp:
         vectors, _ = synthetic(catalog_vectors(), args.items, seed=0)
@@ -79,12 +72,11 @@ def main() -> None:
                 gap(user)
             res = {"record": summary(lat[20:])}
             res.update({part: summary(v[-args.events:]) for part, v in spent.items()})
-            spent.clear()
+            for v in spent.values():
+                v.clear()
             out["modes"][mode] = res
             print(json.dumps({mode: {k: (v["p50_ms"], v["p99_ms"]) for k, v in res.items()}}), flush=True)
         eng.close(save=False)
-    for owner, name, fn in saved:
-        setattr(owner, name, fn)
     finish(out, args.out)
 
 

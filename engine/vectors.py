@@ -68,11 +68,17 @@ def sorted_unique(a: np.ndarray, return_inverse: bool = False):
     return s[first], inverse
 
 
+def find_sorted(sorted_set: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of `values` sits in `sorted_set` (sorted, 1-d, not empty): (positions, found),
+    a position valid only where found is true. One binary search for every value."""
+    pos = np.searchsorted(sorted_set, values)
+    np.minimum(pos, len(sorted_set) - 1, out=pos)
+    return pos, sorted_set[pos] == values
+
+
 def outside(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     """Bool mask: which of `values` are not in `sorted_set` (sorted, 1-d); `~np.isin` by one
     binary search, for the handful of rows a request excludes."""
     if not len(sorted_set):
         return np.ones(len(values), bool)
-    pos = np.searchsorted(sorted_set, values)
-    np.minimum(pos, len(sorted_set) - 1, out=pos)
-    return sorted_set[pos] != values
+    return ~find_sorted(sorted_set, values)[1]

@@ -41,7 +41,7 @@ def test_grown_fills_new_rows_with_the_fill_value():
 
 
 def test_sorted_unique_and_outside_equal_numpys_answers(rng):
-    from engine.vectors import outside, sorted_unique
+    from engine.vectors import find_sorted, outside, sorted_unique
 
     for size, high in ((0, 5), (1, 5), (7, 3), (400, 100), (400, 100_000)):
         a = rng.integers(0, high, size).astype(np.int64)
@@ -53,3 +53,7 @@ def test_sorted_unique_and_outside_equal_numpys_answers(rng):
         for n_banned in (0, 1, 20):
             banned = rng.integers(0, high, n_banned).astype(np.int64)
             np.testing.assert_array_equal(outside(a, np.sort(banned)), ~np.isin(a, banned))
+            if n_banned:
+                pos, found = find_sorted(np.sort(banned), a)
+                np.testing.assert_array_equal(found, np.isin(a, banned))
+                np.testing.assert_array_equal(np.sort(banned)[pos[found]], a[found])

@@ -222,36 +222,32 @@ class VectorIndex:
         copy read straight from FAISS's own float storage: the index is then the process's one
         copy of what it holds. None when the kind keeps codes, not floats (hnsw-sq8, ivf, ivf-pq),
         or a row is not held."""
-        rows = np.asarray(rows, dtype=np.int64)
-        xb, pos = self._xb, self._pos
-        if xb is None or pos is None:
-            return None
-        if rows.shape == (1,):  # one row (a click's step): Python ints, not three reductions
-            r = int(rows[0])
-            at = int(pos[r]) if 0 <= r < len(pos) else -1
-            return None if at < 0 else xb[at:at + 1, :width].copy()
-        if len(rows) and (rows.min() < 0 or rows.max() >= len(pos)):
-            return None
-        at = pos[rows]
-        if len(at) and at.min() < 0:
-            return None
-        return xb[at, :width] if width is not None else xb[at]
+        at = self._positions(rows) if self._xb is not None else None
+        return None if at is None else self._xb[at, :width]
 
     def decoded(self, rows: np.ndarray, width: int | None = None) -> np.ndarray | None:
         """hnsw-sq8: the vectors its 8-bit codes stand for (what its search scores), for `rows`
         (the first `width` columns; default all), decoded from FAISS's own codes: serving from
         the compressed index reads no float copy. None for other kinds, or a row not held."""
-        codes, pos = self._codes, self._pos
-        if codes is None or pos is None:
+        at = self._positions(rows) if self._codes is not None else None
+        if at is None:
+            return None
+        return self._sq.sa_decode(np.ascontiguousarray(self._codes[at]))[:, : self.dim if width is None else width]
+
+    def _positions(self, rows: np.ndarray) -> np.ndarray | None:
+        """FAISS's storage position of each of `rows` (int64), or None if one is not held."""
+        pos = self._pos
+        if pos is None:
             return None
         rows = np.asarray(rows, dtype=np.int64)
+        if rows.shape == (1,):  # one row (a click's step): Python ints, not three reductions
+            r = int(rows[0])
+            at = int(pos[r]) if 0 <= r < len(pos) else -1
+            return None if at < 0 else np.array([at])
         if len(rows) and (rows.min() < 0 or rows.max() >= len(pos)):
             return None
         at = pos[rows]
-        if len(at) and at.min() < 0:
-            return None
-        out = self._sq.sa_decode(np.ascontiguousarray(codes[at]))
-        return out[:, : self.dim if width is None else width]
+        return None if len(at) and at.min() < 0 else at
 
     def _refresh_storage(self) -> None:
         """After anything that can move FAISS's storage (add, remove, build, load), on the write

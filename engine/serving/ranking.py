@@ -135,11 +135,8 @@ class Ranker:
         so serving never touches the mapped vectors file and the index is the one copy in memory.
         Otherwise, and for rows the index does not hold, from the item table (`_own_vectors`)."""
         rows = np.asarray(rows, dtype=np.int64)
-        if self._vecs is None and self.index is not None and self.index.dim == self._items.dim + 1:
-            held = self.index.stored(rows, self._items.dim)
-            if held is not None:
-                return held
-        return self._own_vectors(rows)
+        held = self.index.stored(rows, self._items.dim) if self._index_holds_raw() else None
+        return held if held is not None else self._own_vectors(rows)
 
     def scoring_vectors(self, rows: np.ndarray) -> np.ndarray:
         """`item_vectors` for scoring a request's candidates: on a compressed index (hnsw-sq8),
@@ -148,11 +145,13 @@ class Ranker:
         the raw rows pulled the mapped vectors file into the process (0.92x the raw vectors at
         1M after 1,000 requests). State changes (a click's step, a user rebuilt from history)
         keep the exact vectors of `item_vectors`."""
-        if self._vecs is None and self.index is not None and self.index.dim == self._items.dim + 1:
-            codes = self.index.decoded(np.asarray(rows, dtype=np.int64), self._items.dim)
-            if codes is not None:
-                return codes
-        return self.item_vectors(rows)
+        codes = (self.index.decoded(np.asarray(rows, dtype=np.int64), self._items.dim)
+                 if self._index_holds_raw() else None)
+        return codes if codes is not None else self.item_vectors(rows)
+
+    def _index_holds_raw(self) -> bool:
+        """Untrained, the index holds each item's raw text vector as [v, 0] (see item_vectors)."""
+        return self._vecs is None and self.index is not None and self.index.dim == self._items.dim + 1
 
     def _own_vectors(self, rows: np.ndarray) -> np.ndarray:
         """`item_vectors` from the source of truth: the item table (untrained, mapped; see
@@ -535,12 +534,13 @@ class WarmResiduals:
 
     def below(self, n: int) -> "WarmResiduals":
         """Those of rows < n."""
-        keep = self.rows < n
-        return self if keep.all() else WarmResiduals(self.rows[keep], self.residual[keep], self.bias[keep])
+        return self._kept(self.rows < n)
 
     def without(self, rows: np.ndarray) -> "WarmResiduals":
         """Those of rows other than `rows` (items replaced or added: no audience yet)."""
-        keep = outside(self.rows, np.sort(np.asarray(rows, np.int64)))
+        return self._kept(outside(self.rows, np.sort(np.asarray(rows, np.int64))))
+
+    def _kept(self, keep: np.ndarray) -> "WarmResiduals":
         return self if keep.all() else WarmResiduals(self.rows[keep], self.residual[keep], self.bias[keep])
 
 

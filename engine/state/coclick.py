@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..vectors import slices, sorted_unique
+from ..vectors import find_sorted, slices, sorted_unique
 
 #: A click pairs with this many of the user's previous clicks.
 WINDOW = 20
@@ -106,8 +106,7 @@ class CoClicks:
             cols, counts, owner = self._gather(src)
             order = np.argsort(rows, kind="stable")
             sorted_rows = np.asarray(rows)[order]
-            pos = np.searchsorted(sorted_rows, cols).clip(max=len(sorted_rows) - 1)
-            hit = sorted_rows[pos] == cols
+            pos, hit = find_sorted(sorted_rows, cols)
             at, got, who = order[pos[hit]], counts[hit].astype(np.float64), owner[hit]
             for m, w in enumerate(w_sets):
                 out[m] = np.bincount(at, weights=w[who] * got, minlength=len(rows))

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from ..text.catalog import clean_text
-from ..vectors import grown, slices, sorted_unique
+from ..vectors import find_sorted, grown, slices, sorted_unique
 
 #: Hash buckets for terms: collisions stay rare for catalogs' vocabularies (usually < 10^6 words).
 BUCKETS = 1 << 20
@@ -152,9 +152,7 @@ class Lexicon:
         if norm == 0.0:
             return out
         indptr, idx, val = indptr[cut:] - split, idx[split:], val[split:]
-        pos = np.searchsorted(terms, idx)
-        np.minimum(pos, len(terms) - 1, out=pos)
-        hit = terms[pos] == idx
+        pos, hit = find_sorted(terms, idx)
         contrib = np.where(hit, val * weights[pos] / norm, 0.0)
         return _segment_sums(contrib, indptr)
 
