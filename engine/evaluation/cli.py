@@ -11,6 +11,7 @@ import click
 from engine.errors import ModelLoadError
 
 from .datasets import DatasetError, EvalDataset, load_dataset
+from .profiles import PROFILE_KINDS, with_profiles
 from .report import dump_json, protocol_table, split_line, write_report
 from .runner import ALL_METHODS, PROTOCOLS, SharedEncoder, evaluate, evaluate_seeds, parse_method_names, parse_seeds
 from .splits import SPLIT_KINDS
@@ -55,17 +56,24 @@ def _parse_seeds(ctx: click.Context, param: click.Parameter, value: str | None) 
               help="Write the results as JSON here (with per-user values).")
 @click.option("--report", type=click.Path(dir_okay=False, writable=True, path_type=Path),
               help="Write a markdown report here, with PNG plots beside it.")
+@click.option("--profiles", "profile_kind", type=click.Choice(PROFILE_KINDS), default="dataset", show_default=True,
+              help="Users' sign-up profiles: the dataset's own users.* table, none, or a set generated "
+                   "with a fixed seed (engine/evaluation/profiles.py): 'demographic' (age, sex, "
+                   "occupation, drawn apart from taste), 'taste' (written from a share of each user's "
+                   "liked items, which leave the events), 'taste-none' (the same events, no profiles).")
 @click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False), default=None,
               help="A local sentence-transformers model folder (default: the bundled MiniLM).")
 def eval_command(dataset_dir: Path, protocol: str, split_kind: str, seed: int | None,
                  seeds: tuple[int, ...] | None, min_value: float | None, k: int, methods: tuple[str, ...],
-                 json_out: Path | None, report: Path | None, model_path: str | None) -> None:
+                 json_out: Path | None, report: Path | None, profile_kind: str, model_path: str | None) -> None:
     """Measure Kindling and the baselines on a dataset in the canonical layout (see
     docs/evaluation.md): item-cold, user-cold, replay, next-item, or all four, on one seed or several."""
     if seed is not None and seeds is not None:
         raise click.UsageError("give --seed or --seeds, not both")
     logging.getLogger("engine").setLevel(logging.WARNING)
-    ds = _load(dataset_dir)
+    ds = with_profiles(_load(dataset_dir), profile_kind, min_value)
+    if profile_kind != "dataset":
+        click.echo(f"profiles: {profile_kind} ({len(ds.profiles)} users, {len(ds.events)} events)")
     protocols = list(PROTOCOLS) if protocol == "all" else [protocol]
     kwargs = dict(k=k, min_value=min_value, methods=methods, split_kind=split_kind,
                   encoder=SharedEncoder(model_path), progress=lambda msg: click.echo(msg, err=True))
@@ -83,7 +91,7 @@ def eval_command(dataset_dir: Path, protocol: str, split_kind: str, seed: int | 
     summary = summarise([r.to_json() for r in runs])
     click.echo(f"\n{markdown(summary)}\ntotal {time.perf_counter() - start:.0f} s")
     if json_out is not None:
-        json_out.write_text(dump_json(run.to_json()), encoding="utf-8")
+        json_out.write_text(dump_json({**run.to_json(), "profiles": profile_kind}), encoding="utf-8")
         click.echo(f"wrote {json_out}")
     if report is not None:
         for path in write_report(results, runs[0].replay_logs, report, summary):

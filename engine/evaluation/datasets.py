@@ -61,6 +61,13 @@ class EvalDataset:
         """The user's sign-up profile text, or None when the dataset has none for them."""
         return self.profiles.get(str(self.user_ids[user_row])) or None
 
+    def profiles_of(self, events: EventTable) -> dict[str, str]:
+        """External id -> profile text of the users who have an event in `events`."""
+        if not self.profiles:
+            return {}
+        ids = (str(u) for u in self.user_ids[np.unique(events.user)])
+        return {u: self.profiles[u] for u in ids if self.profiles.get(u)}
+
 
 def positives(events: EventTable, min_value: float | None) -> EventTable:
     """Events with value >= min_value (all events when min_value is None), time order kept."""

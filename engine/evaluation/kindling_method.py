@@ -29,14 +29,21 @@ def click_events(train: TrainSet) -> list[Event]:
 
 def open_engine(path: Path, train: TrainSet, encoder: TextEncoder, config: Config,
                 items: Sequence[Item] | None = None) -> Engine:
-    """A new store holding `items` (default: the whole catalog) and the training positives as its
-    history, fitted on them."""
+    """A new store holding `items` (default: the whole catalog), the training users' profiles and
+    the training positives as their history, fitted on them."""
+    return fitted_engine(path, train, encoder, config, items)[0]
+
+
+def fitted_engine(path: Path, train: TrainSet, encoder: TextEncoder, config: Config,
+                  items: Sequence[Item] | None = None) -> tuple[Engine, dict]:
+    """`open_engine`, with what `fit` returned."""
     eng = Engine.create(path, config=config, encoder=encoder)
     eng.add_items(train.items if items is None else items)
+    for user_id, text in sorted(train.profiles.items()):
+        eng.set_profile(user_id, text)
     events = click_events(train)
     eng.import_events(events)
-    eng.fit(events, progress=False)
-    return eng
+    return eng, eng.fit(events, progress=False)
 
 
 class KindlingMethod:
@@ -70,7 +77,9 @@ class KindlingMethod:
         self.close()
         self._fits += 1
         path = self.workdir / f"{self.name}-{self._fits}"
-        self._engine = open_engine(path, train, self.encoder, self.config)
+        self._engine, summary = fitted_engine(path, train, self.encoder, self.config)
+        self.chosen = {k: summary[k] for k in ("reranker_expert", "reranker_warm_start", "reranker_buckets",
+                                               "reranker_valid_recall", "reranker_examples") if k in summary}
         self._item_ids = [it.item_id for it in train.items]
         self._row_of = {item_id: row for row, item_id in enumerate(self._item_ids)}
         self._known = _pairs(train.events.user, train.events.item)

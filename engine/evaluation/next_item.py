@@ -51,7 +51,8 @@ def run_next_item(ds: EvalDataset, methods: Sequence[Method], *, seed: int = 0, 
     holdout), then ranks the whole catalog once per evaluated user. `k` is only written in the
     header: the cut-offs are NEXT_ITEM_KS."""
     split = choose_next_item(positives(ds.events, min_value), split_kind)
-    train = TrainSet(split.train, ds.items, ds.n_users, ds.user_ids, holdout=split.holdout)
+    train = TrainSet(split.train, ds.items, ds.n_users, ds.user_ids, holdout=split.holdout,
+                     profiles=ds.profiles_of(split.train))
     queries = next_item_queries(ds, split)
     out = header(ds, "next-item", seed, k, min_value, split_kind)
     out["ks"] = list(NEXT_ITEM_KS)

@@ -110,7 +110,7 @@ def run_item_cold(ds: EvalDataset, methods: Sequence[Method], *, seed: int = 0, 
                   progress: Progress = _quiet) -> dict:
     """Each test user ranks only the cold items, from their training positives."""
     split = choose_item_cold(positives(ds.events, min_value), seed, split_kind)
-    train = TrainSet(split.train, ds.items, ds.n_users, ds.user_ids)
+    train = TrainSet(split.train, ds.items, ds.n_users, ds.user_ids, profiles=ds.profiles_of(split.train))
     hist = _histories(split.train, split.test_users)
     queries = [Query(int(u), hist[int(u)][0], ds.profile(int(u)), str(ds.user_ids[u]), hist[int(u)][1])
                for u in split.test_users]
@@ -153,7 +153,7 @@ def run_user_cold(ds: EvalDataset, methods: Sequence[Method], *, seed: int = 0, 
                   split_kind: str = "test", progress: Progress = _quiet) -> dict:
     """Each test user is new; after n revealed positives (time order) they rank all other items."""
     split = choose_user_cold(positives(ds.events, min_value), seed, split_kind)
-    train = TrainSet(split.train, ds.items, ds.n_users, ds.user_ids)
+    train = TrainSet(split.train, ds.items, ds.n_users, ds.user_ids, profiles=ds.profiles_of(split.train))
     out = header(ds, "user-cold", seed, k, min_value, split_kind)
     out["split"] = {"items": ds.n_items, "eligible_users": split.n_eligible,
                     "test_users": int(len(split.test_users)), "train_positives": len(split.train)}
@@ -171,6 +171,8 @@ def run_user_cold(ds: EvalDataset, methods: Sequence[Method], *, seed: int = 0, 
                 scores = per_user_scores(ranked, targets, k)
                 out["results"][f"reveal={n}"][method.name] = means(scores)
                 per_user["results"][f"reveal={n}"][method.name] = {m: compact(v) for m, v in scores.items()}
+        if getattr(method, "chosen", None):  # what a method picked on its own validation data
+            out.setdefault("chosen", {})[method.name] = method.chosen
         summary = {r: round(v[method.name][f"recall@{k}"], 4) for r, v in out["results"].items()}
         progress(f"user-cold {method.name}: recall@{k} {summary} ({_seconds(out['timings_s'][method.name])})")
     out["per_user"] = per_user

@@ -123,7 +123,8 @@ def run_replay(ds: EvalDataset, workdir: str | Path, encoder: Callable[[], TextE
     """The replay protocol's summary (the JSON object) and its per-event log (for plots)."""
     say = progress or (lambda _: None)
     split = choose_replay(ds.events, split_kind)
-    train = TrainSet(positives(split.train, min_value), ds.items, ds.n_users, ds.user_ids)
+    train = TrainSet(positives(split.train, min_value), ds.items, ds.n_users, ds.user_ids,
+                     profiles=ds.profiles_of(split.train))
     live = catalog_at_cut(split, ds.n_items)
     fit_s: dict[str, float] = {}
     players = build_players(methods, train, ds, Path(workdir), encoder, seed, live, fit_s)

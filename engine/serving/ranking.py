@@ -374,7 +374,7 @@ class Ranker:
     def features(self, user: UserState, rows: np.ndarray, as_cold: bool = False,
                  own_clicks: np.ndarray | None = None) -> np.ndarray:
         """The reranker's inputs for `rows`: `raw_features`, standardised by `rerank.expand`."""
-        return expand(self.raw_features(user, rows, as_cold, own_clicks), user.count + user.prior)
+        return expand(self.raw_features(user, rows, as_cold, own_clicks), user.count, user.profile_vec is not None)
 
     def raw_features(self, user: UserState, rows: np.ndarray, as_cold: bool = False,
                      own_clicks: np.ndarray | None = None) -> np.ndarray:

@@ -14,6 +14,7 @@ from ..config import Config
 from ..serving.index import VectorIndex
 from ..state.items import ItemTable
 from ..models.projection import Projection
+from ..models.rerank import SIGNALS
 from ..serving.ranking import Ranker, user_from_clicks
 from ..storage.records import EventRecord
 from ..state.users import UserState, UserTable
@@ -25,14 +26,17 @@ log = logging.getLogger(__name__)
 
 MIN_TRAIN_USERS = 2
 CUTS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 13)
-MAX_RERANK_EXAMPLES = 6000
+MAX_RERANK_EXAMPLES = 30000
 #: Share of training examples whose candidates are shown as brand-new items (no clicks, text-only
 #: vectors): the reranker must also rank what has no feedback yet.
 COLD_SHARE = 0.3
 #: Long prefixes drawn per user besides CUTS (see history_cuts).
 LONG_CUTS = 8
-#: Share of users whose clicks train the reranker and not the item tower (see holdout_users).
-HOLDOUT_SHARE = 0.2
+#: Windows drawn per short length (CUTS) and user besides the prefix (see user_windows).
+WINDOWS = 3
+#: Folds of the reranker's training users: each fold's lists come from a tower fit on the others
+#: (see reranker_folds); a fold needs MIN_HOLDOUT_USERS users.
+RERANK_FOLDS = 2
 MIN_HOLDOUT_USERS = 20
 #: Random catalog items added to each example's candidates (see _example).
 RANDOM_NEGATIVES = 64
@@ -70,10 +74,11 @@ def fit_threads(n: int) -> Iterator[None]:
 def fit_state(state: "State", events: Sequence[EventRecord], progress: bool) -> dict[str, Any]:
     """`Engine.fit`: train the item tower, then the reranker, on the histories in `events`.
 
-    The users of `events` (live items only, in event order) are the training users; a share of
-    them is held out of the tower for the reranker (`holdout_users`). The stored users are not
-    changed except that, when the tower is retrained, every stored vector is re-derived in the
-    new space. The reranker starts afresh each time, so fitting the same events twice leaves the
+    The users of `events` (live items only, in event order) are the training users. The reranker
+    trains on lists of every one of them with two clicks or more, each fold's lists ranked by a
+    tower fit on the other folds (`reranker_folds`); the tower that serves is then fit on all
+    of them. The stored users are not changed except that, when the tower is retrained, every
+    stored vector is re-derived in the new space. The reranker starts afresh each time, so fitting the same events twice leaves the
     same state as fitting once. Torch and BLAS compute on `Config.fit_threads` threads.
     """
     with fit_threads(state.config.fit_threads):
@@ -82,27 +87,52 @@ def fit_state(state: "State", events: Sequence[EventRecord], progress: bool) -> 
 
 def _fit_state(state: "State", events: Sequence[EventRecord], progress: bool) -> dict[str, Any]:
     train = training_users(state, events)
-    holdout = holdout_users(train, state.config)
-    summary = {"events": sum(state.items.live_row(ev.item_id) is not None for ev in events),
-               "reranker_users": len(holdout),
-               **fit_towers(state.ranker, state.items, train, progress, holdout)}
+    folds = reranker_folds(train, state.config)
+    summary: dict[str, Any] = {"events": sum(state.items.live_row(ev.item_id) is not None for ev in events),
+                               "reranker_users": int(sum(len(f) for f in folds)), "reranker_folds": len(folds),
+                               "profile_users": sum(u.profile_vec is not None for u in train.states)}
+    rng = np.random.default_rng(state.config.seed + 1)
+    t0 = time.perf_counter()
+    examples: list = []
+    groups: list[int] = []
+    for held in folds:
+        # cross-fitting: the lists of a fold's users are ranked by a tower that never saw them,
+        # with co-clicks counted without them, as a new user's are
+        if fit_towers(state.ranker, state.items, train, progress, held)["projection"]:
+            _adopt_space(state)
+        state.ranker.rebuild_coclicks(state.users, skip=_stored_rows(state, train, held))
+        _extend(examples, groups, reranker_lists(state.ranker, state.items, train, state.index, held, rng))
+    summary.update(fit_towers(state.ranker, state.items, train, progress))
     if summary["projection"]:
-        state.proj = state.ranker.projection
-        state.ranker.refresh_item_vectors(state.items, state.proj)
-        state.users.dim = state.proj.d_out
-        state.rebuild_index()
+        _adopt_space(state)
         for user in state.users.states:
             state.rederive(user)
-    # the reranker learns on users whose clicks are in no co-click count it sees, as a new
-    # user's are not; the counts of every user come back for serving
-    held_ids = {train.vocab.id(int(i)) for i in holdout}
-    skip = np.array([r for r, uid in enumerate(state.users.vocab.ids()) if uid in held_ids], np.int64)
-    state.ranker.rebuild_coclicks(state.users, skip=skip)
-    state.ranker.reset_reranker()
-    summary.update(fit_reranker(state.ranker, state.items, train, state.index, progress, holdout))
     state.ranker.rebuild_coclicks(state.users)
+    if not folds and state.config.rerank_epochs:  # too few users to hold any out: train on all
+        _extend(examples, groups, reranker_lists(state.ranker, state.items, train, state.index, None, rng))
+    state.ranker.reset_reranker()
+    summary.update(fit_reranker(state.ranker, examples, np.array(groups, np.int64), progress, t0))
     state.ranker.prepare()
     return summary
+
+
+def _adopt_space(state: "State") -> None:
+    """Serve from the tower the ranker now holds: item vectors, the index, the users' width."""
+    state.proj = state.ranker.projection
+    state.ranker.refresh_item_vectors(state.items, state.proj)
+    state.users.dim = state.proj.d_out
+    state.rebuild_index()
+
+
+def _stored_rows(state: "State", train: UserTable, positions: np.ndarray) -> np.ndarray:
+    """Rows in the stored user table of the training users at `positions`."""
+    ids = {train.vocab.id(int(i)) for i in positions}
+    return np.array([r for r, uid in enumerate(state.users.vocab.ids()) if uid in ids], np.int64)
+
+
+def _extend(examples: list, groups: list[int], made: tuple[list, list[int]]) -> None:
+    examples.extend(made[0])
+    groups.extend(made[1])
 
 
 def training_users(state: "State", events: Sequence[EventRecord]) -> UserTable:
@@ -134,21 +164,23 @@ def click_histories(states: Sequence[UserState], items: ItemTable) -> list[np.nd
     return out
 
 
-def holdout_users(users: UserTable, config: Config) -> np.ndarray:
-    """Positions (in users.states) of the users kept out of the item tower for the reranker.
+def reranker_folds(users: UserTable, config: Config) -> list[np.ndarray]:
+    """Positions (in users.states) of the reranker's training users, in RERANK_FOLDS folds.
 
     The reranker must learn how far to trust the tower on users the tower has not seen, which is
-    what every new user is: trained on the tower's own training users, it would learn a tower that
-    knows their future (its item residuals were fit on it) and over-trust it. With fewer than
-    MIN_HOLDOUT_USERS eligible users, or no reranker to train, everyone trains the tower.
+    what every new user is: trained on the tower's own training users, it would learn a tower
+    that knows their future (its item residuals were fit on it) and over-trust it. So each fold's
+    lists are made with a tower fit on the other folds (cross-fitting), and every user with two
+    clicks or more makes lists. With fewer than MIN_HOLDOUT_USERS such users in a fold, or no
+    reranker to train, there are no folds.
     """
-    if config.rerank_epochs == 0 or config.proj_epochs == 0:
-        return np.zeros(0, np.int64)
+    if config.rerank_epochs == 0:
+        return []
     eligible = np.array([i for i, u in enumerate(users.states) if len(set(u.clicks)) >= 2], np.int64)
-    n = int(round(HOLDOUT_SHARE * len(eligible)))
-    if n < MIN_HOLDOUT_USERS:
-        return np.zeros(0, np.int64)
-    return np.sort(np.random.default_rng(config.seed + 2).permutation(eligible)[:n])
+    if len(eligible) < RERANK_FOLDS * MIN_HOLDOUT_USERS:
+        return []
+    order = np.random.default_rng(config.seed + 2).permutation(eligible)
+    return [np.sort(part) for part in np.array_split(order, RERANK_FOLDS)]
 
 
 def fit_towers(ranker: Ranker, items: ItemTable, users: UserTable, progress: bool,
@@ -170,34 +202,42 @@ def fit_towers(ranker: Ranker, items: ItemTable, users: UserTable, progress: boo
             "projection_seconds": round(time.perf_counter() - t0, 1)}
 
 
-def fit_reranker(ranker: Ranker, items: ItemTable, users: UserTable, index: VectorIndex,
-                 progress: bool, holdout: np.ndarray | None = None) -> dict[str, Any]:
-    """Train the reranker listwise on (history prefix -> later clicks) examples of the `holdout`
-    users (all users when it is empty or None)."""
-    cfg = ranker.config
-    if cfg.rerank_epochs == 0:
-        return {"reranker": False}
-    t0 = time.perf_counter()
-    rng = np.random.default_rng(cfg.seed + 1)
-    examples, groups = [], []
-    pool = users.states if holdout is None or not len(holdout) else [users.states[i] for i in holdout]
-    states = [u for u in pool if len(set(u.clicks)) >= 2]
-    per_user = max(1, MAX_RERANK_EXAMPLES // max(len(states), 1))
-    for g, u in enumerate(states):
-        clicks = list(dict.fromkeys(u.clicks))
-        clicks = [r for r in clicks if not items.removed[r]]
-        for p in rng.permutation(history_cuts(len(clicks), rng))[:per_user]:
-            ex = _example(ranker, items, index, u, clicks, int(p), rng, as_cold=rng.random() < COLD_SHARE)
+def reranker_lists(ranker: Ranker, items: ItemTable, users: UserTable, index: VectorIndex,
+                   positions: np.ndarray | None, rng: np.random.Generator) -> tuple[list, list[int]]:
+    """Training lists (history window -> the user's other clicks, `user_windows`) of the users at
+    `positions` (None: all), ranked by the ranker as it stands; with each list's user position."""
+    examples: list = []
+    groups: list[int] = []
+    picked = range(len(users.states)) if positions is None else positions.tolist()
+    pool = [(int(g), users.states[int(g)]) for g in picked if len(set(users.states[int(g)].clicks)) >= 2]
+    per_user = max(1, MAX_RERANK_EXAMPLES // max(len(pool), 1)) if positions is None else \
+        max(1, MAX_RERANK_EXAMPLES // max(RERANK_FOLDS * len(pool), 1))
+    for g, u in pool:
+        clicks = [r for r in dict.fromkeys(u.clicks) if not items.removed[r]]
+        for start, p in user_windows(len(clicks), per_user, rng):
+            ex = _example(ranker, items, index, u, clicks, start, p, rng, as_cold=rng.random() < COLD_SHARE)
             if ex is not None:
                 examples.append(ex)
                 groups.append(g)
-    if not examples:
+    return examples, groups
+
+
+def fit_reranker(ranker: Ranker, examples: list, groups: np.ndarray, progress: bool,
+                 t0: float) -> dict[str, Any]:
+    """Train the reranker listwise on `examples` (early stopping on held-out users' `groups`)."""
+    cfg = ranker.config
+    if cfg.rerank_epochs == 0 or not examples:
         return {"reranker": False}
-    losses = ranker.reranker.fit(examples, cfg.rerank_epochs, progress=progress, groups=np.array(groups))
+    t1 = time.perf_counter()
+    losses = ranker.reranker.fit(examples, cfg.rerank_epochs, progress=progress, groups=groups)
     return {"reranker": True, "reranker_examples": len(examples),
             "reranker_loss": [round(x, 4) for x in losses],
             "reranker_valid_recall": (None if ranker.reranker.valid_recall is None
                                       else round(ranker.reranker.valid_recall, 4)),
+            "reranker_warm_start": [None if j < 0 else SIGNALS[j][0] for j in ranker.reranker.warm_start],
+            "reranker_buckets": ranker.reranker.gate_report,
+            "reranker_expert": [None if j < 0 else SIGNALS[j][0] for j in ranker.reranker.expert.tolist()],
+            "reranker_lists_seconds": round(t1 - t0, 1),
             "reranker_seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -211,9 +251,27 @@ def history_cuts(n: int, rng: np.random.Generator) -> list[int]:
     return sorted(cuts)
 
 
-def _example(ranker: Ranker, items: ItemTable, index: VectorIndex, u, clicks: list[int], p: int,
+def user_windows(n: int, most: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """(start, length) of the clicks a user's training lists show as the history, at most `most`:
+    every prefix of `history_cuts` first, then windows of the short lengths (CUTS) started
+    further in (WINDOW_SHARE of the rest), so that the short histories where cold start lives
+    get many lists, not one per user. A window's targets are all of the user's other clicks,
+    as a new user's are all their clicks after the ones revealed."""
+    prefixes = [(0, int(p)) for p in rng.permutation(history_cuts(n, rng))]
+    if len(prefixes) >= most:
+        return prefixes[:most]
+    extra = []
+    for p in CUTS[1:]:
+        if n - p >= 2:
+            for s in rng.choice(np.arange(1, n - p + 1), size=min(WINDOWS, n - p), replace=False):
+                extra.append((int(s), p))
+    extra = [extra[i] for i in rng.permutation(len(extra))]
+    return prefixes + extra[: most - len(prefixes)]
+
+
+def _example(ranker: Ranker, items: ItemTable, index: VectorIndex, u, clicks: list[int], start: int, p: int,
              rng: np.random.Generator, as_cold: bool = False):
-    prefix = clicks[:p]
+    prefix = clicks[start:start + p]
     prof = None if u.profile_vec is None else ranker.projection.transform(u.profile_vec[None])[0]
     state = user_from_clicks(prefix, ranker.item_vectors(np.array(prefix, np.int64)), prof,
                              ranker.config.user_min_step)
@@ -225,7 +283,7 @@ def _example(ranker: Ranker, items: ItemTable, index: VectorIndex, u, clicks: li
         live = items.live_rows()
         extra = live[rng.integers(0, len(live), RANDOM_NEGATIVES)]
         cand = np.union1d(cand, extra[~np.isin(extra, prefix)])
-    future = np.array(clicks[p:], np.int64)
+    future = np.array(clicks[:start] + clicks[start + p:], np.int64)
     labels = np.flatnonzero(np.isin(cand, future))
     if len(labels) == 0 or len(labels) == len(cand):
         return None

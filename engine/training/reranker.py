@@ -12,7 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..models.rerank import LINEAR_ONLY, N_BUCKETS, N_INPUTS, column, initial_linear_weights
+from ..models.rerank import (
+    FEATURES, LINEAR_ONLY, N_BUCKETS, N_FEATURES, N_INPUTS, SIGNALS, bucket_of, column, forward,
+    initial_linear_weights, signal_score,
+)
 
 if TYPE_CHECKING:
     from ..models.rerank import Reranker
@@ -32,6 +35,14 @@ SILENCED_STD = 1e6
 CONSTANT_STD = 1e-4
 #: The MLP's output layer starts this small, so an untrained reranker ranks by its linear part.
 MLP_OUT_SCALE = 0.01
+#: Recall cut-off of the validation that early stopping and the per-bucket choices follow.
+RECALL_K = 20
+#: A bucket ranks by one signal alone (Reranker.expert) only when that signal's held-out recall
+#: beats the trained network's there by GATE_MARGIN (relative) and by GATE_SE standard errors of
+#: the paired per-list difference, over at least GATE_MIN lists: below that it is the split's noise.
+GATE_MARGIN = 0.01
+GATE_SE = 2.0
+GATE_MIN = 50
 
 
 class RerankNet(nn.Module):
@@ -110,20 +121,95 @@ def _split(n: int, groups: np.ndarray | None, rng: np.random.Generator) -> tuple
     return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
+def recalls(scores: list[np.ndarray], examples: list[tuple[np.ndarray, np.ndarray]],
+            k: int = RECALL_K) -> np.ndarray:
+    """Per example, the recall@k of its positives among its candidates under `scores`."""
+    out = np.zeros(len(examples))
+    for j, (s, (_, labels)) in enumerate(zip(scores, examples)):
+        kk = min(k, len(s))
+        top = np.argpartition(-s, kk - 1)[:kk] if kk < len(s) else np.arange(len(s))
+        out[j] = np.isin(top, labels).sum() / min(k, len(labels))
+    return out
+
+
+def model_recalls(weights: dict[str, np.ndarray], examples: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    return recalls([forward(weights, f)[0] for f, _ in examples], examples)
+
+
+def signal_recalls(examples: list[tuple[np.ndarray, np.ndarray]], buckets: np.ndarray) -> np.ndarray:
+    """Shape (len(SIGNALS), len(examples)): each signal's recall alone on each example."""
+    return np.stack([recalls([signal_score(f, j, int(b)) for (f, _), b in zip(examples, buckets)], examples)
+                     for j in range(len(SIGNALS))])
+
+
+def warm_start(net: RerankNet, examples: list[tuple[np.ndarray, np.ndarray]], buckets: np.ndarray) -> list[int]:
+    """Start each bucket's linear block at the single signal that ranks the bucket's training
+    examples best, when one beats the initial weights there: training then only has to improve
+    on the best signal the blend holds. Returns the signal chosen per bucket (-1: initial)."""
+    start = to_numpy(net)
+    base = model_recalls(start, examples)
+    alone = signal_recalls(examples, buckets)
+    chosen = [-1] * N_BUCKETS
+    with torch.no_grad():
+        for b in range(N_BUCKETS):
+            mine = buckets == b
+            if not mine.any():
+                continue
+            best = int(alone[:, mine].mean(1).argmax())
+            if alone[best, mine].mean() > base[mine].mean():
+                name, tie = SIGNALS[best]
+                block = net.linear.weight[0, b * N_FEATURES:(b + 1) * N_FEATURES]
+                block.zero_()
+                block[FEATURES.index(name)] = 1.0
+                block[FEATURES.index(tie)] = 0.1
+                chosen[b] = best
+    return chosen
+
+
+def choose_experts(weights: dict[str, np.ndarray], examples: list[tuple[np.ndarray, np.ndarray]],
+                   buckets: np.ndarray) -> tuple[np.ndarray, dict[str, dict[str, float]]]:
+    """Per bucket, the signal that ranks alone (-1: the network), on held-out examples: a signal
+    only where its recall beats the network's clearly (GATE_MARGIN, GATE_SE, GATE_MIN). With the
+    report: per bucket, the network's and the best signal's recall and the count."""
+    net = model_recalls(weights, examples)
+    alone = signal_recalls(examples, buckets)
+    expert = np.full(N_BUCKETS, -1, np.int64)
+    report: dict[str, dict[str, float]] = {}
+    for b in range(N_BUCKETS):
+        mine = buckets == b
+        if not mine.any():
+            continue
+        means = alone[:, mine].mean(1)
+        best = int(means.argmax())
+        report[str(b)] = {"examples": int(mine.sum()), "network": round(float(net[mine].mean()), 4),
+                          "best_signal": SIGNALS[best][0], "signal": round(float(means[best]), 4)}
+        diff = alone[best, mine] - net[mine]
+        se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else np.inf
+        if (mine.sum() >= GATE_MIN and means[best] > (1.0 + GATE_MARGIN) * net[mine].mean()
+                and diff.mean() > GATE_SE * se):
+            expert[b] = best
+    return expert, report
+
+
 def fit(rr: "Reranker", examples: list[tuple[np.ndarray, np.ndarray]], epochs: int, batch: int = 64,
         progress: bool = False, groups: np.ndarray | None = None) -> list[float]:
     """Offline training of `rr` on (features, positive indices) examples; the epoch losses.
 
-    `epochs` is a ceiling: the examples of a seeded VALID_SHARE of the `groups` (users; each
-    example its own group when None) are held out, and training stops once their recall@20
-    has not improved for PATIENCE epochs, keeping the best weights (the listwise loss kept
-    falling on held-out users while their recall fell). Below MIN_VALID examples
-    every epoch runs on everything.
+    Each bucket starts at the best single signal on its training examples when that beats the
+    initial weights (`warm_start`). `epochs` is a ceiling: the examples of a seeded VALID_SHARE
+    of the `groups` (users; each example its own group when None) are held out, and training
+    stops once their recall@20 has not improved for PATIENCE epochs, keeping the best weights
+    (the start counts: training never keeps weights worse than it began with; the listwise loss
+    kept falling on held-out users while their recall fell). Then, per bucket, a signal that
+    still ranks the held-out examples better than the network alone takes the bucket
+    (`choose_experts`). Below MIN_VALID examples every epoch runs on everything.
     """
     from tqdm.auto import tqdm
 
     net = to_net(rr.weights, rr.hidden)
     train, valid = _split(len(examples), groups, rr.rng)
+    buckets = np.array([bucket_of(f) for f, _ in examples])
+    rr.warm_start = warm_start(net, [examples[i] for i in train], buckets[train])
     allf = np.concatenate([examples[i][0] for i in train])
     with torch.no_grad():
         net.mean.copy_(torch.from_numpy(allf.mean(0)))
@@ -133,9 +219,13 @@ def fit(rr: "Reranker", examples: list[tuple[np.ndarray, np.ndarray]], epochs: i
         # the content scores enter linearly only (see LINEAR_ONLY)
         std[[column(name, b) for name in LINEAR_ONLY for b in range(N_BUCKETS)]] = SILENCED_STD
         net.std.copy_(torch.from_numpy(std.astype(np.float32)))
+    held = [examples[i] for i in valid]
     opt = torch.optim.Adam(net.parameters(), lr=FIT_LR)
     losses: list[float] = []
     best, best_state, stale = np.inf, None, 0
+    if held:
+        best = -float(model_recalls(to_numpy(net), held).mean())
+        best_state = {k: t.clone() for k, t in net.state_dict().items()}
     for _ in tqdm(range(epochs), desc="reranker", disable=not progress):
         order = train[rr.rng.permutation(len(train))]
         total = 0.0
@@ -146,8 +236,8 @@ def fit(rr: "Reranker", examples: list[tuple[np.ndarray, np.ndarray]], epochs: i
             opt.step()
             total += float(loss.detach()) * len(order[s:s + batch])
         losses.append(total / len(train))
-        if len(valid):
-            v = -rr.recall_at(to_numpy(net), [examples[i] for i in valid])
+        if held:
+            v = -float(model_recalls(to_numpy(net), held).mean())
             if v < best - MIN_GAIN:
                 best, stale = v, 0
                 best_state = {k: t.clone() for k, t in net.state_dict().items()}
@@ -157,6 +247,9 @@ def fit(rr: "Reranker", examples: list[tuple[np.ndarray, np.ndarray]], epochs: i
                     break
     if best_state is not None:
         net.load_state_dict(best_state)
-    rr.install(to_numpy(net), valid_recall=None if best == np.inf else -best)
+    weights = to_numpy(net)
+    expert, rr.gate_report = (choose_experts(weights, held, buckets[valid]) if held
+                              else (np.full(N_BUCKETS, -1, np.int64), {}))
+    rr.install(weights, valid_recall=None if best == np.inf else -best, expert=expert)
     rr.remember(examples[-rr.buffer.maxlen:])
     return losses

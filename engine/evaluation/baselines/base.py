@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -27,6 +27,9 @@ class TrainSet:
     #: Next-item only: one positive per evaluated user, the one after their training positives. It
     #: is not training data; a method may early-stop on it (SASRec does).
     holdout: EventTable | None = None
+    #: Sign-up profiles of the users with training events (external id -> text), as an
+    #: application holds them before it trains; never a test user's.
+    profiles: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_items(self) -> int:

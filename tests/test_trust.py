@@ -1,0 +1,159 @@
+"""What the reranker trusts: the profile bucket, the per-bucket signals, fit's start, training lists,
+the generated profile sets and the harness handing the training users' profiles to the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.evaluation.baselines.base import TrainSet
+from engine.evaluation.datasets import EvalDataset, EventTable
+from engine.evaluation.kindling_method import engine_config, fitted_engine
+from engine.evaluation.profiles import demographic_profile, taste_profile, with_profiles
+from engine.models.rerank import (
+    FEATURES, N_BUCKETS, N_FEATURES, PROFILE_BUCKET, SIGNALS, Reranker, bucket_of, column, expand,
+    history_bucket,
+)
+from engine.training.fit import CUTS, user_windows
+from engine.training.reranker import choose_experts, fit, model_recalls
+from engine.types import Item
+
+from conftest import small_catalog
+
+
+def test_a_profile_without_clicks_has_a_bucket_of_its_own() -> None:
+    assert history_bucket(0, profile=True) == PROFILE_BUCKET
+    assert history_bucket(0) == 0 and history_bucket(1, profile=True) == history_bucket(1) == 1
+    x = expand(np.random.default_rng(0).normal(size=(5, N_FEATURES)), 0, profile=True)
+    assert bucket_of(x) == PROFILE_BUCKET
+    assert bucket_of(np.zeros((3, x.shape[1]), np.float32)) == -1
+
+
+def _examples(rng: np.random.Generator, n: int, bucket: int, signal: str, m: int = 40):
+    """Lists whose positives are the candidates highest on `signal`; every other feature noise."""
+    out = []
+    for _ in range(n):
+        raw = rng.normal(size=(m, N_FEATURES))
+        labels = np.argsort(-raw[:, FEATURES.index(signal)])[:3]
+        out.append((expand(raw, 4 if bucket != PROFILE_BUCKET else 0, bucket == PROFILE_BUCKET), labels))
+    return out
+
+
+def test_a_bucket_takes_a_signal_only_when_it_beats_the_network_there() -> None:
+    rng = np.random.default_rng(3)
+    rr = Reranker(hidden=8, lr=0.0, replay_size=4, replay_batch=2, seed=0)
+    weights = rr.weights  # initial: the tower score, which is noise in these lists
+    b = history_bucket(4)
+    examples = _examples(rng, 60, b, "cooc")
+    expert, report = choose_experts(weights, examples, np.full(len(examples), b))
+    assert SIGNALS[expert[b]][0] == "cooc" and report[str(b)]["best_signal"] == "cooc"
+    assert (np.delete(expert, b) == -1).all()
+    # too few lists to tell: the network keeps the bucket
+    few, _ = choose_experts(weights, examples[:5], np.full(5, b))
+    assert (few == -1).all()
+    # a bucket that ranks by its signal scores by it, and the choice survives a save
+    rr.install(weights, None, expert)
+    feats = examples[0][0]
+    assert set(np.argsort(-rr.score(feats))[:3]) == set(examples[0][1].tolist())
+    again = Reranker(hidden=8, lr=0.0, replay_size=4, replay_batch=2, seed=0)
+    again.load(rr.tensors())
+    np.testing.assert_array_equal(again.expert, expert)
+    bad = rr.tensors()
+    bad["rerank.expert"] = np.full(N_BUCKETS, len(SIGNALS), np.int64)
+    with pytest.raises(ValueError, match="rerank.expert"):
+        Reranker(hidden=8, lr=0.0, replay_size=4, replay_batch=2, seed=0).load(bad)
+
+
+def test_fit_starts_at_the_best_signal_and_never_keeps_worse_on_held_out_lists() -> None:
+    rng = np.random.default_rng(5)
+    b = history_bucket(4)
+    examples = _examples(rng, 400, b, "itemcf")
+    rr = Reranker(hidden=8, lr=0.0, replay_size=16, replay_batch=2, seed=0)
+    start = float(model_recalls(rr.weights, examples).mean())
+    fit(rr, examples, epochs=2, groups=np.arange(len(examples)))
+    assert SIGNALS[rr.warm_start[b]][0] == "itemcf"
+    assert rr.gate_report[str(b)]["network"] >= rr.gate_report[str(b)]["signal"] / 1.01
+    assert float(model_recalls(rr.weights, examples).mean()) > start + 0.3
+
+
+def test_training_lists_cover_short_histories_many_times() -> None:
+    rng = np.random.default_rng(0)
+    windows = user_windows(40, 60, rng)
+    assert len(windows) == len(set(windows)) <= 60
+    assert (0, 1) in windows and all(0 <= s and s + p <= 40 and p >= 0 for s, p in windows)
+    from engine.training import fit as fit_module
+
+    short = [w for w in windows if w[1] == 1]
+    assert len(short) == 1 + fit_module.WINDOWS  # the prefix, then windows started further in
+    assert all(p in CUTS for s, p in windows if s > 0)
+    assert len(user_windows(3, 2, rng)) == 2
+
+
+def _dataset() -> EvalDataset:
+    items = tuple(small_catalog())
+    users = np.array([f"u{j}" for j in range(6)], dtype=object)
+    rows_u, rows_i = [], []
+    for j in range(6):  # every user likes the four items of one topic, and one of another
+        topic = j % 3
+        for i in [4 * topic + n for n in range(4)] + [4 * ((topic + 1) % 3)]:
+            rows_u.append(j)
+            rows_i.append(i)
+    n = len(rows_u)
+    ev = EventTable(np.array(rows_u), np.array(rows_i), np.arange(n, dtype=np.int64), np.ones(n))
+    return EvalDataset("tiny", items, np.array([it.item_id for it in items], dtype=object), users, ev)
+
+
+def test_generated_profiles_are_fixed_by_the_seed_and_taste_ones_leave_the_events() -> None:
+    ds = _dataset()
+    demo = with_profiles(ds, "demographic")
+    assert demo.profiles == with_profiles(ds, "demographic").profiles and len(demo.profiles) == 6
+    assert demo.profiles["u0"] == demographic_profile("u0") != demographic_profile("u0", seed=1)
+    assert "occupation: " in demo.profiles["u0"] and len(demo.events) == len(ds.events)
+    taste = with_profiles(ds, "taste")
+    control = with_profiles(ds, "taste-none")
+    assert control.profiles == {} and len(control.events) == len(taste.events) < len(ds.events)
+    for j, uid in enumerate(ds.user_ids):
+        mine = taste.events.item[taste.events.user == j]
+        gone = sorted(set(ds.events.item[ds.events.user == j].tolist()) - set(mine.tolist()))
+        assert len(gone) == 1  # a fifth of five liked items
+        assert ds.items[gone[0]].title.split()[0] in taste.profiles[uid]  # what it names left the events
+    assert taste_profile(["Toy Story (1995)"], [("Animation", "Children")]) == \
+        "I like Animation and Children; for example Toy Story (1995)"
+    with pytest.raises(ValueError, match="profiles must be one of"):
+        with_profiles(ds, "made-up")
+
+
+def test_the_harness_gives_the_training_users_profiles_before_fit(fake_encoder, tmp_path: Path) -> None:
+    ds = with_profiles(_dataset(), "taste")
+    train = TrainSet(ds.events, ds.items, ds.n_users, ds.user_ids, profiles=ds.profiles_of(ds.events))
+    assert set(train.profiles) == {str(u) for u in ds.user_ids}
+    eng, summary = fitted_engine(tmp_path / "s", train, fake_encoder,
+                                 engine_config(0, proj_epochs=1, rerank_epochs=1))
+    try:
+        assert summary["profile_users"] == 6  # fit saw every training user's profile
+        recs = eng.recommend("u0", k=3, history=[], profile=train.profiles["u0"])
+        assert len(recs) == 3
+    finally:
+        eng.close(save=False)
+
+
+def test_every_user_with_two_clicks_makes_lists_in_one_fold() -> None:
+    from engine import Config
+    from engine.state.users import UserTable
+    from engine.training.fit import MIN_HOLDOUT_USERS, RERANK_FOLDS, reranker_folds
+
+    users = UserTable(4)
+    for j in range(2 * RERANK_FOLDS * MIN_HOLDOUT_USERS):
+        users.get_or_create(f"u{j}").clicks.extend([0, 1] if j % 5 else [2])  # every fifth: one click
+    folds = reranker_folds(users, Config(seed=3))
+    assert len(folds) == RERANK_FOLDS
+    together = np.concatenate(folds)
+    assert len(together) == len(set(together.tolist()))  # no user in two folds
+    assert set(together.tolist()) == {j for j, u in enumerate(users.states) if len(set(u.clicks)) >= 2}
+    assert reranker_folds(users, Config(seed=3, rerank_epochs=0)) == []
+    few = UserTable(4)
+    for j in range(MIN_HOLDOUT_USERS):
+        few.get_or_create(f"u{j}").clicks.extend([0, 1])
+    assert reranker_folds(few, Config()) == []  # too few to hold a fold out: fit trains on all
