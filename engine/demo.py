@@ -62,7 +62,7 @@ def build(store: Path, data: Path) -> Engine:
     eng.import_events(events)
     summary = eng.fit(events, progress=None)
     click.echo(f"Imported and learned from {len(events):,} logged events in {time.perf_counter() - t0:.1f} s "
-               f"({', '.join(f'{k}={v}' for k, v in summary.items())}).")
+               f"({', '.join(f'{k}={v}' for k, v in summary.items() if not isinstance(v, dict))}).")
     return eng
 
 

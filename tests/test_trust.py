@@ -50,9 +50,20 @@ def test_a_bucket_takes_a_signal_only_when_it_beats_the_network_there() -> None:
     expert, report = choose_experts(weights, examples, np.full(len(examples), b))
     assert SIGNALS[expert[b]][0] == "cooc" and report[str(b)]["best_signal"] == "cooc"
     assert (np.delete(expert, b) == -1).all()
-    # too few lists to tell: the network keeps the bucket
+    # too few lists to trust the network over the signal: the signal ranks
     few, _ = choose_experts(weights, examples[:5], np.full(5, b))
-    assert (few == -1).all()
+    assert SIGNALS[few[b]][0] == "cooc"
+    # a network that ranks by what no single signal holds alone keeps the bucket
+    both = []
+    for _ in range(80):
+        raw = rng.normal(size=(40, N_FEATURES))
+        labels = np.argsort(-(raw[:, FEATURES.index("cooc")] + raw[:, FEATURES.index("itemcf")]))[:3]
+        both.append((expand(raw, 4), labels))
+    blend = {k: v.copy() for k, v in weights.items()}
+    blend["linear.weight"][:] = 0.0
+    blend["linear.weight"][0, [column("cooc", b), column("itemcf", b)]] = 1.0
+    kept, _ = choose_experts(blend, both, np.full(len(both), b))
+    assert kept[b] == -1
     # a bucket that ranks by its signal scores by it, and the choice survives a save
     rr.install(weights, None, expert)
     feats = examples[0][0]
@@ -157,3 +168,21 @@ def test_every_user_with_two_clicks_makes_lists_in_one_fold() -> None:
     for j in range(MIN_HOLDOUT_USERS):
         few.get_or_create(f"u{j}").clicks.extend([0, 1])
     assert reranker_folds(few, Config()) == []  # too few to hold a fold out: fit trains on all
+
+
+def test_each_bucket_keeps_its_block_from_its_own_best_epoch() -> None:
+    from engine.training.reranker import BucketKeeper, to_net
+
+    rr = Reranker(hidden=8, lr=0.0, replay_size=4, replay_batch=2, seed=0)
+    net = to_net(rr.weights, 8)
+    start = net.linear.weight.detach().clone()
+    keeper = BucketKeeper(np.array([1, 1, 2, 2]))
+    keeper.offer(net, np.array([0.5, 0.5, 0.1, 0.1]))
+    with __import__("torch").no_grad():
+        net.linear.weight.add_(1.0)  # an epoch: bucket 1 got worse on its lists, bucket 2 better
+    keeper.offer(net, np.array([0.2, 0.2, 0.4, 0.4]))
+    moved = net.linear.weight.detach().clone()
+    keeper.restore(net)
+    w = net.linear.weight.detach()
+    one, two = slice(N_FEATURES, 2 * N_FEATURES), slice(2 * N_FEATURES, 3 * N_FEATURES)
+    assert (w[0, one] == start[0, one]).all() and (w[0, two] == moved[0, two]).all()
