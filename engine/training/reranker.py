@@ -44,6 +44,10 @@ RECALL_K = 20
 #: evaluation's (movielens, demographic profiles): its block was picked on those same lists.
 GATE_SE = 2.0
 GATE_MIN = 50
+#: A bucket with fewer held-out lists than this (the profile bucket has one list a user) is judged
+#: on all its lists instead: CV_FOLDS-fold cross-validation of its block (`cross_validated`).
+GATE_CV_BELOW = 200
+CV_FOLDS = 5
 
 
 class RerankNet(nn.Module):
@@ -167,8 +171,62 @@ def warm_start(net: RerankNet, examples: list[tuple[np.ndarray, np.ndarray]], bu
     return chosen
 
 
+def block_of(examples: list[tuple[np.ndarray, np.ndarray]], bucket: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The lists with only `bucket`'s block of inputs (what a linear-only network ranks them by)."""
+    return [(f[:, bucket * N_FEATURES:(bucket + 1) * N_FEATURES], labels) for f, labels in examples]
+
+
+def train_block(start: np.ndarray, lists: list[tuple[np.ndarray, np.ndarray]], epochs: int, batch: int,
+                rng: np.random.Generator) -> np.ndarray:
+    """One bucket's linear block trained alone from `start` (shape (N_FEATURES,)) on `lists`
+    (block inputs), listwise, as `fit` trains it among the other buckets' lists."""
+    w = torch.tensor(np.asarray(start, np.float32), requires_grad=True)
+    opt = torch.optim.Adam([w], lr=FIT_LR)
+    for _ in range(epochs):
+        order = rng.permutation(len(lists))
+        for s in range(0, len(order), batch):
+            part = [lists[i] for i in order[s:s + batch]]
+            width = max(len(f) for f, _ in part)
+            feats = np.zeros((len(part), width, N_FEATURES), np.float32)
+            valid = np.zeros((len(part), width), bool)
+            target = np.zeros((len(part), width), np.float32)
+            for j, (f, labels) in enumerate(part):
+                feats[j, : len(f)], valid[j, : len(f)] = f, True
+                target[j, labels] = 1.0 / len(labels)
+            logits = (torch.from_numpy(feats) @ w).masked_fill(~torch.from_numpy(valid), -1e9)
+            loss = -(torch.log_softmax(logits, 1) * torch.from_numpy(target)).sum(1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return w.detach().numpy()
+
+
+def cross_validated(start: np.ndarray, lists: list[tuple[np.ndarray, np.ndarray]], epochs: int, batch: int,
+                    rng: np.random.Generator, judge: np.ndarray | None = None) -> np.ndarray:
+    """Per list of `judge` (a mask; default: all), the recall of a block trained as `fit` trains
+    it, on the other CV_FOLDS - 1 folds of `lists`: what the bucket's network is worth on lists it
+    did not learn or get picked on."""
+    judge = np.ones(len(lists), bool) if judge is None else judge
+    fold = rng.permutation(len(lists)) % CV_FOLDS
+    out = np.zeros(len(lists))
+    for k in range(CV_FOLDS):
+        test = np.flatnonzero((fold == k) & judge)
+        if not len(test):
+            continue
+        w = train_block(start, [lists[i] for i in np.flatnonzero(fold != k)], epochs, batch, rng)
+        out[test] = recalls([lists[i][0] @ w for i in test], [lists[i] for i in test])
+    return out[judge]
+
+
+def warm_lists(examples: list[tuple[np.ndarray, np.ndarray]], buckets: np.ndarray) -> np.ndarray:
+    """Which lists show their candidates with feedback: not `as_cold` ones, where every click count
+    is zero, so the popularity input is flat (0 after `expand`) and no signal of feedback ranks."""
+    return np.array([b < 0 or bool(f[:, column("clicks", int(b))].any()) for (f, _), b in zip(examples, buckets)])
+
+
 def choose_experts(weights: dict[str, np.ndarray], examples: list[tuple[np.ndarray, np.ndarray]],
-                   buckets: np.ndarray) -> tuple[np.ndarray, dict[str, dict[str, float]]]:
+                   buckets: np.ndarray, judged: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
+                   ) -> tuple[np.ndarray, dict[str, dict[str, float]]]:
     """Per bucket, the signal that ranks alone (-1: the network), on held-out examples: the
     network only where it beats the best signal clearly (GATE_SE, GATE_MIN); a bucket without
     held-out lists keeps the network. With the report: per bucket, the network's and the best
@@ -186,10 +244,41 @@ def choose_experts(weights: dict[str, np.ndarray], examples: list[tuple[np.ndarr
         report[str(b)] = {"examples": int(mine.sum()), "network": round(float(net[mine].mean()), 4),
                           "best_signal": SIGNALS[best][0], "signal": round(float(means[best]), 4)}
         diff = net[mine] - alone[best, mine]
+        if judged and b in judged:  # a small bucket: judged by cross-validation on all its lists
+            cv_net, cv_alone = judged[b]
+            best = int(cv_alone.mean(1).argmax())
+            diff = cv_net - cv_alone[best]
+            report[str(b)].update({"cv_lists": len(cv_net), "cv_network": round(float(cv_net.mean()), 4),
+                                   "cv_signal": round(float(cv_alone[best].mean()), 4),
+                                   "best_signal": SIGNALS[best][0]})
         se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else np.inf
-        if not (mine.sum() >= GATE_MIN and diff.mean() > GATE_SE * se):
+        if not (len(diff) >= GATE_MIN and diff.mean() > GATE_SE * se):
             expert[b] = best
     return expert, report
+
+
+def small_buckets(examples: list[tuple[np.ndarray, np.ndarray]], buckets: np.ndarray, valid: np.ndarray,
+                  keeper: "BucketKeeper", start: np.ndarray, batch: int,
+                  rng: np.random.Generator) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """For each bucket with fewer than GATE_CV_BELOW held-out lists (and a linear-only network):
+    (cross-validated network recall, each signal's recall) over all of the bucket's lists that
+    show feedback (`warm_lists`); the blocks are trained on all of them, as `fit` trains."""
+    if not keeper.active:
+        return {}
+    out = {}
+    held_counts = np.bincount(buckets[valid][buckets[valid] >= 0], minlength=N_BUCKETS)
+    for b in range(N_BUCKETS):
+        if not 0 < held_counts[b] < GATE_CV_BELOW:
+            continue
+        rows = np.flatnonzero(buckets == b)
+        lists = block_of([examples[i] for i in rows], b)
+        share = max(2, int(round(batch * len(rows) / len(examples))))  # its lists per step in `fit`
+        warm = warm_lists([examples[i] for i in rows], buckets[rows])
+        mine = [examples[i] for i in rows[warm]]
+        out[b] = (cross_validated(start[b * N_FEATURES:(b + 1) * N_FEATURES], lists, keeper.epoch.get(b, 0),
+                                  share, rng, judge=warm),
+                  signal_recalls(mine, np.full(len(mine), b)))
+    return out
 
 
 class BucketKeeper:
@@ -203,8 +292,12 @@ class BucketKeeper:
         self.buckets = buckets
         self.active = set(LINEAR_ONLY) == set(FEATURES)
         self.best: dict[int, tuple[float, torch.Tensor]] = {}
+        #: per bucket, the epoch its kept block is from (0: the start)
+        self.epoch: dict[int, int] = {}
+        self._offers = 0
 
     def offer(self, net: RerankNet, recall: np.ndarray) -> None:
+        self._offers += 1
         if not self.active:
             return
         for b in np.unique(self.buckets):
@@ -212,6 +305,7 @@ class BucketKeeper:
             if int(b) not in self.best or mine > self.best[int(b)][0] + MIN_GAIN:
                 block = net.linear.weight[0, b * N_FEATURES:(b + 1) * N_FEATURES].detach().clone()
                 self.best[int(b)] = (mine, block)
+                self.epoch[int(b)] = self._offers - 1
 
     def restore(self, net: RerankNet) -> None:
         with torch.no_grad():
@@ -239,6 +333,7 @@ def fit(rr: "Reranker", examples: list[tuple[np.ndarray, np.ndarray]], epochs: i
     train, valid = _split(len(examples), groups, rr.rng)
     buckets = np.array([bucket_of(f) for f, _ in examples])
     rr.warm_start = warm_start(net, [examples[i] for i in train], buckets[train])
+    start_weights = net.linear.weight[0].detach().numpy().copy()
     allf = np.concatenate([examples[i][0] for i in train])
     with torch.no_grad():
         net.mean.copy_(torch.from_numpy(allf.mean(0)))
@@ -283,7 +378,11 @@ def fit(rr: "Reranker", examples: list[tuple[np.ndarray, np.ndarray]], epochs: i
         net.load_state_dict(best_state)
         keeper.restore(net)
     weights = to_numpy(net)
-    expert, rr.gate_report = (choose_experts(weights, held, buckets[valid]) if held
+    judged = small_buckets(examples, buckets, valid, keeper, start_weights, batch, rr.rng) if held else {}
+    # the signals are judged where they can rank: on the held-out lists that show feedback
+    warm = warm_lists(held, buckets[valid]) if held else np.zeros(0, bool)
+    expert, rr.gate_report = (choose_experts(weights, [h for h, w in zip(held, warm) if w], buckets[valid][warm],
+                                             judged) if warm.any()
                               else (np.full(N_BUCKETS, -1, np.int64), {}))
     rr.install(weights, valid_recall=None if best == np.inf else -best, expert=expert)
     rr.remember(examples[-rr.buffer.maxlen:])
