@@ -53,6 +53,12 @@ class Config:
             at 1). 0 (off) by default: with the per-bucket standardised features, 0.001 gave 0.56x
             the fair frozen engine on the movielens replay validation split and 0 gave 1.03x
             (docs/results.md); user vectors, counts and co-clicks still learn from every click.
+        new_item_slots: places of a list (at most; never the whole list) that exploration gives to
+            items added after the last `fit` and still without feedback, when their vector
+            matches the user at least as well as the median of the list they join does from its
+            text alone; the item is
+            Thompson-sampled (a Beta prior from that match) and takes the list's last places.
+            0 turns it off; so does `explore=False`. A store never fit has no such items.
         popularity_half_life_s: None (default) ranks popularity by click counts; a number of
             seconds makes each click weigh half as much that long after it, by event time (the
             latest click's time is "now"): the popular list, the popularity prior of a user with
@@ -99,6 +105,7 @@ class Config:
     online_updates: bool = True
     explore: bool = True
     explore_weight: float = 0.05
+    new_item_slots: int = 1
     seed: int = 0
     popularity_half_life_s: float | None = None
     fsync: bool = True
@@ -125,7 +132,7 @@ class Config:
                      "ivf_nprobe", "recent_window", "proj_dim", "rerank_hidden", "replay_batch"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
-        for name in ("search_threads", "popular_candidates", "coclick_candidates", "exact_threshold", "ivf_nlist", "proj_epochs",
+        for name in ("search_threads", "new_item_slots", "popular_candidates", "coclick_candidates", "exact_threshold", "ivf_nlist", "proj_epochs",
                      "rerank_epochs", "replay_size", "fit_threads", "blas_threads"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")

@@ -228,6 +228,11 @@ class Reranker:
         self.expert = np.full(N_BUCKETS, -1, np.int64)
         #: What the last fit found (not saved): the signal each bucket started at (-1: the
         #: initial weights) and, per bucket, the held-out recall of the network and best signal.
+        #: The item table's length and its newest add time (`ItemTable.added_at`) when the
+        #: reranker was fit; -1 until then. An item on a later row, or added later (an upsert),
+        #: and still without feedback is new to every learned part.
+        self.catalog_rows = -1
+        self.catalog_until = -1
         self.warm_start: list[int] = []
         self.gate_report: dict[str, dict[str, float]] = {}
         self.set_aside = False  # a stored reranker of another feature set was not loaded
@@ -316,6 +321,7 @@ class Reranker:
             out["replay.label_sizes"] = np.array([len(lab) for _, _, lab in self.buffer], np.int64)
         out["rerank.trained"] = np.array([1 if self.trained else 0], np.int64)
         out["rerank.expert"] = self.expert.copy()
+        out["rerank.catalog"] = np.array([self.catalog_rows, self.catalog_until], np.int64)
         return out
 
     def load(self, tensors: dict[str, np.ndarray]) -> None:
@@ -343,7 +349,8 @@ class Reranker:
                                  f"got {expert.tolist()}")
             self.expert = expert.copy()
         sd = {k[len("rerank."):]: v for k, v in tensors.items()
-              if k.startswith("rerank.") and k not in ("rerank.trained", "rerank.expert")}
+              if k.startswith("rerank.") and k not in ("rerank.trained", "rerank.expert", "rerank.catalog")}
+        self.catalog_rows, self.catalog_until = (int(v) for v in tensors.get("rerank.catalog", np.array([-1, -1])))
         if sd:
             shapes = weight_shapes(self.hidden)
             bad = sorted(k for k in set(shapes) | set(sd) if k not in sd or tuple(sd[k].shape) != shapes.get(k))

@@ -37,6 +37,8 @@ ONLINE_CANDIDATES = 100
 PRIOR_SD = float(np.sqrt(1.0 / 12.0))
 #: Exploration draws are clipped at this many prior deviations: the bonus stays bounded.
 EXPLORE_CLIP = 2.0
+#: Strength of a new item's Beta prior from its match with the user (see Ranker.with_new_items).
+NEW_ITEM_PRIOR = 8.0
 #: The lexical profile is the mean TF-IDF vector of this many of the user's latest clicks.
 LEXICAL_HISTORY = 50
 #: Weight of a recent click in the co-click features, per click since: the item clicked last says
@@ -473,7 +475,56 @@ class Ranker:
             top = mmr(scores, self.scoring_vectors(rows), k, diversity)
         else:
             top = np.argsort(-scores, kind="stable")[:k]
+        if self.config.explore and self.config.new_item_slots > 0:
+            top = self.with_new_items(user, rows, top, k, user_key)
         return rows[top], scores[top]
+
+    def text_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Retrieval vectors of `rows` from their text alone (the tower's projection, no learned
+        residual): where a new item would sit, for comparing new items with warm ones."""
+        if self._vecs is None:
+            return self.scoring_vectors(rows)
+        return self.projection.transform(self._items.vector_rows(rows))
+
+    def new_items(self, rows: np.ndarray) -> np.ndarray:
+        """Which of `rows` are new to the learned parts: added after the reranker's fit (a later
+        row, or a later add time: `Reranker.catalog_rows`, `catalog_until`) and without any
+        feedback yet. None before a fit."""
+        rr = self.reranker
+        if rr.catalog_rows < 0:
+            return np.zeros(len(rows), bool)
+        later = (rows >= rr.catalog_rows) | (self._items.added_at[rows] > rr.catalog_until)
+        return later & (self._items.impressions[rows] == 0)
+
+    def with_new_items(self, user: UserState, rows: np.ndarray, top: np.ndarray, k: int,
+                       user_key: str) -> np.ndarray:
+        """`top` (positions in `rows`) with up to `new_item_slots` of its last places given to new
+        items (`new_items`) whose retrieval vector matches the user at least as well as the
+        median of `top` does from text alone (`text_vectors`), drawn by Thompson sampling from Beta(1 + c m, 1 + c (1 - m)), m the match
+        scaled to [0, 1] and c = NEW_ITEM_PRIOR. A new item already in `top` counts against the
+        slots; the list never becomes new items only. Seeded as `explore_bonus`."""
+        slots = min(self.config.new_item_slots, max(len(top) - 1, 0), max(k - 1, 0))
+        new = self.new_items(rows)
+        slots -= int(new[top].sum())
+        if slots <= 0 or not new.any() or not user.vector.any():
+            return top
+        outside_top = np.ones(len(rows), bool)
+        outside_top[top] = False
+        pool = np.flatnonzero(new & outside_top)
+        if not len(pool):
+            return top
+        match = self.scoring_vectors(rows[pool]) @ user.vector
+        ref = float(np.median(self.text_vectors(rows[top]) @ user.vector))
+        pool, match = pool[match >= ref], match[match >= ref]
+        if not len(pool):
+            return top
+        rng = np.random.default_rng([self.config.seed, zlib.crc32(user_key.encode("utf-8", "surrogatepass")),
+                                     user.count, len(user.skips), user.impressions, 1])
+        m = np.clip((match + 1.0) / 2.0, 0.0, 1.0)
+        theta = rng.beta(1.0 + NEW_ITEM_PRIOR * m, 1.0 + NEW_ITEM_PRIOR * (1.0 - m))
+        picked = pool[np.argsort(-theta, kind="stable")[:slots]]
+        keep = len(top) - len(picked) if len(top) >= k else len(top)
+        return np.concatenate([top[:keep], picked])
 
     # ---- persistence -------------------------------------------------------------------------
     def model_tensors(self, proj: Projection) -> dict[str, np.ndarray]:

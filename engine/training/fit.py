@@ -112,6 +112,9 @@ def _fit_state(state: "State", events: Sequence[EventRecord], progress: bool) ->
         _extend(examples, groups, reranker_lists(state.ranker, state.items, train, state.index, None, rng))
     state.ranker.reset_reranker()
     summary.update(fit_reranker(state.ranker, examples, np.array(groups, np.int64), progress, t0))
+    live = state.items.live_rows()
+    state.ranker.reranker.catalog_rows = len(state.items)
+    state.ranker.reranker.catalog_until = int(state.items.added_at[live].max()) if len(live) else -1
     state.ranker.prepare()
     return summary
 
