@@ -89,20 +89,22 @@ def test_the_slot_takes_a_matching_new_item_outside_the_list_and_only_one(tmp_pa
     eng = _store(tmp_path / "s", fake_encoder, fit=True, new_item_slots=1)
     try:
         top_ids = _ids(eng)
-        dups = _add_new([eng], [eng.get_item(i).text for i in top_ids] + ["topic0"])
+        dups = _add_new([eng], [eng.get_item(i).text for i in top_ids])
         st = eng._state
         ranker, user = st.ranker, st.users.get("u0")
-        rows = np.array(sorted({st.items.live_row(i) for i in top_ids + dups + ["new-other"]}), np.int64)
-        pos = {int(r): j for j, r in enumerate(rows)}
-        warm_top = np.array([pos[st.items.live_row(i)] for i in top_ids], np.int64)  # merit, no new item
-        out = ranker.with_new_items(user, rows, warm_top, K, "u0")
-        assert out[:K - 1].tolist() == warm_top[:K - 1].tolist() and len(out) == K
-        taken = eng.get_item(st.items.vocab.id(int(rows[out[-1]]))).item_id
-        assert taken in dups[:K]  # a duplicate of a listed item's text: the weak "topic0" and the
-        # unrelated item match the user below the list's median and never take the slot
-        assert ranker.with_new_items(user, rows, warm_top[:1], 1, "u0").tolist() == warm_top[:1].tolist()
-        assert ranker.with_new_items(user, rows, out, K, "u0").tolist() == out.tolist()  # one new already
-        again = ranker.with_new_items(user, rows, warm_top, K, "u0")
-        assert again.tolist() == out.tolist()  # seeded: the same state draws the same item
+        row = st.items.live_row
+        listed = np.array([row(i) for i in top_ids], np.int64)  # merit, no new item
+        scores = np.linspace(2.0, 1.0, K).astype(np.float32)
+        pool = np.array(sorted(row(i) for i in dups + ["new-other"]), np.int64)
+        cands = np.array(sorted(set(listed.tolist()) | {row(f"it{i}") for i in range(80)}), np.int64)
+        out, out_scores = ranker.with_new_items(user, listed, scores, pool, cands, K, "u0")
+        assert out[:K - 1].tolist() == listed[:K - 1].tolist() and len(out) == K
+        assert st.items.vocab.id(int(out[-1])) in dups  # the unrelated text never fits
+        assert out_scores.tolist() == scores.tolist()  # the slot keeps its place's score
+        assert ranker.with_new_items(user, listed[:1], scores[:1], pool, cands, 1, "u0")[0].tolist() == listed[:1].tolist()
+        assert ranker.with_new_items(user, out, out_scores, pool, cands, K, "u0")[0].tolist() == out.tolist()
+        assert ranker.with_new_items(user, listed, scores, pool, cands, K, "u0")[0].tolist() == out.tolist()  # seeded
+        other = np.array([row("new-other")], np.int64)
+        assert ranker.with_new_items(user, listed, scores, other, cands, K, "u0")[0].tolist() == listed.tolist()
     finally:
         eng.close(save=False)

@@ -39,6 +39,8 @@ PRIOR_SD = float(np.sqrt(1.0 / 12.0))
 EXPLORE_CLIP = 2.0
 #: Strength of a new item's Beta prior from its match with the user (see Ranker.with_new_items).
 NEW_ITEM_PRIOR = 8.0
+#: The most recently added rows `with_new_items` considers beside the candidates.
+NEW_ITEM_POOL = 2048
 #: The lexical profile is the mean TF-IDF vector of this many of the user's latest clicks.
 LEXICAL_HISTORY = 50
 #: Weight of a recent click in the co-click features, per click since: the item clicked last says
@@ -475,16 +477,11 @@ class Ranker:
             top = mmr(scores, self.scoring_vectors(rows), k, diversity)
         else:
             top = np.argsort(-scores, kind="stable")[:k]
-        if self.config.explore and self.config.new_item_slots > 0:
-            top = self.with_new_items(user, rows, top, k, user_key)
-        return rows[top], scores[top]
-
-    def text_vectors(self, rows: np.ndarray) -> np.ndarray:
-        """Retrieval vectors of `rows` from their text alone (the tower's projection, no learned
-        residual): where a new item would sit, for comparing new items with warm ones."""
-        if self._vecs is None:
-            return self.scoring_vectors(rows)
-        return self.projection.transform(self._items.vector_rows(rows))
+        listed, listed_scores = rows[top], scores[top]
+        if self.config.explore and self.config.new_item_slots > 0 and len(listed):
+            pool = rows if cand_rows is not None else np.union1d(rows, self._recent_new(banned, allowed))
+            listed, listed_scores = self.with_new_items(user, listed, listed_scores, pool, rows, k, user_key)
+        return listed, listed_scores
 
     def new_items(self, rows: np.ndarray) -> np.ndarray:
         """Which of `rows` are new to the learned parts: added after the reranker's fit (a later
@@ -496,35 +493,59 @@ class Ranker:
         later = (rows >= rr.catalog_rows) | (self._items.added_at[rows] > rr.catalog_until)
         return later & (self._items.impressions[rows] == 0)
 
-    def with_new_items(self, user: UserState, rows: np.ndarray, top: np.ndarray, k: int,
-                       user_key: str) -> np.ndarray:
-        """`top` (positions in `rows`) with up to `new_item_slots` of its last places given to new
-        items (`new_items`) whose retrieval vector matches the user at least as well as the
-        median of `top` does from text alone (`text_vectors`), drawn by Thompson sampling from Beta(1 + c m, 1 + c (1 - m)), m the match
-        scaled to [0, 1] and c = NEW_ITEM_PRIOR. A new item already in `top` counts against the
-        slots; the list never becomes new items only. Seeded as `explore_bonus`."""
-        slots = min(self.config.new_item_slots, max(len(top) - 1, 0), max(k - 1, 0))
-        new = self.new_items(rows)
-        slots -= int(new[top].sum())
-        if slots <= 0 or not new.any() or not user.vector.any():
-            return top
-        outside_top = np.ones(len(rows), bool)
-        outside_top[top] = False
-        pool = np.flatnonzero(new & outside_top)
+    def _recent_new(self, banned: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+        """The live rows added since the fit (the last NEW_ITEM_POOL of them), not banned and
+        within `allowed`: new items retrieval may not have reached (their vectors sit where text
+        alone puts them)."""
+        start = self.reranker.catalog_rows
+        if start < 0 or start >= len(self._items):
+            return np.zeros(0, np.int64)
+        rows = np.arange(max(start, len(self._items) - NEW_ITEM_POOL), len(self._items), dtype=np.int64)
+        ok = ~self._items.removed[rows] & ~np.isin(rows, banned)
+        if allowed is not None:
+            ok &= allowed[rows] if len(allowed) >= len(self._items) else np.isin(rows, np.flatnonzero(allowed))
+        return rows[ok]
+
+    def text_match(self, user: UserState, rows: np.ndarray) -> np.ndarray:
+        """How well the text of `rows` matches the user: the lexical (TF-IDF) cosine to the user's
+        clicked items, the reranker's `lexical` input; for a user without clicks, the cosine of
+        the item's vector to the user's (the profile's)."""
+        history = list(dict.fromkeys(user.clicks[-LEXICAL_HISTORY:]))
+        if history:
+            return self.lexicon.similarity(np.array(history, np.int64), rows)
+        return self.scoring_vectors(rows) @ user.vector
+
+    def with_new_items(self, user: UserState, listed: np.ndarray, scores: np.ndarray, pool: np.ndarray,
+                       candidates: np.ndarray, k: int, user_key: str) -> tuple[np.ndarray, np.ndarray]:
+        """The list (`listed` rows, best first, and their `scores`) with up to `new_item_slots` of
+        its last places given to new items of `pool` (`new_items`) whose text matches the user
+        (`text_match`) better than the median of the scored `candidates` does: closer to the user
+        than half of what retrieval found. Among them a Thompson draw from Beta(1 + c q,
+        1 + c (1 - q)), q the item's match quantile among the candidates and c = NEW_ITEM_PRIOR.
+        A new item already listed counts against the slots; the list never becomes new items
+        only; a slot keeps the score of the place it takes. Seeded as `explore_bonus`."""
+        slots = min(self.config.new_item_slots, max(len(listed) - 1, 0), max(k - 1, 0))
+        slots -= int(self.new_items(listed).sum())
+        if slots <= 0 or not (user.clicks or user.vector.any()):
+            return listed, scores
+        pool = pool[self.new_items(pool) & ~np.isin(pool, listed)]
         if not len(pool):
-            return top
-        match = self.scoring_vectors(rows[pool]) @ user.vector
-        ref = float(np.median(self.text_vectors(rows[top]) @ user.vector))
-        pool, match = pool[match >= ref], match[match >= ref]
+            return listed, scores
+        match = self.text_match(user, pool)
+        ref = np.sort(self.text_match(user, candidates))
+        quantile = np.searchsorted(ref, match, side="left") / max(len(ref), 1)
+        fits = (quantile > 0.5) & (match > 0)
+        pool, quantile = pool[fits], quantile[fits]
         if not len(pool):
-            return top
+            return listed, scores
         rng = np.random.default_rng([self.config.seed, zlib.crc32(user_key.encode("utf-8", "surrogatepass")),
                                      user.count, len(user.skips), user.impressions, 1])
-        m = np.clip((match + 1.0) / 2.0, 0.0, 1.0)
-        theta = rng.beta(1.0 + NEW_ITEM_PRIOR * m, 1.0 + NEW_ITEM_PRIOR * (1.0 - m))
+        theta = rng.beta(1.0 + NEW_ITEM_PRIOR * quantile, 1.0 + NEW_ITEM_PRIOR * (1.0 - quantile))
         picked = pool[np.argsort(-theta, kind="stable")[:slots]]
-        keep = len(top) - len(picked) if len(top) >= k else len(top)
-        return np.concatenate([top[:keep], picked])
+        keep = len(listed) - len(picked) if len(listed) >= k else len(listed)
+        out_scores = np.concatenate([scores[:keep], scores[keep:][: len(picked)] if len(listed) >= k
+                                     else np.full(len(picked), scores[-1], np.float32)])
+        return np.concatenate([listed[:keep], picked]), out_scores.astype(np.float32)
 
     # ---- persistence -------------------------------------------------------------------------
     def model_tensors(self, proj: Projection) -> dict[str, np.ndarray]:
