@@ -91,8 +91,8 @@ class CrashModel:
                 acked.setdefault(user, []).append(item)
             elif kind in ("I", "R"):
                 started[rest] = kind
-            elif kind in ("i", "r"):
-                done.add(rest)
+            elif kind in ("i", "r"):  # by kind: a batch ingested, then removed in flight at the kill
+                done.add((kind.upper(), rest))
         last = lines[-1].split(" ")[0] if lines else "ready"
         in_flight = {"S": "save", "I": "ingest", "R": "remove"}.get(last, "record")
         self.phases[in_flight] += 1
@@ -110,7 +110,7 @@ class CrashModel:
             ids = [f"{name}{i}" for i in range(30)]
             present = sum(i in eng for i in ids)
             if kind == "I":
-                if name in done:
+                if ("I", name) in done:
                     assert present == 30, f"acknowledged ingest {name}: only {present}/30 items"
                 else:
                     assert present in (0, 30), f"half an ingest survived: {present}/30 of {name}"
@@ -121,7 +121,7 @@ class CrashModel:
             if kind == "R":
                 ids = [f"{name}{i}" for i in range(30)]
                 present = sum(i in eng for i in ids)
-                if name in done:
+                if ("R", name) in done:
                     assert present == 0, f"acknowledged removal {name}: {present} items still there"
                 assert present in (0, 30), f"half a removal survived: {present}/30 of {name}"
                 if present == 0:
