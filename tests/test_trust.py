@@ -186,3 +186,20 @@ def test_each_bucket_keeps_its_block_from_its_own_best_epoch() -> None:
     w = net.linear.weight.detach()
     one, two = slice(N_FEATURES, 2 * N_FEATURES), slice(2 * N_FEATURES, 3 * N_FEATURES)
     assert (w[0, one] == start[0, one]).all() and (w[0, two] == moved[0, two]).all()
+
+
+def test_a_signal_ranks_only_lists_with_feedback_as_it_was_judged() -> None:
+    rng = np.random.default_rng(9)
+    b = history_bucket(4)
+    rr = Reranker(hidden=8, lr=0.0, replay_size=4, replay_batch=2, seed=0)
+    expert = np.full(N_BUCKETS, -1, np.int64)
+    expert[b] = [s for s, _ in SIGNALS].index("recent")
+    rr.install(rr.weights, None, expert)
+    warm = expand(rng.normal(size=(30, N_FEATURES)), 4)
+    np.testing.assert_allclose(rr.score(warm), warm[:, column("recent", b)] + 1e-3 * warm[:, column("clicks", b)])
+    raw = rng.normal(size=(30, N_FEATURES))
+    raw[:, FEATURES.index("clicks")] = 0.0  # brand-new candidates only: no feedback to judge by
+    cold = expand(raw, 4)
+    from engine.models.rerank import forward
+
+    np.testing.assert_allclose(rr.score(cold), forward(rr.weights, cold)[0], rtol=1e-6)

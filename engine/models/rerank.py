@@ -224,7 +224,9 @@ class Reranker:
         self.trained = False
         self.valid_recall: float | None = None
         #: Per bucket, -1 (the network ranks) or the SIGNALS entry that ranks alone: chosen by
-        #: `fit` where validation showed the trained network below that signal in the bucket.
+        #: `fit` where validation showed the trained network below that signal in the bucket, on
+        #: the lists that show feedback; so it ranks those only, and a request whose candidates
+        #: have no feedback at all (the popularity input flat: new items only) keeps the network.
         self.expert = np.full(N_BUCKETS, -1, np.int64)
         #: What the last fit found (not saved): the signal each bucket started at (-1: the
         #: initial weights) and, per bucket, the held-out recall of the network and best signal.
@@ -250,7 +252,7 @@ class Reranker:
     def score(self, feats: np.ndarray) -> np.ndarray:
         """Scores of candidates, shape (n,), from inputs shape (n, N_INPUTS) float32 (see `expand`)."""
         b = bucket_of(feats)
-        if b >= 0 and self.expert[b] >= 0:
+        if b >= 0 and self.expert[b] >= 0 and feats[:, column("clicks", b)].any():
             return signal_score(feats, int(self.expert[b]), b).astype(np.float32)
         return forward(self.weights, feats)[0].astype(np.float32)
 
