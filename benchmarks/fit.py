@@ -110,7 +110,6 @@ def install(stages: Stages) -> None:
     from engine.state.apply import State
     from engine.training import fit as fitmod
     from engine.training import towers, reranker
-    from engine.models.rerank import Reranker
     from engine.serving.ranking import Ranker
     from engine.engine import Engine as E
 
@@ -118,11 +117,12 @@ def install(stages: Stages) -> None:
     stages.wrap(fitmod, "fit_towers", "towers (total)")
     stages.wrap(towers, "_examples", "towers: examples")
     stages.wrap(towers, "_step", "towers: steps")
-    stages.wrap(fitmod, "fit_reranker", "reranker (total)")
-    stages.wrap(fitmod, "_example", "reranker: examples")
-    stages.wrap(reranker, "fit", "reranker: training")
+    stages.wrap(fitmod, "reranker_lists", "reranker: lists (per fold and all)")
+    stages.wrap(fitmod, "_example", "reranker: lists: one list")
+    stages.wrap(fitmod, "fit_reranker", "reranker: training (total)")
     stages.wrap(reranker, "listwise_loss", "reranker: training: loss fwd")
-    stages.wrap(Reranker, "recall_at", "reranker: training: validation")
+    stages.wrap(reranker, "model_recalls", "reranker: training: validation")
+    stages.wrap(reranker, "small_buckets", "reranker: per-bucket cross-validation")
     stages.wrap(Ranker, "refresh_item_vectors", "refresh_item_vectors")
     stages.wrap(Ranker, "rebuild_coclicks", "rebuild_coclicks")
     stages.wrap(State, "rebuild_index", "rebuild_index")

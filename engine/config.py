@@ -54,11 +54,11 @@ class Config:
             the fair frozen engine on the movielens replay validation split and 0 gave 1.03x
             (docs/results.md); user vectors, counts and co-clicks still learn from every click.
         new_item_slots: places of a list (at most; never the whole list) that exploration gives to
-            items added after the last `fit` and still without feedback, when their vector
-            matches the user at least as well as the median of the list they join does from its
-            text alone; the item is
-            Thompson-sampled (a Beta prior from that match) and takes the list's last places.
-            0 turns it off; so does `explore=False`. A store never fit has no such items.
+            items added after the last `fit` and still without feedback, when their text matches
+            the user (the lexical cosine to the user's clicks) better than the median candidate
+            does; among them a Thompson draw (a Beta prior from that match's quantile), which
+            takes the list's last place. 0 turns it off; so does `explore=False`. A store never
+            fit has no such items.
         popularity_half_life_s: None (default) ranks popularity by click counts; a number of
             seconds makes each click weigh half as much that long after it, by event time (the
             latest click's time is "now"): the popular list, the popularity prior of a user with

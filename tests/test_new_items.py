@@ -97,14 +97,14 @@ def test_the_slot_takes_a_matching_new_item_outside_the_list_and_only_one(tmp_pa
         scores = np.linspace(2.0, 1.0, K).astype(np.float32)
         pool = np.array(sorted(row(i) for i in dups + ["new-other"]), np.int64)
         cands = np.array(sorted(set(listed.tolist()) | {row(f"it{i}") for i in range(80)}), np.int64)
-        out, out_scores = ranker.with_new_items(user, listed, scores, pool, cands, K, "u0")
+        out, out_scores = ranker.with_new_items(user, listed, scores, cands, lambda: pool, K, "u0")
         assert out[:K - 1].tolist() == listed[:K - 1].tolist() and len(out) == K
         assert st.items.vocab.id(int(out[-1])) in dups  # the unrelated text never fits
         assert out_scores.tolist() == scores.tolist()  # the slot keeps its place's score
-        assert ranker.with_new_items(user, listed[:1], scores[:1], pool, cands, 1, "u0")[0].tolist() == listed[:1].tolist()
-        assert ranker.with_new_items(user, out, out_scores, pool, cands, K, "u0")[0].tolist() == out.tolist()
-        assert ranker.with_new_items(user, listed, scores, pool, cands, K, "u0")[0].tolist() == out.tolist()  # seeded
+        assert ranker.with_new_items(user, listed[:1], scores[:1], cands, lambda: pool, 1, "u0")[0].tolist() == listed[:1].tolist()
+        assert ranker.with_new_items(user, out, out_scores, cands, lambda: pool, K, "u0")[0].tolist() == out.tolist()
+        assert ranker.with_new_items(user, listed, scores, cands, lambda: pool, K, "u0")[0].tolist() == out.tolist()  # seeded
         other = np.array([row("new-other")], np.int64)
-        assert ranker.with_new_items(user, listed, scores, other, cands, K, "u0")[0].tolist() == listed.tolist()
+        assert ranker.with_new_items(user, listed, scores, cands, lambda: other, K, "u0")[0].tolist() == listed.tolist()
     finally:
         eng.close(save=False)

@@ -125,6 +125,12 @@ def run_item_cold(ds: EvalDataset, methods: Sequence[Method], *, seed: int = 0, 
                    lambda ranked: per_user_scores(ranked, targets, k))
 
 
+def note_chosen(out: dict, method: Method) -> None:
+    """Keep in `out["chosen"]` what a method picked on its own validation data, if it says."""
+    if getattr(method, "chosen", None):
+        out.setdefault("chosen", {})[method.name] = method.chosen
+
+
 def measure(out: dict, methods: Sequence[Method], train: TrainSet, users: list[str], progress: Progress,
             rank: Callable[[Method], list[np.ndarray]],
             score: Callable[[list[np.ndarray]], dict[str, np.ndarray]]) -> dict:
@@ -140,8 +146,7 @@ def measure(out: dict, methods: Sequence[Method], train: TrainSet, users: list[s
         scores = score(ranked)
         out["results"][method.name] = means(scores)
         per_user["results"][method.name] = {m: compact(v) for m, v in scores.items()}
-        if getattr(method, "chosen", None):  # what a method picked on its own validation data
-            out.setdefault("chosen", {})[method.name] = method.chosen
+        note_chosen(out, method)
         progress(f"{out['protocol']} {method.name}: {_short(out['results'][method.name])} "
                  f"({_seconds(out['timings_s'][method.name])})")
     out["per_user"] = per_user
@@ -171,8 +176,7 @@ def run_user_cold(ds: EvalDataset, methods: Sequence[Method], *, seed: int = 0, 
                 scores = per_user_scores(ranked, targets, k)
                 out["results"][f"reveal={n}"][method.name] = means(scores)
                 per_user["results"][f"reveal={n}"][method.name] = {m: compact(v) for m, v in scores.items()}
-        if getattr(method, "chosen", None):  # what a method picked on its own validation data
-            out.setdefault("chosen", {})[method.name] = method.chosen
+        note_chosen(out, method)
         summary = {r: round(v[method.name][f"recall@{k}"], 4) for r, v in out["results"].items()}
         progress(f"user-cold {method.name}: recall@{k} {summary} ({_seconds(out['timings_s'][method.name])})")
     out["per_user"] = per_user

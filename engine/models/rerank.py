@@ -228,13 +228,13 @@ class Reranker:
         #: the lists that show feedback; so it ranks those only, and a request whose candidates
         #: have no feedback at all (the popularity input flat: new items only) keeps the network.
         self.expert = np.full(N_BUCKETS, -1, np.int64)
-        #: What the last fit found (not saved): the signal each bucket started at (-1: the
-        #: initial weights) and, per bucket, the held-out recall of the network and best signal.
         #: The item table's length and its newest add time (`ItemTable.added_at`) when the
         #: reranker was fit; -1 until then. An item on a later row, or added later (an upsert),
         #: and still without feedback is new to every learned part.
         self.catalog_rows = -1
         self.catalog_until = -1
+        #: What the last fit found (not saved): the signal each bucket started at (-1: the
+        #: initial weights) and, per bucket, the held-out recall of the network and best signal.
         self.warm_start: list[int] = []
         self.gate_report: dict[str, dict[str, float]] = {}
         self.set_aside = False  # a stored reranker of another feature set was not loaded
@@ -270,16 +270,6 @@ class Reranker:
         """Adopt trained weights (and the per-bucket choice of `expert`; default: none)."""
         self._np, self.trained, self.valid_recall = weights, True, valid_recall
         self.expert = np.full(N_BUCKETS, -1, np.int64) if expert is None else np.asarray(expert, np.int64)
-
-    def recall_at(self, weights: dict[str, np.ndarray], examples: list[tuple[np.ndarray, np.ndarray]],
-                  k: int = 20) -> float:
-        """Mean recall@k of the positives among each example's candidates under `weights`: the
-        quantity that the evaluation reports, so early stopping follows it rather than the loss."""
-        out = []
-        for feats, labels in examples:
-            top = np.argsort(-forward(weights, feats)[0].astype(np.float32), kind="stable")[:k]
-            out.append(np.isin(top, labels).sum() / min(k, len(labels)))
-        return float(np.mean(out))
 
     def partial_fit(self, feats: np.ndarray, labels: np.ndarray) -> float:
         """One online step: remember the example, then SGD on a small batch from the buffer.

@@ -10,6 +10,7 @@ popularity weight fades as the user's history grows.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 
@@ -478,9 +479,10 @@ class Ranker:
         else:
             top = np.argsort(-scores, kind="stable")[:k]
         listed, listed_scores = rows[top], scores[top]
-        if self.config.explore and self.config.new_item_slots > 0 and len(listed):
-            pool = rows if cand_rows is not None else np.union1d(rows, self._recent_new(banned, allowed))
-            listed, listed_scores = self.with_new_items(user, listed, listed_scores, pool, rows, k, user_key)
+        if self.config.explore and self.config.new_item_slots > 0 and self.reranker.catalog_rows >= 0:
+            extra = (lambda: np.zeros(0, np.int64)) if cand_rows is not None else \
+                (lambda: self._recent_new(banned, allowed))
+            listed, listed_scores = self.with_new_items(user, listed, listed_scores, rows, extra, k, user_key)
         return listed, listed_scores
 
     def new_items(self, rows: np.ndarray) -> np.ndarray:
@@ -515,11 +517,12 @@ class Ranker:
             return self.lexicon.similarity(np.array(history, np.int64), rows)
         return self.scoring_vectors(rows) @ user.vector
 
-    def with_new_items(self, user: UserState, listed: np.ndarray, scores: np.ndarray, pool: np.ndarray,
-                       candidates: np.ndarray, k: int, user_key: str) -> tuple[np.ndarray, np.ndarray]:
+    def with_new_items(self, user: UserState, listed: np.ndarray, scores: np.ndarray, candidates: np.ndarray,
+                       extra: Callable[[], np.ndarray], k: int, user_key: str) -> tuple[np.ndarray, np.ndarray]:
         """The list (`listed` rows, best first, and their `scores`) with up to `new_item_slots` of
-        its last places given to new items of `pool` (`new_items`) whose text matches the user
-        (`text_match`) better than the median of the scored `candidates` does: closer to the user
+        its last places given to new items (`new_items`) of the scored `candidates` or of `extra()`
+        (rows retrieval may not reach; called only when a slot is free) whose text matches the
+        user (`text_match`) better than the median of the candidates does: closer to the user
         than half of what retrieval found. Among them a Thompson draw from Beta(1 + c q,
         1 + c (1 - q)), q the item's match quantile among the candidates and c = NEW_ITEM_PRIOR.
         A new item already listed counts against the slots; the list never becomes new items
@@ -528,7 +531,10 @@ class Ranker:
         slots -= int(self.new_items(listed).sum())
         if slots <= 0 or not (user.clicks or user.vector.any()):
             return listed, scores
-        pool = pool[self.new_items(pool) & ~np.isin(pool, listed)]
+        pool = candidates[self.new_items(candidates)]
+        more = extra()
+        pool = np.union1d(pool, more[self.new_items(more)]) if len(more) else pool
+        pool = pool[~np.isin(pool, listed)]
         if not len(pool):
             return listed, scores
         match = self.text_match(user, pool)

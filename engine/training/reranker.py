@@ -100,16 +100,21 @@ def listwise_loss(net: RerankNet, batch: list[tuple[np.ndarray, np.ndarray]]) ->
 
     One forward pass over the padded batch (examples have different candidate counts).
     """
-    sizes = [len(f) for f, _ in batch]
-    width = max(sizes)
-    feats = np.zeros((len(batch), width, N_INPUTS), np.float32)
+    return padded_listwise(net, batch, N_INPUTS)
+
+
+def padded_listwise(score, batch: list[tuple[np.ndarray, np.ndarray]], width_in: int) -> torch.Tensor:
+    """`listwise_loss` for any `score` (a module or function of a (b, m, width_in) tensor that
+    gives (b, m) logits), over the batch padded to its longest list."""
+    width = max(len(f) for f, _ in batch)
+    feats = np.zeros((len(batch), width, width_in), np.float32)
     valid = np.zeros((len(batch), width), bool)
     target = np.zeros((len(batch), width), np.float32)
     for b, (f, labels) in enumerate(batch):
         feats[b, : len(f)] = f
         valid[b, : len(f)] = True
         target[b, labels] = 1.0 / len(labels)
-    logits = net(torch.from_numpy(feats)).masked_fill(~torch.from_numpy(valid), -1e9)
+    logits = score(torch.from_numpy(feats)).masked_fill(~torch.from_numpy(valid), -1e9)
     logp = torch.log_softmax(logits, dim=1)
     return -(logp * torch.from_numpy(target)).sum(1).mean()
 
@@ -185,16 +190,7 @@ def train_block(start: np.ndarray, lists: list[tuple[np.ndarray, np.ndarray]], e
     for _ in range(epochs):
         order = rng.permutation(len(lists))
         for s in range(0, len(order), batch):
-            part = [lists[i] for i in order[s:s + batch]]
-            width = max(len(f) for f, _ in part)
-            feats = np.zeros((len(part), width, N_FEATURES), np.float32)
-            valid = np.zeros((len(part), width), bool)
-            target = np.zeros((len(part), width), np.float32)
-            for j, (f, labels) in enumerate(part):
-                feats[j, : len(f)], valid[j, : len(f)] = f, True
-                target[j, labels] = 1.0 / len(labels)
-            logits = (torch.from_numpy(feats) @ w).masked_fill(~torch.from_numpy(valid), -1e9)
-            loss = -(torch.log_softmax(logits, 1) * torch.from_numpy(target)).sum(1).mean()
+            loss = padded_listwise(lambda x: x @ w, [lists[i] for i in order[s:s + batch]], N_FEATURES)
             opt.zero_grad()
             loss.backward()
             opt.step()
