@@ -203,3 +203,33 @@ def test_a_signal_ranks_only_lists_with_feedback_as_it_was_judged() -> None:
     from engine.models.rerank import forward
 
     np.testing.assert_allclose(rr.score(cold), forward(rr.weights, cold)[0], rtol=1e-6)
+
+
+def test_lists_count_every_target_of_their_user_as_the_evaluation_does() -> None:
+    """A profile that retrieved one target of a user's twenty looks perfect on that list alone;
+    counted against all twenty (as recall@20 counts them when served) popularity is worth more."""
+    rng = np.random.default_rng(11)
+    examples, totals = [], []
+    for j in range(200):
+        raw = rng.normal(size=(60, N_FEATURES))
+        if j % 10 < 7:  # one of twenty targets among the candidates, the profile's best match
+            labels = np.array([int(np.argmax(raw[:, FEATURES.index("profile")]))])
+            totals.append(20)
+        else:  # every target among the candidates: the two most popular
+            labels = np.argsort(-raw[:, FEATURES.index("clicks")])[:2]
+            totals.append(2)
+        examples.append((expand(raw, 0, profile=True), labels))
+    totals = np.array(totals)
+    scores = [f[:, column("profile", PROFILE_BUCKET)] for f, _ in examples]
+    from engine.training.reranker import list_weights, recalls
+
+    assert recalls(scores, examples[:1])[0] == 1.0
+    assert recalls(scores, examples[:1], totals=totals[:1])[0] == pytest.approx(1 / 20)
+    buckets = np.full(len(examples), PROFILE_BUCKET)
+    weights = Reranker(hidden=8, lr=0.0, replay_size=4, replay_batch=2, seed=0).weights
+    in_list, _ = choose_experts(weights, examples, buckets)
+    _, report = choose_experts(weights, examples, buckets, totals=totals)
+    assert SIGNALS[in_list[PROFILE_BUCKET]][0] == "profile"
+    assert report[str(PROFILE_BUCKET)]["best_signal"] == "clicks", report
+    w = list_weights(examples, totals)
+    assert w.mean() == pytest.approx(1.0) and w[0] * 20 == pytest.approx(w[7] * 1.0)

@@ -257,13 +257,14 @@ class Reranker:
         return forward(self.weights, feats)[0].astype(np.float32)
 
     def fit(self, examples: list[tuple[np.ndarray, np.ndarray]], epochs: int, batch: int = 64,
-            progress: bool = False, groups: np.ndarray | None = None) -> list[float]:
+            progress: bool = False, groups: np.ndarray | None = None,
+            totals: np.ndarray | None = None) -> list[float]:
         """Offline training (rerank_train.fit); returns the epoch losses."""
         if not examples:
             return []
         from ..training.reranker import fit
 
-        return fit(self, examples, epochs, batch, progress, groups)
+        return fit(self, examples, epochs, batch, progress, groups, totals)
 
     def install(self, weights: dict[str, np.ndarray], valid_recall: float | None,
                 expert: np.ndarray | None = None) -> None:

@@ -93,15 +93,14 @@ def _fit_state(state: "State", events: Sequence[EventRecord], progress: bool) ->
                                "profile_users": sum(u.profile_vec is not None for u in train.states)}
     rng = np.random.default_rng(state.config.seed + 1)
     t0 = time.perf_counter()
-    examples: list = []
-    groups: list[int] = []
+    made: tuple[list, list[int], list[int]] = ([], [], [])
     for held in folds:
         # cross-fitting: the lists of a fold's users are ranked by a tower that never saw them,
         # with co-clicks counted without them, as a new user's are
         if fit_towers(state.ranker, state.items, train, progress, held)["projection"]:
             _adopt_space(state)
         state.ranker.rebuild_coclicks(state.users, skip=_stored_rows(state, train, held))
-        _extend(examples, groups, reranker_lists(state.ranker, state.items, train, state.index, held, rng))
+        _extend(made, reranker_lists(state.ranker, state.items, train, state.index, held, rng))
     summary.update(fit_towers(state.ranker, state.items, train, progress))
     if summary["projection"]:
         _adopt_space(state)
@@ -109,9 +108,11 @@ def _fit_state(state: "State", events: Sequence[EventRecord], progress: bool) ->
             state.rederive(user)
     state.ranker.rebuild_coclicks(state.users)
     if not folds and state.config.rerank_epochs:  # too few users to hold any out: train on all
-        _extend(examples, groups, reranker_lists(state.ranker, state.items, train, state.index, None, rng))
+        _extend(made, reranker_lists(state.ranker, state.items, train, state.index, None, rng))
     state.ranker.reset_reranker()
-    summary.update(fit_reranker(state.ranker, examples, np.array(groups, np.int64), progress, t0))
+    examples, groups, totals = made
+    summary.update(fit_reranker(state.ranker, examples, np.array(groups, np.int64), progress, t0,
+                                np.array(totals, np.int64)))
     live = state.items.live_rows()
     state.ranker.reranker.catalog_rows = len(state.items)
     state.ranker.reranker.catalog_until = int(state.items.added_at[live].max()) if len(live) else -1
@@ -133,9 +134,9 @@ def _stored_rows(state: "State", train: UserTable, positions: np.ndarray) -> np.
     return np.array([r for r, uid in enumerate(state.users.vocab.ids()) if uid in ids], np.int64)
 
 
-def _extend(examples: list, groups: list[int], made: tuple[list, list[int]]) -> None:
-    examples.extend(made[0])
-    groups.extend(made[1])
+def _extend(into: tuple[list, list[int], list[int]], made: tuple[list, list[int], list[int]]) -> None:
+    for whole, part in zip(into, made):
+        whole.extend(part)
 
 
 def training_users(state: "State", events: Sequence[EventRecord]) -> UserTable:
@@ -206,11 +207,14 @@ def fit_towers(ranker: Ranker, items: ItemTable, users: UserTable, progress: boo
 
 
 def reranker_lists(ranker: Ranker, items: ItemTable, users: UserTable, index: VectorIndex,
-                   positions: np.ndarray | None, rng: np.random.Generator) -> tuple[list, list[int]]:
+                   positions: np.ndarray | None, rng: np.random.Generator
+                   ) -> tuple[list, list[int], list[int]]:
     """Training lists (history window -> the user's other clicks, `user_windows`) of the users at
-    `positions` (None: all), ranked by the ranker as it stands; with each list's user position."""
+    `positions` (None: all), ranked by the ranker as it stands; with each list's user position
+    and its number of targets (the user's other clicks, in the candidates or not)."""
     examples: list = []
     groups: list[int] = []
+    totals: list[int] = []
     picked = range(len(users.states)) if positions is None else positions.tolist()
     pool = [(int(g), users.states[int(g)]) for g in picked if len(set(users.states[int(g)].clicks)) >= 2]
     per_user = max(1, MAX_RERANK_EXAMPLES // max(len(pool), 1)) if positions is None else \
@@ -222,17 +226,19 @@ def reranker_lists(ranker: Ranker, items: ItemTable, users: UserTable, index: Ve
             if ex is not None:
                 examples.append(ex)
                 groups.append(g)
-    return examples, groups
+                totals.append(len(clicks) - p)
+    return examples, groups, totals
 
 
 def fit_reranker(ranker: Ranker, examples: list, groups: np.ndarray, progress: bool,
-                 t0: float) -> dict[str, Any]:
-    """Train the reranker listwise on `examples` (early stopping on held-out users' `groups`)."""
+                 t0: float, totals: np.ndarray | None = None) -> dict[str, Any]:
+    """Train the reranker listwise on `examples` (early stopping on held-out users' `groups`;
+    `totals`, each list's number of targets, see rerank_train.fit)."""
     cfg = ranker.config
     if cfg.rerank_epochs == 0 or not examples:
         return {"reranker": False}
     t1 = time.perf_counter()
-    losses = ranker.reranker.fit(examples, cfg.rerank_epochs, progress=progress, groups=groups)
+    losses = ranker.reranker.fit(examples, cfg.rerank_epochs, progress=progress, groups=groups, totals=totals)
     return {"reranker": True, "reranker_examples": len(examples),
             "reranker_loss": [round(x, 4) for x in losses],
             "reranker_valid_recall": (None if ranker.reranker.valid_recall is None

@@ -48,6 +48,8 @@ GATE_MIN = 50
 #: on all its lists instead: CV_FOLDS-fold cross-validation of its block (`cross_validated`).
 GATE_CV_BELOW = 200
 CV_FOLDS = 5
+#: Weigh each training list's loss by its share of its user's recall (`list_weights`).
+WEIGHT_LISTS = True
 
 
 class RerankNet(nn.Module):
@@ -95,15 +97,30 @@ def to_net(weights: dict[str, np.ndarray], hidden: int) -> RerankNet:
     return net
 
 
-def listwise_loss(net: RerankNet, batch: list[tuple[np.ndarray, np.ndarray]]) -> torch.Tensor:
-    """Mean over examples of the softmax cross-entropy of each positive among its candidates.
+def listwise_loss(net: RerankNet, batch: list[tuple[np.ndarray, np.ndarray]],
+                  weights: np.ndarray | None = None) -> torch.Tensor:
+    """Mean over examples of the softmax cross-entropy of each positive among its candidates,
+    each example weighing `weights[j]` (default 1; see `list_weights`).
 
     One forward pass over the padded batch (examples have different candidate counts).
     """
-    return padded_listwise(net, batch, N_INPUTS)
+    return padded_listwise(net, batch, N_INPUTS, weights)
 
 
-def padded_listwise(score, batch: list[tuple[np.ndarray, np.ndarray]], width_in: int) -> torch.Tensor:
+def list_weights(examples: list[tuple[np.ndarray, np.ndarray]], totals: np.ndarray | None) -> np.ndarray | None:
+    """What each list is worth in the metric served, relative to the others (mean 1): a list
+    holds `len(labels)` of its user's `totals[j]` targets, so ranking them all first earns
+    len(labels) / min(RECALL_K, totals[j]) of that user's recall. Without the weights a user whose
+    one retrieved target stands for twenty weighs like one whose every target was retrieved, and
+    the signal that retrieved the one (a profile, say) is overrated."""
+    if totals is None or not WEIGHT_LISTS:
+        return None
+    w = np.array([len(labels) for _, labels in examples], np.float64) / np.minimum(RECALL_K, totals)
+    return w / w.mean() if len(w) else w
+
+
+def padded_listwise(score, batch: list[tuple[np.ndarray, np.ndarray]], width_in: int,
+                    weights: np.ndarray | None = None) -> torch.Tensor:
     """`listwise_loss` for any `score` (a module or function of a (b, m, width_in) tensor that
     gives (b, m) logits), over the batch padded to its longest list."""
     width = max(len(f) for f, _ in batch)
@@ -116,7 +133,10 @@ def padded_listwise(score, batch: list[tuple[np.ndarray, np.ndarray]], width_in:
         target[b, labels] = 1.0 / len(labels)
     logits = score(torch.from_numpy(feats)).masked_fill(~torch.from_numpy(valid), -1e9)
     logp = torch.log_softmax(logits, dim=1)
-    return -(logp * torch.from_numpy(target)).sum(1).mean()
+    per_list = -(logp * torch.from_numpy(target)).sum(1)
+    if weights is None:
+        return per_list.mean()
+    return (per_list * torch.from_numpy(np.asarray(weights, np.float32))).mean()
 
 
 
@@ -132,33 +152,39 @@ def _split(n: int, groups: np.ndarray | None, rng: np.random.Generator) -> tuple
 
 
 def recalls(scores: list[np.ndarray], examples: list[tuple[np.ndarray, np.ndarray]],
-            k: int = RECALL_K) -> np.ndarray:
-    """Per example, the recall@k of its positives among its candidates under `scores`."""
+            k: int = RECALL_K, totals: np.ndarray | None = None) -> np.ndarray:
+    """Per example, the recall@k of its positives under `scores`: hits over min(k, its user's
+    number of targets, `totals[j]`), as the evaluation counts them, targets outside the
+    candidates included; without `totals`, over the positives among the candidates."""
     out = np.zeros(len(examples))
     for j, (s, (_, labels)) in enumerate(zip(scores, examples)):
         kk = min(k, len(s))
         top = np.argpartition(-s, kk - 1)[:kk] if kk < len(s) else np.arange(len(s))
-        out[j] = np.isin(top, labels).sum() / min(k, len(labels))
+        out[j] = np.isin(top, labels).sum() / min(k, len(labels) if totals is None else int(totals[j]))
     return out
 
 
-def model_recalls(weights: dict[str, np.ndarray], examples: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    return recalls([forward(weights, f)[0] for f, _ in examples], examples)
+def model_recalls(weights: dict[str, np.ndarray], examples: list[tuple[np.ndarray, np.ndarray]],
+                  totals: np.ndarray | None = None) -> np.ndarray:
+    return recalls([forward(weights, f)[0] for f, _ in examples], examples, totals=totals)
 
 
-def signal_recalls(examples: list[tuple[np.ndarray, np.ndarray]], buckets: np.ndarray) -> np.ndarray:
+def signal_recalls(examples: list[tuple[np.ndarray, np.ndarray]], buckets: np.ndarray,
+                   totals: np.ndarray | None = None) -> np.ndarray:
     """Shape (len(SIGNALS), len(examples)): each signal's recall alone on each example."""
-    return np.stack([recalls([signal_score(f, j, int(b)) for (f, _), b in zip(examples, buckets)], examples)
+    return np.stack([recalls([signal_score(f, j, int(b)) for (f, _), b in zip(examples, buckets)], examples,
+                             totals=totals)
                      for j in range(len(SIGNALS))])
 
 
-def warm_start(net: RerankNet, examples: list[tuple[np.ndarray, np.ndarray]], buckets: np.ndarray) -> list[int]:
+def warm_start(net: RerankNet, examples: list[tuple[np.ndarray, np.ndarray]], buckets: np.ndarray,
+               totals: np.ndarray | None = None) -> list[int]:
     """Start each bucket's linear block at the single signal that ranks the bucket's training
     examples best, when one beats the initial weights there: training then only has to improve
     on the best signal the blend holds. Returns the signal chosen per bucket (-1: initial)."""
     start = to_numpy(net)
-    base = model_recalls(start, examples)
-    alone = signal_recalls(examples, buckets)
+    base = model_recalls(start, examples, totals)
+    alone = signal_recalls(examples, buckets, totals)
     chosen = [-1] * N_BUCKETS
     with torch.no_grad():
         for b in range(N_BUCKETS):
@@ -182,7 +208,7 @@ def block_of(examples: list[tuple[np.ndarray, np.ndarray]], bucket: int) -> list
 
 
 def train_block(start: np.ndarray, lists: list[tuple[np.ndarray, np.ndarray]], epochs: int, batch: int,
-                rng: np.random.Generator) -> np.ndarray:
+                rng: np.random.Generator, weights: np.ndarray | None = None) -> np.ndarray:
     """One bucket's linear block trained alone from `start` (shape (N_FEATURES,)) on `lists`
     (block inputs), listwise, as `fit` trains it among the other buckets' lists."""
     w = torch.tensor(np.asarray(start, np.float32), requires_grad=True)
@@ -190,7 +216,9 @@ def train_block(start: np.ndarray, lists: list[tuple[np.ndarray, np.ndarray]], e
     for _ in range(epochs):
         order = rng.permutation(len(lists))
         for s in range(0, len(order), batch):
-            loss = padded_listwise(lambda x: x @ w, [lists[i] for i in order[s:s + batch]], N_FEATURES)
+            part = order[s:s + batch]
+            loss = padded_listwise(lambda x: x @ w, [lists[i] for i in part], N_FEATURES,
+                                   None if weights is None else weights[part])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -198,7 +226,8 @@ def train_block(start: np.ndarray, lists: list[tuple[np.ndarray, np.ndarray]], e
 
 
 def cross_validated(start: np.ndarray, lists: list[tuple[np.ndarray, np.ndarray]], epochs: int, batch: int,
-                    rng: np.random.Generator, judge: np.ndarray | None = None) -> np.ndarray:
+                    rng: np.random.Generator, judge: np.ndarray | None = None,
+                    totals: np.ndarray | None = None) -> np.ndarray:
     """Per list of `judge` (a mask; default: all), the recall of a block trained as `fit` trains
     it, on the other CV_FOLDS - 1 folds of `lists`: what the bucket's network is worth on lists it
     did not learn or get picked on."""
@@ -209,8 +238,11 @@ def cross_validated(start: np.ndarray, lists: list[tuple[np.ndarray, np.ndarray]
         test = np.flatnonzero((fold == k) & judge)
         if not len(test):
             continue
-        w = train_block(start, [lists[i] for i in np.flatnonzero(fold != k)], epochs, batch, rng)
-        out[test] = recalls([lists[i][0] @ w for i in test], [lists[i] for i in test])
+        learn = np.flatnonzero(fold != k)
+        w = train_block(start, [lists[i] for i in learn], epochs, batch, rng,
+                        list_weights([lists[i] for i in learn], None if totals is None else totals[learn]))
+        out[test] = recalls([lists[i][0] @ w for i in test], [lists[i] for i in test],
+                            totals=None if totals is None else totals[test])
     return out[judge]
 
 
@@ -221,14 +253,14 @@ def warm_lists(examples: list[tuple[np.ndarray, np.ndarray]], buckets: np.ndarra
 
 
 def choose_experts(weights: dict[str, np.ndarray], examples: list[tuple[np.ndarray, np.ndarray]],
-                   buckets: np.ndarray, judged: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
-                   ) -> tuple[np.ndarray, dict[str, dict[str, float]]]:
+                   buckets: np.ndarray, judged: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+                   totals: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, dict[str, float]]]:
     """Per bucket, the signal that ranks alone (-1: the network), on held-out examples: the
     network only where it beats the best signal clearly (GATE_SE, GATE_MIN); a bucket without
     held-out lists keeps the network. With the report: per bucket, the network's and the best
     signal's recall and the count."""
-    net = model_recalls(weights, examples)
-    alone = signal_recalls(examples, buckets)
+    net = model_recalls(weights, examples, totals)
+    alone = signal_recalls(examples, buckets, totals)
     expert = np.full(N_BUCKETS, -1, np.int64)
     report: dict[str, dict[str, float]] = {}
     for b in range(N_BUCKETS):
@@ -255,7 +287,8 @@ def choose_experts(weights: dict[str, np.ndarray], examples: list[tuple[np.ndarr
 
 def small_buckets(examples: list[tuple[np.ndarray, np.ndarray]], buckets: np.ndarray, valid: np.ndarray,
                   keeper: "BucketKeeper", start: np.ndarray, batch: int,
-                  rng: np.random.Generator) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+                  rng: np.random.Generator, totals: np.ndarray | None = None
+                  ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """For each bucket with fewer than GATE_CV_BELOW held-out lists (and a linear-only network):
     (cross-validated network recall, each signal's recall) over all of the bucket's lists that
     show feedback (`warm_lists`); the blocks are trained on all of them, as `fit` trains."""
@@ -271,9 +304,10 @@ def small_buckets(examples: list[tuple[np.ndarray, np.ndarray]], buckets: np.nda
         share = max(2, int(round(batch * len(rows) / len(examples))))  # its lists per step in `fit`
         warm = warm_lists([examples[i] for i in rows], buckets[rows])
         mine = [examples[i] for i in rows[warm]]
+        mine_totals = None if totals is None else totals[rows]
         out[b] = (cross_validated(start[b * N_FEATURES:(b + 1) * N_FEATURES], lists, keeper.epoch.get(b, 0),
-                                  share, rng, judge=warm),
-                  signal_recalls(mine, np.full(len(mine), b)))
+                                  share, rng, judge=warm, totals=mine_totals),
+                  signal_recalls(mine, np.full(len(mine), b), None if totals is None else mine_totals[warm]))
     return out
 
 
@@ -310,7 +344,8 @@ class BucketKeeper:
 
 
 def fit(rr: "Reranker", examples: list[tuple[np.ndarray, np.ndarray]], epochs: int, batch: int = 64,
-        progress: bool = False, groups: np.ndarray | None = None) -> list[float]:
+        progress: bool = False, groups: np.ndarray | None = None,
+        totals: np.ndarray | None = None) -> list[float]:
     """Offline training of `rr` on (features, positive indices) examples; the epoch losses.
 
     Each bucket starts at the best single signal on its training examples when that beats the
@@ -322,13 +357,25 @@ def fit(rr: "Reranker", examples: list[tuple[np.ndarray, np.ndarray]], epochs: i
     its own best epoch (`BucketKeeper`). Then, per bucket, a signal that
     still ranks the held-out examples better than the network alone takes the bucket
     (`choose_experts`). Below MIN_VALID examples every epoch runs on everything.
+
+    `totals` (per example, how many targets its user has, the ones outside its candidates
+    included) makes every recall above the evaluation's and weighs each list's loss by what it
+    is worth in it (`list_weights`); without it a list's targets are its positives.
     """
     from tqdm.auto import tqdm
 
     net = to_net(rr.weights, rr.hidden)
     train, valid = _split(len(examples), groups, rr.rng)
     buckets = np.array([bucket_of(f) for f, _ in examples])
-    rr.warm_start = warm_start(net, [examples[i] for i in train], buckets[train])
+    totals = None if totals is None else np.asarray(totals, np.int64)
+
+    def part(rows: np.ndarray) -> np.ndarray | None:
+        return None if totals is None else totals[rows]
+
+    rr.warm_start = warm_start(net, [examples[i] for i in train], buckets[train], part(train))
+    weights_all = np.ones(len(examples))
+    if totals is not None and len(train):
+        weights_all[train] = list_weights([examples[i] for i in train], totals[train])
     start_weights = net.linear.weight[0].detach().numpy().copy()
     allf = np.concatenate([examples[i][0] for i in train])
     with torch.no_grad():
@@ -345,7 +392,7 @@ def fit(rr: "Reranker", examples: list[tuple[np.ndarray, np.ndarray]], epochs: i
     losses: list[float] = []
     best, best_state, stale = np.inf, None, 0
     if held:
-        recall = model_recalls(to_numpy(net), held)
+        recall = model_recalls(to_numpy(net), held, part(valid))
         keeper.offer(net, recall)
         best = -float(recall.mean())
         best_state = {k: t.clone() for k, t in net.state_dict().items()}
@@ -353,14 +400,15 @@ def fit(rr: "Reranker", examples: list[tuple[np.ndarray, np.ndarray]], epochs: i
         order = train[rr.rng.permutation(len(train))]
         total = 0.0
         for s in range(0, len(order), batch):
-            loss = listwise_loss(net, [examples[i] for i in order[s:s + batch]])
+            rows = order[s:s + batch]
+            loss = listwise_loss(net, [examples[i] for i in rows], None if totals is None else weights_all[rows])
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(order[s:s + batch])
         losses.append(total / len(train))
         if held:
-            recall = model_recalls(to_numpy(net), held)
+            recall = model_recalls(to_numpy(net), held, part(valid))
             keeper.offer(net, recall)
             v = -float(recall.mean())
             if v < best - MIN_GAIN:
@@ -374,11 +422,13 @@ def fit(rr: "Reranker", examples: list[tuple[np.ndarray, np.ndarray]], epochs: i
         net.load_state_dict(best_state)
         keeper.restore(net)
     weights = to_numpy(net)
-    judged = small_buckets(examples, buckets, valid, keeper, start_weights, batch, rr.rng) if held else {}
+    judged = small_buckets(examples, buckets, valid, keeper, start_weights, batch, rr.rng, totals) if held else {}
     # the signals are judged where they can rank: on the held-out lists that show feedback
     warm = warm_lists(held, buckets[valid]) if held else np.zeros(0, bool)
+    held_totals = part(valid)
     expert, rr.gate_report = (choose_experts(weights, [h for h, w in zip(held, warm) if w], buckets[valid][warm],
-                                             judged) if warm.any()
+                                             judged, None if held_totals is None else held_totals[warm])
+                              if warm.any()
                               else (np.full(N_BUCKETS, -1, np.int64), {}))
     rr.install(weights, valid_recall=None if best == np.inf else -best, expert=expert)
     rr.remember(examples[-rr.buffer.maxlen:])
