@@ -6,14 +6,17 @@ subprocess that joins it by address. The vectors come from the real model on bot
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
 from engine import Config, Engine, InvalidInputError, ModelLoadError
@@ -30,8 +33,9 @@ COSINE_MIN = 0.9999
 
 
 def env() -> dict[str, str]:
-    """The test's environment plus this worktree on the path and Ray's usage statistics off."""
-    e = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    """The test's environment plus this worktree on the path, Ray's usage statistics off, and no
+    token authentication (a cluster on the loopback for this module's drivers only)."""
+    e = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
     e["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [e.get("PYTHONPATH")])])
     return e
 
@@ -41,43 +45,64 @@ def kindling(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           env=env(), timeout=timeout, cwd=ROOT)
 
 
-RAY_START_TRIES = 3
+#: Seconds the head started by `ray start` gets to accept a driver.
+RAY_HEAD_WAIT_S = 120
+#: Seconds the head gets to stop its cluster before what is left of it is killed.
+RAY_HEAD_GRACE_S = 5
 
 
-def start_local_ray() -> None:
-    """Start the module's Ray, trying again after a failed start.
-
-    Ray gives its raylet a fixed 30 s to register with the GCS (`ray/_private/node.py`); on a
-    loaded host (CI beside other jobs, or an evaluation running here) that start can time out
-    although nothing is wrong with the code under test. A start that fails three times in a row
-    skips the module with Ray's own message: the host cannot run a Ray at all.
-    """
-    err: Exception | None = None
-    for _ in range(RAY_START_TRIES):
-        before = {p.pid for p in psutil.Process().children(recursive=True)}
-        try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-            return
-        except Exception as e:  # Ray raises a bare Exception for a node that timed out starting
-            err = e
-            ray.shutdown()
-            # The failed start's GCS and raylet are not known to `ray.shutdown`: stop them here
-            # so the next try does not share the host with them.
-            for p in psutil.Process().children(recursive=True):
-                if p.pid not in before:
-                    p.kill()
-    pytest.skip(f"a local Ray did not start in {RAY_START_TRIES} tries on this host: {err}")
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray with 2 CPUs, no dashboard, for every test here; its address for other drivers."""
+def local_ray(tmp_path_factory: pytest.TempPathFactory):
+    """A local Ray with 2 CPUs, no dashboard, for every test here; its address for other drivers.
+
+    The head runs in a process of its own (`ray start --head --block`), as a deployment's does,
+    and this process joins it as a driver. Started inside the test process, after the suite's
+    earlier tests, Ray's own start (`ray.init(address="local")`) timed out waiting for its
+    raylet (a fixed 30 s) on every try in CI and on a loaded host here, while the same call in
+    a fresh process took 4 s; a head of its own starts as in a fresh process.
+    """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    start_local_ray()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = f"127.0.0.1:{free_port()}"
+    log = (tmp_path_factory.mktemp("ray") / "head.log").open("w")
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                             f"--port={address.split(':')[1]}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                             "--include-dashboard=false",
+                             "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT, env=env(),
+                            start_new_session=True)
     try:
+        deadline = time.monotonic() + RAY_HEAD_WAIT_S
+        while True:
+            try:
+                ray.init(address=address, log_to_driver=False)
+                break
+            except Exception as e:  # Ray raises ConnectionError or a bare Exception while the head starts
+                ray.shutdown()
+                if head.poll() is not None or time.monotonic() > deadline:
+                    log.flush()
+                    raise RuntimeError(f"the Ray head did not start: {e}; its log: "
+                                       f"{Path(log.name).read_text()[-2000:]}") from e
+                time.sleep(1.0)
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+        # --block: told to stop, the head stops its cluster, whose processes share its session;
+        # what is left after a grace period (it gives its raylet 30 s) is killed
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=RAY_HEAD_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+        log.close()
 
 
 @pytest.fixture(scope="module")
