@@ -623,7 +623,8 @@ class Engine:
         return out
 
     def set_profile(self, user_id: str, profile: str) -> None:
-        """Give a user a profile text (its vector seeds the user, weighing like one click)."""
+        """Give a user a profile text (its vector seeds the user, weighing as many clicks as `fit`
+        learned from the training users' profiles; one click before any fit saw a profile)."""
         self._check_writable()
         check_id(user_id, "user_id")
         check_text(profile, "profile")
@@ -799,6 +800,7 @@ class Engine:
                     "backend": index.backend, "kind": index.kind, "dim": index.dim, "vectors": index.ntotal,
                     "tombstones": index.ntotal - index.n_live},
                 "model": self._model_meta(), "trained": st is not None and st.ranker.trained,
+                "profile_weight": None if st is None else st.ranker.profile_weight,
                 "pending_log_records": (self._log.next_seq if self._log else self._replayed_seq)
                 - self._manifest.get("next_seq", 0),
                 **({"replica": self.replica_lag()} if self._follower is not None else {}),

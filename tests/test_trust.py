@@ -233,3 +233,54 @@ def test_lists_count_every_target_of_their_user_as_the_evaluation_does() -> None
     assert report[str(PROFILE_BUCKET)]["best_signal"] == "clicks", report
     w = list_weights(examples, totals)
     assert w.mean() == pytest.approx(1.0) and w[0] * 20 == pytest.approx(w[7] * 1.0)
+
+
+def _profile_store(tmp_path: Path, name: str, shift: int):
+    """80 users who click 8 items of topic u % 4 each and whose profile names topic (u + shift) % 4:
+    their own (shift 0) or another (shift 2)."""
+    from conftest import FakeEncoder
+    from engine import Config, Engine, Event
+
+    rng = np.random.default_rng(7)
+    eng = Engine.create(tmp_path / name, Config(proj_epochs=2, proj_dim=16, rerank_epochs=1, retrieve=10,
+                                                fsync=False, seed=4), encoder=FakeEncoder(dim=32))
+    eng.add_items([Item(f"it{i}", f"item {i}", f"topic{i % 4} word{i % 7} thing{i % 5}") for i in range(60)])
+    events, ts = [], 1_600_000_000
+    for u in range(80):
+        eng.set_profile(f"u{u}", f"topic{(u + shift) % 4} topic{(u + shift) % 4}")
+        for i in rng.choice(np.arange(u % 4, 60, 4), size=8, replace=False):
+            ts += 1
+            events.append(Event(f"u{u}", f"it{i}", "click", 1.0, ts))
+    eng.import_events(events)
+    return eng, eng.fit(events, progress=False)
+
+
+def test_fit_learns_what_a_profile_is_worth_in_the_user_vector(tmp_path: Path) -> None:
+    from engine import Engine
+    from engine.training.fit import PROFILE_WEIGHTS
+
+    told, told_fit = _profile_store(tmp_path, "told", shift=0)
+    misled, misled_fit = _profile_store(tmp_path, "misled", shift=2)
+    assert told_fit["profile_weight_users"] >= 100 and set(told_fit["profile_weight_recalls"]) == {
+        str(w) for w in PROFILE_WEIGHTS}
+    # a profile naming the user's own topic is worth more than one naming another
+    assert misled_fit["profile_weight"] == min(PROFILE_WEIGHTS), misled_fit["profile_weight_recalls"]
+    assert told_fit["profile_weight"] > misled_fit["profile_weight"], told_fit["profile_weight_recalls"]
+    # the weight is the one a stored user's vector follows, and it survives a save
+    from conftest import FakeEncoder
+
+    assert misled.stats()["profile_weight"] == misled_fit["profile_weight"]
+    misled.close()
+    with Engine.open(tmp_path / "misled", read_only=True, encoder=FakeEncoder(dim=32)) as again:
+        assert again.stats()["profile_weight"] == misled_fit["profile_weight"]
+    told.close()
+
+
+def test_a_saved_profile_weight_is_read_back_or_refused() -> None:
+    from engine.serving.ranking import DEFAULT_PROFILE_WEIGHT, PROFILE_WEIGHT_TENSOR, profile_weight_from
+
+    assert profile_weight_from({}) == DEFAULT_PROFILE_WEIGHT  # a store from before it was learned
+    assert profile_weight_from({PROFILE_WEIGHT_TENSOR: np.array([0.25])}) == 0.25
+    for bad in (np.array([0.0]), np.array([np.nan]), np.array([1.0, 2.0]), np.array([-1.0])):
+        with pytest.raises(ValueError, match=PROFILE_WEIGHT_TENSOR):
+            profile_weight_from({PROFILE_WEIGHT_TENSOR: bad})

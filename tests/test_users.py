@@ -37,9 +37,21 @@ def test_step_shrinks_with_count_and_is_floored():
     assert steps[-1] == 0.05
 
 
-def test_profile_weighs_like_one_click(rng):
+def test_a_profile_weighs_its_learned_count_of_clicks(rng):
     u = fresh(unit(rng), profile=True)
-    assert u.prior == 1 and click_step(u, 0.0) == 0.5
+    assert u.prior() == 1.0 and click_step(u, 0.0) == 0.5  # the default: one click
+    assert u.prior(0.25) == 0.25 and click_step(u, 0.0, 0.25) == pytest.approx(0.8)
+    assert click_step(u, 0.0, 4.0) == pytest.approx(0.2)
+    assert fresh(unit(rng)).prior(4.0) == 0.0  # no profile, no pseudo-count
+    # the step rule and its replay agree at any weight
+    item = unit(rng)
+    live = fresh(u.vector, profile=True)
+    apply_click(live, item, 0.05, profile_weight=0.25)
+    live.clicks.append(3)
+    again = fresh(u.vector, profile=True)
+    again.clicks = [3]
+    rederive(again, item[None], u.vector, 0.05, 0.2, profile_weight=0.25)
+    np.testing.assert_allclose(again.vector, live.vector, atol=1e-6)
 
 
 def test_first_click_of_a_blank_user_is_the_item(rng):

@@ -51,6 +51,23 @@ RECENCY_DECAY = 0.5
 _COL = {name: i for i, name in enumerate(FEATURES)}
 
 
+#: The profile's weight in a user's vector, in clicks, where `fit` found no profile to learn it
+#: from (and in stores written before it was learned), and the tensor it is saved as.
+DEFAULT_PROFILE_WEIGHT = 1.0
+PROFILE_WEIGHT_TENSOR = "users.profile_weight"
+
+
+def profile_weight_from(tensors: dict[str, np.ndarray]) -> float:
+    """The saved profile weight (DEFAULT_PROFILE_WEIGHT when the store has none); a value that is
+    not one positive finite number is refused."""
+    if PROFILE_WEIGHT_TENSOR not in tensors:
+        return DEFAULT_PROFILE_WEIGHT
+    t = np.asarray(tensors[PROFILE_WEIGHT_TENSOR], np.float64)
+    if t.shape != (1,) or not np.isfinite(t[0]) or t[0] <= 0:
+        raise ValueError(f"{PROFILE_WEIGHT_TENSOR} must hold one positive finite number; got {t.tolist()!r}")
+    return float(t[0])
+
+
 class NeedsWrite(Exception):
     """A request found a cache to rebuild; it runs again holding the write lock."""
 
@@ -68,6 +85,10 @@ class Ranker:
         self.index: VectorBackend | None = None
         self.coclicks = CoClicks()
         self.lexicon = Lexicon()
+        #: How many clicks a user's profile weighs in the user's vector (`UserState.prior`):
+        #: learned by `fit` from the training users' profiles (training/fit.py, profile_weight);
+        #: one click where no training user had one.
+        self.profile_weight = DEFAULT_PROFILE_WEIGHT
         self.reset_reranker()
 
     # ---- retrieval space ---------------------------------------------------------------------
@@ -190,18 +211,18 @@ class Ranker:
         vec = self.item_vectors(np.array([row]))[0]
         if kind == "click":
             self.coclicks.add_click(user.clicks, row)
-            apply_click(user, vec, self.config.user_min_step)
+            apply_click(user, vec, self.config.user_min_step, self.profile_weight)
             items.clicks[row] += 1.0
             if self.config.popularity_half_life_s is not None:
                 items.add_decayed_click(row, t, self.config.popularity_half_life_s)
             items.impressions[row] += 1.0
             self._bump_popular(row)
         elif kind == "skip":
-            apply_skip(user, vec, self.config.user_min_step, self.config.skip_step)
+            apply_skip(user, vec, self.config.user_min_step, self.config.skip_step, self.profile_weight)
             items.skips[row] += 1.0
             items.impressions[row] += 1.0
         elif kind == "dislike":  # a strong skip; the item's counts take it as one
-            apply_dislike(user, vec, self.config.user_min_step, self.config.dislike_step)
+            apply_dislike(user, vec, self.config.user_min_step, self.config.dislike_step, self.profile_weight)
             items.skips[row] += 1.0
             items.impressions[row] += 1.0
         else:
@@ -354,7 +375,7 @@ class Ranker:
 
     def user_query(self, user: UserState) -> np.ndarray:
         """The FAISS query of a user: `query` at the user's history length."""
-        return self.query(user.vector, user.count + user.prior)
+        return self.query(user.vector, user.count + user.prior(self.profile_weight))
 
     def transient_user(self, rows: list[int], profile: str | None, profile_vec: np.ndarray | None) -> UserState:
         """A user built from `rows` (clicked item rows, oldest first) with the online rule, held by
@@ -362,7 +383,7 @@ class Ranker:
         prof = None if profile_vec is None else self.projection.transform(profile_vec[None])[0]
         rows = list(dict.fromkeys(int(r) for r in rows))
         state = user_from_clicks(rows, self.item_vectors(np.array(rows, np.int64)), prof,
-                                 self.config.user_min_step)
+                                 self.config.user_min_step, self.profile_weight, profile, profile_vec)
         state.profile, state.profile_vec = profile, profile_vec
         return state
 
@@ -398,7 +419,7 @@ class Ranker:
         else:
             v, bias = self.scoring_vectors(rows), self._bias[rows]
         f = np.zeros((len(rows), N_FEATURES), np.float32)
-        f[:, _COL["tower"]] = self.projection.tau_for(user.count + user.prior) * (v @ user.vector) + bias
+        f[:, _COL["tower"]] = self.projection.tau_for(user.count + user.prior(self.profile_weight)) * (v @ user.vector) + bias
         history = list(dict.fromkeys(user.clicks[-LEXICAL_HISTORY:]))
         f[:, _COL["lexical"]] = self.lexicon.similarity(np.array(history, np.int64), rows)
         clicks = items.clicks[rows] if own_clicks is None else np.maximum(items.clicks[rows] - own_clicks, 0)
@@ -423,7 +444,7 @@ class Ranker:
         return f
 
     def score(self, user: UserState, rows: np.ndarray) -> np.ndarray:
-        if user.count + user.prior == 0:
+        if user.count == 0 and user.profile_vec is None:
             # nothing is known of this user: the exact popularity prior (the learned bias breaks
             # ties), which the bucket-0 weights only approximated (0.86x popularity on movielens)
             return (np.log1p(self.popularity(rows)) + POP_TIEBREAK * self._bias[rows]).astype(np.float32)
@@ -432,7 +453,7 @@ class Ranker:
         sim = self.scoring_vectors(rows) @ user.vector
         top = max(self._top_popularity(), 1.0)
         pop = np.log1p(self.popularity(rows)) / np.log1p(top)
-        return (sim + pop / (1.0 + user.count + user.prior)).astype(np.float32)
+        return (sim + pop / (1.0 + user.count + user.prior(self.profile_weight))).astype(np.float32)
 
     def _top_popularity(self) -> float:
         """The largest popularity among the live rows: from the cached popular list when there
@@ -560,12 +581,14 @@ class Ranker:
         if self._warm is not None:
             out.update(self._warm.below(n).tensors())
         out.update(self.reranker.tensors())
+        out[PROFILE_WEIGHT_TENSOR] = np.array([self.profile_weight], np.float64)
         return out
 
     def load_models(self, tensors: dict[str, np.ndarray], d_text: int) -> Projection:
         proj = Projection.from_tensors(tensors, d_text)
         self._warm = WarmResiduals.from_tensors(tensors)
         self.reranker.load(tensors)
+        self.profile_weight = profile_weight_from(tensors)
         self.projection = proj
         self.prepare()
         return proj
@@ -622,11 +645,18 @@ class WarmResiduals:
         return self if keep.all() else WarmResiduals(self.rows[keep], self.residual[keep], self.bias[keep])
 
 
-def user_from_clicks(rows: list[int], vecs: np.ndarray, profile: np.ndarray | None, min_step: float) -> UserState:
-    """A user state built click by click with the online rule (for training examples)."""
+def user_from_clicks(rows: list[int], vecs: np.ndarray, profile: np.ndarray | None, min_step: float,
+                     profile_weight: float = 1.0, profile_text: str | None = None,
+                     profile_vec: np.ndarray | None = None) -> UserState:
+    """A user state built click by click with the online rule, as a stored user with the same
+    profile and clicks has it: the vector starts at `profile` (the profile in retrieval space),
+    which counts `profile_weight` clicks; the state keeps `profile_text` and `profile_vec` (its
+    text-space vector). For training examples and stateless requests."""
     u = UserState(vector=np.zeros(vecs.shape[1], np.float32) if profile is None else normalise(profile))
+    if profile is not None and profile_vec is not None:
+        u.profile, u.profile_vec = profile_text, profile_vec
     for r, v in zip(rows, vecs):
-        apply_click(u, v, min_step)
+        apply_click(u, v, min_step, profile_weight)
         u.clicks.append(int(r))
     return u
 

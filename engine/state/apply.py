@@ -36,7 +36,7 @@ from ..serving.index import VectorIndex
 from .items import ItemTable
 from ..memory import release_free_memory
 from ..models.projection import Projection
-from ..serving.ranking import Ranker
+from ..serving.ranking import PROFILE_WEIGHT_TENSOR, Ranker
 from ..storage.records import AddRecord, EventRecord, ImportRecord, ProfileRecord, Record, RemoveRecord, id_key
 from .users import UserState, UserTable, rederive
 
@@ -154,6 +154,8 @@ class State:
             aside += ("tower.warm_",)
         if "replay.features" in models:  # a whole-width replay buffer (rerank.pack), packed on load
             aside += ("replay.",)
+        if PROFILE_WEIGHT_TENSOR not in models:  # a store from before the weight was learned: one click
+            aside += (PROFILE_WEIGHT_TENSOR,)
         bad = [k for k, v in self.ranker.model_tensors(self.proj).items()
                if not k.startswith(aside) and (k not in models or models[k].shape != np.shape(v))]
         if bad:
@@ -241,7 +243,7 @@ class State:
         item_vecs = self.ranker.item_vectors(rows)
         prof = None if user.profile_vec is None else self.proj.transform(user.profile_vec[None])[0]
         c = self.config
-        rederive(user, item_vecs, prof, c.user_min_step, c.skip_step, c.dislike_step)
+        rederive(user, item_vecs, prof, c.user_min_step, c.skip_step, c.dislike_step, self.ranker.profile_weight)
 
     # ---- reading -----------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:

@@ -27,10 +27,10 @@ class UserState:
     def count(self) -> int:
         return len(self.clicks)
 
-    @property
-    def prior(self) -> int:
-        """Pseudo-count of the profile: it weighs like one click."""
-        return 1 if self.profile_vec is not None else 0
+    def prior(self, profile_weight: float = 1.0) -> float:
+        """Pseudo-count of the profile in the vector: `profile_weight` clicks' worth (what `fit`
+        learns from the training users' profiles, `Ranker.profile_weight`), 0 without one."""
+        return profile_weight if self.profile_vec is not None else 0.0
 
     def seen(self) -> set[int]:
         """Rows the user clicked, skipped, disliked, or acted on while the store was frozen (a new
@@ -41,34 +41,37 @@ class UserState:
         return self.clicks[-window:]
 
 
-def click_step(user: UserState, min_step: float) -> float:
-    """Big steps while cold (a running mean), never below `min_step` once warm."""
-    return max(1.0 / (user.count + user.prior + 1), min_step)
+def click_step(user: UserState, min_step: float, profile_weight: float = 1.0) -> float:
+    """Big steps while cold (a running mean, the profile counting `profile_weight` clicks), never
+    below `min_step` once warm."""
+    return max(1.0 / (user.count + user.prior(profile_weight) + 1), min_step)
 
 
-def apply_click(user: UserState, item_vec: np.ndarray, min_step: float) -> None:
+def apply_click(user: UserState, item_vec: np.ndarray, min_step: float, profile_weight: float = 1.0) -> None:
     """u <- normalise(u + eta * (v - u)), eta from `click_step` (before the click is counted)."""
-    eta = click_step(user, min_step)
+    eta = click_step(user, min_step, profile_weight)
     if not user.vector.any():
         user.vector = normalise(item_vec)
     else:
         user.vector = normalise(user.vector + eta * (item_vec - user.vector))
 
 
-def apply_skip(user: UserState, item_vec: np.ndarray, min_step: float, skip_step: float) -> None:
+def apply_skip(user: UserState, item_vec: np.ndarray, min_step: float, skip_step: float,
+               profile_weight: float = 1.0) -> None:
     """A skip pushes the vector a little away from the item (nothing to push when it is zero)."""
     if user.vector.any():
-        eta = click_step(user, min_step) * skip_step
+        eta = click_step(user, min_step, profile_weight) * skip_step
         user.vector = normalise(user.vector - eta * item_vec)
 
 
-def apply_dislike(user: UserState, item_vec: np.ndarray, min_step: float, dislike_step: float) -> None:
+def apply_dislike(user: UserState, item_vec: np.ndarray, min_step: float, dislike_step: float,
+                  profile_weight: float = 1.0) -> None:
     """A strong skip: the vector moves `dislike_step` times a click's step away from the item."""
-    apply_skip(user, item_vec, min_step, dislike_step)
+    apply_skip(user, item_vec, min_step, dislike_step, profile_weight)
 
 
 def rederive(user: UserState, item_vecs: np.ndarray, profile_vec: np.ndarray | None,
-             min_step: float, skip_step: float, dislike_step: float = 1.0) -> None:
+             min_step: float, skip_step: float, dislike_step: float = 1.0, profile_weight: float = 1.0) -> None:
     """Rebuild the vector from the profile and the history, e.g. after the item space changed.
 
     `item_vecs` holds the retrieval vectors of `user.clicks + user.skips + user.dislikes`, in that
@@ -80,12 +83,12 @@ def rederive(user: UserState, item_vecs: np.ndarray, profile_vec: np.ndarray | N
     fresh = UserState(vector=np.zeros(dim, np.float32) if profile_vec is None else normalise(profile_vec),
                       profile=user.profile, profile_vec=user.profile_vec)
     for j, row in enumerate(clicks):
-        apply_click(fresh, item_vecs[j], min_step)
+        apply_click(fresh, item_vecs[j], min_step, profile_weight)
         fresh.clicks.append(row)
     for j in range(len(skips)):
-        apply_skip(fresh, item_vecs[len(clicks) + j], min_step, skip_step)
+        apply_skip(fresh, item_vecs[len(clicks) + j], min_step, skip_step, profile_weight)
     for j in range(len(user.dislikes)):
-        apply_dislike(fresh, item_vecs[len(clicks) + len(skips) + j], min_step, dislike_step)
+        apply_dislike(fresh, item_vecs[len(clicks) + len(skips) + j], min_step, dislike_step, profile_weight)
     user.vector = fresh.vector
 
 

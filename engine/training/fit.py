@@ -15,7 +15,7 @@ from ..serving.index import VectorIndex
 from ..state.items import ItemTable
 from ..models.projection import Projection
 from ..models.rerank import SIGNALS
-from ..serving.ranking import Ranker, user_from_clicks
+from ..serving.ranking import DEFAULT_PROFILE_WEIGHT, Ranker, user_from_clicks
 from ..storage.records import EventRecord
 from ..state.users import UserState, UserTable
 
@@ -40,6 +40,14 @@ RERANK_FOLDS = 2
 MIN_HOLDOUT_USERS = 20
 #: Random catalog items added to each example's candidates (see _example).
 RANDOM_NEGATIVES = 64
+#: The profile's weight in the user vector (clicks' worth) is chosen among PROFILE_WEIGHTS by the
+#: retrieval recall it gives a fold's profile users after PROFILE_CUTS clicks (`profile_weights`),
+#: on at most PROFILE_USERS users a fold; with fewer than MIN_PROFILE_PAIRS (user, cut) pairs in
+#: all, it stays `ranking.DEFAULT_PROFILE_WEIGHT`.
+PROFILE_WEIGHTS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
+PROFILE_CUTS = (1, 3, 5)
+PROFILE_USERS = 300
+MIN_PROFILE_PAIRS = 100
 
 
 @contextlib.contextmanager
@@ -94,13 +102,22 @@ def _fit_state(state: "State", events: Sequence[EventRecord], progress: bool) ->
     rng = np.random.default_rng(state.config.seed + 1)
     t0 = time.perf_counter()
     made: tuple[list, list[int], list[int]] = ([], [], [])
+    weighed = np.zeros(len(PROFILE_WEIGHTS)), 0
     for held in folds:
         # cross-fitting: the lists of a fold's users are ranked by a tower that never saw them,
         # with co-clicks counted without them, as a new user's are
         if fit_towers(state.ranker, state.items, train, progress, held)["projection"]:
             _adopt_space(state)
         state.ranker.rebuild_coclicks(state.users, skip=_stored_rows(state, train, held))
+        fold = profile_weights(state.ranker, state.items, train, held)
+        state.ranker.profile_weight = chosen_weight(*fold)
+        weighed = weighed[0] + fold[0], weighed[1] + fold[1]
         _extend(made, reranker_lists(state.ranker, state.items, train, state.index, held, rng))
+    state.ranker.profile_weight = chosen_weight(*weighed)
+    summary.update({"profile_weight": state.ranker.profile_weight, "profile_weight_users": weighed[1],
+                    "profile_weight_recalls": ({str(w): round(float(r / weighed[1]), 4)
+                                                for w, r in zip(PROFILE_WEIGHTS, weighed[0])}
+                                               if weighed[1] else {})})
     summary.update(fit_towers(state.ranker, state.items, train, progress))
     if summary["projection"]:
         _adopt_space(state)
@@ -250,6 +267,48 @@ def fit_reranker(ranker: Ranker, examples: list, groups: np.ndarray, progress: b
             "reranker_seconds": round(time.perf_counter() - t0, 1)}
 
 
+def profile_weights(ranker: Ranker, items: ItemTable, users: UserTable,
+                    positions: np.ndarray) -> tuple[np.ndarray, int]:
+    """How well each of PROFILE_WEIGHTS lets a user vector retrieve what the user clicks next:
+    for the profile users at `positions` (the first PROFILE_USERS), after each of PROFILE_CUTS
+    first clicks, the recall@`retrieve` of the other clicks among all live items under the user's
+    query (what the index search ranks by), summed per weight; with the number of (user, cut)
+    pairs. The ranker's tower must not have seen these users (a fold's, in cross-fitting)."""
+    totals = np.zeros(len(PROFILE_WEIGHTS))
+    n = 0
+    live = items.live_rows()
+    picked = [users.states[int(g)] for g in positions.tolist() if users.states[int(g)].profile_vec is not None]
+    if not ranker.trained or not len(live) or not picked:
+        return totals, n
+    keys = ranker.index_vectors(live)  # what the index holds: [tau * v, bias]
+    depth = min(ranker.config.retrieve, len(live))
+    for u in picked[:PROFILE_USERS]:
+        clicks = [r for r in dict.fromkeys(u.clicks) if not items.removed[r]]
+        prof = ranker.projection.transform(u.profile_vec[None])[0]
+        for p in PROFILE_CUTS:
+            if len(clicks) - p < 1 or len(live) - p <= depth:
+                continue
+            prefix, future = clicks[:p], np.array(clicks[p:], np.int64)
+            vecs = ranker.item_vectors(np.array(prefix, np.int64))
+            queries = np.stack([ranker.query(user_from_clicks(prefix, vecs, prof, ranker.config.user_min_step, w,
+                                                              u.profile, u.profile_vec).vector, p + w)
+                                for w in PROFILE_WEIGHTS])
+            scores = queries @ keys.T
+            scores[:, np.isin(live, prefix)] = -np.inf
+            top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
+            totals += np.isin(live[top], future).sum(axis=1) / min(depth, len(future))
+            n += 1
+    return totals, n
+
+
+def chosen_weight(totals: np.ndarray, n: int) -> float:
+    """The weight of PROFILE_WEIGHTS with the best summed recall over `n` (user, cut) pairs, or the
+    default where too few were seen to tell."""
+    if n < MIN_PROFILE_PAIRS:
+        return DEFAULT_PROFILE_WEIGHT
+    return float(PROFILE_WEIGHTS[int(np.argmax(totals))])
+
+
 def history_cuts(n: int, rng: np.random.Generator) -> list[int]:
     """Prefix lengths to train on for a user with n clicks: the short ones (CUTS) where cold-start
     lives, plus LONG_CUTS drawn log-uniformly over [1, n) so that long histories, which serving
@@ -283,7 +342,7 @@ def _example(ranker: Ranker, items: ItemTable, index: VectorIndex, u, clicks: li
     prefix = clicks[start:start + p]
     prof = None if u.profile_vec is None else ranker.projection.transform(u.profile_vec[None])[0]
     state = user_from_clicks(prefix, ranker.item_vectors(np.array(prefix, np.int64)), prof,
-                             ranker.config.user_min_step)
+                             ranker.config.user_min_step, ranker.profile_weight, u.profile, u.profile_vec)
     state.profile, state.profile_vec = u.profile, u.profile_vec
     cand = ranker.candidates(state, index, np.array(prefix, np.int64), refresh=True)
     if RANDOM_NEGATIVES:
