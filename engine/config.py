@@ -40,7 +40,8 @@ class Config:
         coclick_candidates: items most co-clicked with the user's recent clicks added to the
             candidates ("people who clicked this also clicked"), beside the ANN neighbours.
         user_min_step: the smallest step of the user-vector update (the step is
-            1 / (count + prior + 1), floored here, so warm users keep tracking their taste).
+            1 / (count + prior + 1), floored here, so warm users keep tracking their taste;
+            prior is the profile's weight in clicks, learned by `fit`, 0 without a profile).
         skip_step: how far a skip pushes the user vector away from the item, relative to a click.
         dislike_step: the same for a dislike (a strong skip; it also hides the item for good).
         online_updates: False freezes the store: record() is still logged and still marks the
