@@ -79,7 +79,9 @@ class KindlingMethod:
         path = self.workdir / f"{self.name}-{self._fits}"
         self._engine, summary = fitted_engine(path, train, self.encoder, self.config)
         self.chosen = {k: summary[k] for k in ("reranker_expert", "reranker_warm_start", "reranker_buckets",
-                                               "reranker_valid_recall", "reranker_examples") if k in summary}
+                                               "reranker_valid_recall", "reranker_examples", "profile_weight",
+                                               "profile_weight_users", "profile_weight_recalls")
+                       if k in summary}
         self._item_ids = [it.item_id for it in train.items]
         self._row_of = {item_id: row for row, item_id in enumerate(self._item_ids)}
         self._known = _pairs(train.events.user, train.events.item)
