@@ -49,11 +49,14 @@ class Config:
             changes, then or when the store reopens. `import_events` and `fit` still work.
         search_threads: OpenMP threads of one request's FAISS search (0: FAISS's default, every
             core). 1 keeps single queries fast on a busy host; builds always use every core.
-        online_lr: the step of the reranker's online SGD (one step per click, on a replay batch
-            of `replay_batch` examples from the last `replay_size`; the gradient's norm is clipped
-            at 1). 0 (off) by default: with the per-bucket standardised features, 0.001 gave 0.56x
-            the fair frozen engine on the movielens replay validation split and 0 gave 1.03x
-            (docs/results.md); user vectors, counts and co-clicks still learn from every click.
+        online_lr: the step of the reranker's online SGD: one step per click whose item is among
+            the 100 best-scored of the user's candidates (a click outside them takes none), on that
+            list and a replay batch of `replay_batch` examples from the last `replay_size`; the
+            gradient's norm is clipped at 1. 0 turns it off. Chosen on the replay validation
+            split (docs/results.md, "The online step").
+        online_pull: after each online step the weights move this share of the way back toward
+            the ones `fit` installed (a proximal pull, in [0, 1]): the drift from the fitted
+            weights stays below online_lr / online_pull however many clicks come. 0: no pull.
         new_item_slots: places of a list (at most; never the whole list) that exploration gives to
             items added after the last `fit` and still without feedback, when their text matches
             the user (the lexical cosine to the user's clicks) better than the median candidate
@@ -116,7 +119,8 @@ class Config:
     proj_epochs: int = 2
     rerank_hidden: int = 32
     rerank_epochs: int = 20
-    online_lr: float = 0.0
+    online_lr: float = 0.1
+    online_pull: float = 0.01
     replay_size: int = 2048
     replay_batch: int = 16
     fit_threads: int = 1
@@ -137,7 +141,7 @@ class Config:
                      "rerank_epochs", "replay_size", "fit_threads", "blas_threads"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
-        for name in ("user_min_step", "skip_step", "dislike_step", "compact_ratio"):
+        for name in ("user_min_step", "skip_step", "dislike_step", "compact_ratio", "online_pull"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1]; got {getattr(self, name)!r}")
         h = self.popularity_half_life_s

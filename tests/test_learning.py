@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 
 from engine import Config, Engine, Event, Item
 from engine.models.projection import tau_bucket
-from engine.models.rerank import N_INPUTS, Reranker, column, listwise_grads
+from engine.models.rerank import ANCHOR, N_INPUTS, Reranker, column, listwise_grads
 from engine.training.reranker import listwise_loss, to_net
 
 from conftest import FakeEncoder
@@ -159,6 +159,64 @@ def test_online_step_is_clipped() -> None:
     rr.partial_fit(feats, np.array([0]))
     moved = np.sqrt(sum(float(((rr.weights[k] - before[k]) ** 2).sum()) for k in before))
     assert 0.0 < moved <= 1.0 + 1e-5
+
+
+def test_online_pull_bounds_the_drift_from_the_fitted_weights() -> None:
+    rng = np.random.default_rng(3)
+    lr, pull = 0.5, 0.4
+    free = Reranker(hidden=16, lr=lr, replay_size=64, replay_batch=1, seed=0)
+    held = Reranker(hidden=16, lr=lr, replay_size=64, replay_batch=1, seed=0, pull=pull)
+    for rr in (free, held):
+        rr.install({k: v.copy() for k, v in rr.weights.items()}, valid_recall=None)
+    fitted = {k: v.copy() for k, v in held.anchor.items()}
+    feats = rng.normal(size=(20, N_INPUTS)).astype(np.float32)
+    for _ in range(200):  # the same click, over and over: an unbounded step walks off
+        free.partial_fit(feats, np.array([3]))
+        held.partial_fit(feats, np.array([3]))
+
+    def drift(rr: Reranker) -> float:
+        return float(np.sqrt(sum(float(((rr.weights[k] - fitted[k]) ** 2).sum()) for k in fitted)))
+
+    assert 0.0 < drift(held) <= lr / pull + 1e-4 < drift(free)  # the proximal step's bound (clip 1)
+    saved = held.tensors()
+    assert {k for k in saved if k.startswith(ANCHOR)} == {ANCHOR + k for k in fitted}
+    again = Reranker(hidden=16, lr=lr, replay_size=64, replay_batch=1, seed=0, pull=pull)
+    again.load(saved)
+    for k in fitted:
+        np.testing.assert_array_equal(again.anchor[k], fitted[k])
+    assert again.steps == held.steps == 200
+    old = {k: v for k, v in saved.items() if not k.startswith(ANCHOR)}  # a store from before the anchor
+    from_old = Reranker(hidden=16, lr=lr, replay_size=64, replay_batch=1, seed=0, pull=pull)
+    from_old.load(old)
+    for k in fitted:
+        np.testing.assert_array_equal(from_old.anchor[k], held.weights[k])
+    saved[ANCHOR + "linear.weight"] = saved[ANCHOR + "linear.weight"][:, :3]
+    with pytest.raises(ValueError, match="anchor"):
+        Reranker(hidden=16, lr=lr, replay_size=64, replay_batch=1, seed=0).load(saved)
+
+
+def test_online_steps_after_a_reopen_are_the_steps_an_open_store_takes() -> None:
+    rng = np.random.default_rng(4)
+    clicks = [(rng.normal(size=(12, N_INPUTS)).astype(np.float32), np.array([int(rng.integers(12))]))
+              for _ in range(30)]
+
+    def reranker() -> Reranker:
+        rr = Reranker(hidden=16, lr=0.05, replay_size=64, replay_batch=8, seed=5, pull=0.01)
+        rr.install({k: v.copy() for k, v in rr.weights.items()}, valid_recall=None)
+        return rr
+
+    straight = reranker()
+    for feats, label in clicks:
+        straight.partial_fit(feats, label)
+    first = reranker()
+    for feats, label in clicks[:17]:
+        first.partial_fit(feats, label)
+    reopened = Reranker(hidden=16, lr=0.05, replay_size=64, replay_batch=8, seed=5, pull=0.01)
+    reopened.load(first.tensors())  # a snapshot after 17 clicks, then the log's other 13
+    for feats, label in clicks[17:]:
+        reopened.partial_fit(feats, label)
+    for k, v in straight.weights.items():
+        np.testing.assert_allclose(reopened.weights[k], v, rtol=0, atol=1e-6, err_msg=k)
 
 
 def test_content_scores_stay_linear_so_new_items_keep_their_content_order() -> None:

@@ -176,6 +176,10 @@ def _one_blas_thread():
 
 #: The online step's gradient norm is clipped here: one odd click must not move the network far.
 ONLINE_CLIP = 1.0
+#: Tensor-name prefix of the fitted weights the online step is pulled back toward (`Reranker.anchor`).
+ANCHOR = "rerank_anchor."
+#: Tensor name of the count of online steps taken (`Reranker.steps`).
+STEPS = "replay.steps"
 
 
 def listwise_grads(p: dict[str, np.ndarray], batch: list[tuple[np.ndarray, np.ndarray]]
@@ -215,12 +219,18 @@ class Reranker:
     supplies them; scoring and the online step run in numpy, so serving never imports torch.
     """
 
-    def __init__(self, hidden: int, lr: float, replay_size: int, replay_batch: int, seed: int) -> None:
+    def __init__(self, hidden: int, lr: float, replay_size: int, replay_batch: int, seed: int,
+                 pull: float = 0.0) -> None:
         self.hidden, self.seed = hidden, seed
-        self.lr, self.replay_batch = lr, replay_batch
+        self.lr, self.replay_batch, self.pull = lr, replay_batch, pull
+        #: The weights `fit` installed; the online step pulls back toward them (`partial_fit`).
+        self.anchor: dict[str, np.ndarray] | None = None
         #: examples for the online step's replay, packed (`pack`): (features, bucket, labels)
         self.buffer: deque[tuple[np.ndarray, int, np.ndarray]] = deque(maxlen=max(replay_size, 1))
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(seed)  # fit's splits and shuffles
+        #: Online steps taken (saved): the replay batch of step i is drawn from a generator seeded
+        #: by (seed, i), so a store reopened from its snapshot and log takes the same steps.
+        self.steps = 0
         self.trained = False
         self.valid_recall: float | None = None
         #: Per bucket, -1 (the network ranks) or the SIGNALS entry that ranks alone: chosen by
@@ -270,10 +280,14 @@ class Reranker:
                 expert: np.ndarray | None = None) -> None:
         """Adopt trained weights (and the per-bucket choice of `expert`; default: none)."""
         self._np, self.trained, self.valid_recall = weights, True, valid_recall
+        self.anchor = {k: np.array(v, np.float32) for k, v in weights.items()}
         self.expert = np.full(N_BUCKETS, -1, np.int64) if expert is None else np.asarray(expert, np.int64)
 
     def partial_fit(self, feats: np.ndarray, labels: np.ndarray) -> float:
-        """One online step: remember the example, then SGD on a small batch from the buffer.
+        """One online step: remember the example, then SGD on a small batch from the buffer, then a
+        pull back toward the fitted weights: w <- w - step * g, then w <- w - pull * (w - anchor).
+        With the gradient's norm clipped at ONLINE_CLIP, the pull bounds the drift from what `fit`
+        learned: ||w - anchor|| <= lr * ONLINE_CLIP / pull, however many clicks come.
 
         The step runs in numpy with hand-written gradients of `listwise_loss` (tests check them
         against autograd): for a network this small, torch's per-call overhead would cost more than
@@ -281,15 +295,20 @@ class Reranker:
         """
         self.remember([(feats, labels)])
         n = min(self.replay_batch, len(self.buffer))
-        picks = self.rng.choice(len(self.buffer) - 1, size=n - 1, replace=False) if n > 1 else []
+        rng = np.random.default_rng((self.seed, self.steps))
+        self.steps += 1
+        picks = rng.choice(len(self.buffer) - 1, size=n - 1, replace=False) if n > 1 else []
         batch = [unpack(*self.buffer[-1])] + [unpack(*self.buffer[int(i)]) for i in picks]
         weights = self.weights
         with _one_blas_thread():
             loss, grads = listwise_grads(weights, batch)
         norm = float(np.sqrt(sum(float((g * g).sum()) for g in grads.values())))
         step = self.lr * min(1.0, ONLINE_CLIP / max(norm, 1e-12))
+        anchor = self.anchor if self.pull > 0 else None
         for name, g in grads.items():
             weights[name] -= step * g
+            if anchor is not None:
+                weights[name] -= self.pull * (weights[name] - anchor[name])
         return loss
 
     def remember(self, examples: list[tuple[np.ndarray, np.ndarray]]) -> None:
@@ -303,6 +322,8 @@ class Reranker:
         The buffer is saved packed (`replay.blocks`, `replay.buckets`) when every example is in
         `expand`'s layout, as every example the engine makes is; else whole (`replay.features`)."""
         out = {} if self._np is None else {f"rerank.{k}": v.astype(np.float32) for k, v in self._np.items()}
+        if self.anchor is not None:
+            out.update({f"{ANCHOR}{k}": v.astype(np.float32) for k, v in self.anchor.items()})
         if self.buffer:
             packed = all(b >= 0 for _, b, _ in self.buffer)
             feats = [f if packed else unpack(f, b, lab)[0] for f, b, lab in self.buffer]
@@ -315,7 +336,16 @@ class Reranker:
         out["rerank.trained"] = np.array([1 if self.trained else 0], np.int64)
         out["rerank.expert"] = self.expert.copy()
         out["rerank.catalog"] = np.array([self.catalog_rows, self.catalog_until], np.int64)
+        out[STEPS] = np.array([self.steps], np.int64)
         return out
+
+    def _checked(self, named: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
+        """`named` as float32 copies, once every weight of `weight_shapes` is there, shaped alike."""
+        shapes = weight_shapes(self.hidden)
+        bad = sorted(k for k in set(shapes) | set(named) if k not in named or tuple(named[k].shape) != shapes.get(k))
+        if bad:
+            raise ValueError(f"{what} missing, unexpected or misshapen: {', '.join(bad[:5])}")
+        return {k: np.array(v, np.float32) for k, v in named.items()}
 
     def load(self, tensors: dict[str, np.ndarray]) -> None:
         """Load saved weights. A reranker saved with another feature set (an older Kindling) is set
@@ -345,12 +375,14 @@ class Reranker:
               if k.startswith("rerank.") and k not in ("rerank.trained", "rerank.expert", "rerank.catalog")}
         self.catalog_rows, self.catalog_until = (int(v) for v in tensors.get("rerank.catalog", np.array([-1, -1])))
         if sd:
-            shapes = weight_shapes(self.hidden)
-            bad = sorted(k for k in set(shapes) | set(sd) if k not in sd or tuple(sd[k].shape) != shapes.get(k))
-            if bad:
-                raise ValueError(f"reranker weights missing, unexpected or misshapen: {', '.join(bad[:5])}")
-            self._np = {k: np.array(v, np.float32) for k, v in sd.items()}
+            self._np = self._checked(sd, "reranker weights")
         self.trained = bool(tensors.get("rerank.trained", np.zeros(1))[0])
+        self.steps = int(tensors.get(STEPS, np.zeros(1, np.int64))[0])
+        anchor = {k[len(ANCHOR):]: v for k, v in tensors.items() if k.startswith(ANCHOR)}
+        if anchor:
+            self.anchor = self._checked(anchor, "reranker anchor weights")
+        elif self.trained and self._np is not None:  # a store from before the anchor was saved
+            self.anchor = {k: v.copy() for k, v in self._np.items()}
         packed = "replay.blocks" in tensors
         if packed or "replay.features" in tensors:
             f_ends = np.cumsum(tensors["replay.sizes"])

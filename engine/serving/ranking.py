@@ -142,7 +142,7 @@ class Ranker:
     def reset_reranker(self) -> None:
         """A fresh, untrained reranker with the configured seed (what `fit` trains from)."""
         c = self.config
-        self.reranker = Reranker(c.rerank_hidden, c.online_lr, c.replay_size, c.replay_batch, c.seed)
+        self.reranker = Reranker(c.rerank_hidden, c.online_lr, c.replay_size, c.replay_batch, c.seed, c.online_pull)
 
     def prepare(self) -> None:
         """Draw the reranker's initial weights now (a writer) if serving will score with them,
@@ -229,14 +229,17 @@ class Ranker:
             items.impressions[row] += 1.0
 
     def _online_step(self, user: UserState, row: int, index: VectorIndex) -> None:
-        """theta <- theta - alpha * grad J on this click (among the user's current candidates)."""
+        """theta <- theta - alpha * grad J on this click, when the clicked item is among the user's
+        current candidates (a click the reranker could not have ranked teaches it nothing about
+        ranking; forcing the item in taught it that what retrieval missed gets clicked)."""
         seen = user.seen()
         banned = np.fromiter(seen, np.int64, len(seen))
         cand = self.candidates(user, index, banned, refresh=True)
         if len(cand) > ONLINE_CANDIDATES:
             cand = cand[np.argsort(-self.score(user, cand), kind="stable")[:ONLINE_CANDIDATES]]
-        cand = np.union1d(cand, [row])
         label = np.flatnonzero(cand == row)
+        if len(label) == 0 or len(cand) < 2:
+            return
         self.reranker.partial_fit(self.features(user, cand), label)
 
     # ---- candidates, features, scores --------------------------------------------------------

@@ -4,8 +4,9 @@
 for the same record when the log is replayed on open, so the live path and recovery cannot drift
 apart. An event changes the state in this order (`apply_event`):
 
-1. the reranker's online step (a click, when the reranker is trained and `online_lr > 0`): it
-   learns from the candidates the user had *before* this click moved anything;
+1. the reranker's online step (a click on one of the user's candidates, when the reranker is
+   trained and `online_lr > 0`): it learns from the candidates the user had *before* this click
+   moved anything;
 2. co-click counts: the click pairs with the user's previous clicks (the history before it);
 3. the user's vector (`users.apply_click` / `apply_skip` / `apply_dislike`, a strong skip), with
    a step set by the history length before the event;
@@ -36,6 +37,7 @@ from ..serving.index import VectorIndex
 from .items import ItemTable
 from ..memory import release_free_memory
 from ..models.projection import Projection
+from ..models.rerank import ANCHOR, STEPS
 from ..serving.ranking import PROFILE_WEIGHT_TENSOR, Ranker
 from ..storage.records import AddRecord, EventRecord, ImportRecord, ProfileRecord, Record, RemoveRecord, id_key
 from .users import UserState, UserTable, rederive
@@ -156,6 +158,10 @@ class State:
             aside += ("replay.",)
         if PROFILE_WEIGHT_TENSOR not in models:  # a store from before the weight was learned: one click
             aside += (PROFILE_WEIGHT_TENSOR,)
+        if not any(k.startswith(ANCHOR) for k in models):  # from before the anchor: the loaded weights
+            aside += (ANCHOR,)
+        if STEPS not in models:  # from before the count was saved: 0
+            aside += (STEPS,)
         bad = [k for k, v in self.ranker.model_tensors(self.proj).items()
                if not k.startswith(aside) and (k not in models or models[k].shape != np.shape(v))]
         if bad:
