@@ -57,6 +57,10 @@ class Config:
         online_pull: after each online step the weights move this share of the way back toward
             the ones `fit` installed (a proximal pull, in [0, 1]): the drift from the fitted
             weights stays below online_lr / online_pull however many clicks come. 0: no pull.
+        online_queue: clicks waiting for their online step, at most. The step runs off the
+            `record` path, on the engine's step worker, moments after the click
+            (`Engine.settle` takes the waiting steps at once); when clicks come faster than the
+            worker steps, the oldest waiting click beyond this many takes no step.
         new_item_slots: places of a list (at most; never the whole list) that exploration gives to
             items added after the last `fit` and still without feedback, when their text matches
             the user (the lexical cosine to the user's clicks) better than the median candidate
@@ -81,6 +85,9 @@ class Config:
             p50 on two BLAS threads against 0.16 ms on one, on this 2-core host with another job
             running (benchmarks/README.md, "Threads"). With FAISS on `search_threads` per search
             and torch on `fit_threads` during fit, a request then computes on one core.
+        rerank_mlp: `fit` trains the reranker's MLP over the features as a residual on its linear
+            blend, and gives it each history bucket where held-out lists show it adding recall
+            (engine/training/reranker.py, `fit_residual`); False: the blend alone (the ablation).
         encoder_backend: "torch" (default), or the opt-in "onnx" / "onnx-int8": ONNX Runtime on a
             graph exported locally from the same model (the `onnx` extra); "onnx-int8" embeds
             several times faster on a CPU at cosine ~0.99 to torch (see benchmarks/README.md).
@@ -119,8 +126,10 @@ class Config:
     proj_epochs: int = 2
     rerank_hidden: int = 32
     rerank_epochs: int = 20
+    rerank_mlp: bool = True
     online_lr: float = 0.1
     online_pull: float = 0.01
+    online_queue: int = 1024
     replay_size: int = 2048
     replay_batch: int = 16
     fit_threads: int = 1
@@ -134,7 +143,7 @@ class Config:
             raise ValueError(f"encoder_backend must be one of {', '.join(ENCODER_BACKENDS)}; "
                              f"got {self.encoder_backend!r}")
         for name in ("batch_size", "retrieve", "hnsw_m", "hnsw_ef_search", "hnsw_ef_construction",
-                     "ivf_nprobe", "recent_window", "proj_dim", "rerank_hidden", "replay_batch"):
+                     "ivf_nprobe", "recent_window", "proj_dim", "rerank_hidden", "replay_batch", "online_queue"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
         for name in ("search_threads", "new_item_slots", "popular_candidates", "coclick_candidates", "exact_threshold", "ivf_nlist", "proj_epochs",

@@ -79,6 +79,7 @@ def run_demo(store: Path, data: Path | None = None) -> None:
         click.secho(f"\n2. {user} clicks three movies: {'; '.join(by_title)}", bold=True)
         for item_id in by_title.values():
             eng.record(user, item_id, "click")
+        eng.settle()  # the clicks' reranker steps, which record() leaves to the step worker
         after = eng.recommend(user, k=10)
         show("Top 10 after three clicks (compared with before):", after, first)
 

@@ -15,6 +15,7 @@ import secrets
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -42,6 +43,7 @@ from .serving import queries
 from .serving.filters import Filter, check_filter
 from .serving.ranking import NeedsWrite
 from .state.apply import State
+from .stepper import StepWorker
 from .storage.store import FORMAT, FORMAT_VERSION, StoreDir
 from .training.fit import fit_state
 from .types import EVENT_KINDS, Event, Item, Recommendation
@@ -77,6 +79,9 @@ class Engine:
         self._manifest: dict[str, Any] = {}
         self._follower: Follower | None = None
         self._milvus = None  # the MilvusHome of a writable store with index_backend "milvus"
+        self._step_mutex = threading.Lock()  # one online step at a time (the worker, `settle`)
+        self._stepper: StepWorker | None = None  # started by the first click that waits for a step
+        self._step_lags: deque[float] = deque(maxlen=1024)  # seconds from a click to its step
 
     # ---- lifecycle ---------------------------------------------------------------------------
     @classmethod
@@ -163,6 +168,7 @@ class Engine:
             items, users, models, index_path, keys, ids = read_generation(self._store, manifest, d_text, handles)
             self._state = self._new_state(int(d_text))
             self._state.milvus_collection = (manifest.get("milvus") or {}).get("collection")
+            self._state.deferred_steps = manifest.get("online_steps") == "deferred"
             self._state.load(items, users, models, index_path,
                              None if index_path is None else handles.get(index_path.name),
                              self._store.file("models", self._gen, "safetensors"), keys, ids)
@@ -174,6 +180,7 @@ class Engine:
             if self._state is not None and self._state.reconcile_index():
                 self._dirty = True
             self._drop_stale_collections(manifest)
+            self._wake_stepper()  # clicks whose step the log does not hold yet
         release_free_memory()  # the snapshot's Arrow tables and the build's temporaries
 
     def _new_state(self, d_text: int) -> State:
@@ -232,6 +239,7 @@ class Engine:
         """
         gen = self._gen if initial else self._gen + 1
         manifest = None
+        self._drain_steps()  # the snapshot holds every step its events call for
         if self._log is not None:
             try:  # the snapshot may hold only what the log already holds durably
                 self._log.sync_all()
@@ -273,6 +281,7 @@ class Engine:
             "generation": gen, "config": self.config.to_dict(), "libraries": _library_versions(),
             "model": self._model_meta(), "files": self._store.describe(paths), "log": log_path.name,
             "next_seq": next_seq, "counts": self._counts(), "log_continues": log_continues,
+            "online_steps": "deferred",
         }
         if self._milvus_meta() is not None:
             manifest["milvus"] = self._milvus_meta()
@@ -285,6 +294,7 @@ class Engine:
         self._log = EventLog(self._store.path / manifest["log"], manifest["next_seq"], fsync=self.config.fsync)
         self._manifest, self._gen, self._dirty = manifest, int(manifest["generation"]), False
         if self._state is not None:
+            self._state.deferred_steps = True  # this generation's log is written that way
             try:  # one copy of the item vectors: the file just saved, mapped (storage/mapped.py)
                 map_saved_vectors(self._store, manifest, self._state.items)
             except (StoreError, ValueError, OSError) as exc:
@@ -312,13 +322,18 @@ class Engine:
         """Release the store, saving a snapshot first when writable, changed and `save` is true.
 
         With save=False acknowledged mutations stay in the event log and are replayed on open.
+        Either way the online steps still waiting are taken first (and logged).
         """
         if self._follower is not None:  # before the lock: the follower may be waiting for it
             self._follower.stop()
+        if self._stepper is not None:  # likewise
+            self._stepper.stop()
         with self._lock.write():  # no mutation is half way through when the log closes
             if self._closed:
                 return
             try:
+                if not self._store.read_only:
+                    self._drain_before_close()
                 if save and not self._store.read_only and self._dirty:
                     self.save()
             finally:
@@ -511,6 +526,7 @@ class Engine:
             event_log = self._log
             ticket = event_log.write([to_payload(rec)])
             self._apply(rec)
+        self._wake_stepper()
         self._await_sync(event_log, ticket)
         return True
 
@@ -552,6 +568,7 @@ class Engine:
             ticket = event_log.write([to_payload(r) for r in batch])
             for r in batch:
                 self._apply(r)
+        self._wake_stepper()
         self._await_sync(event_log, ticket)
         return out
 
@@ -801,6 +818,7 @@ class Engine:
                     "tombstones": index.ntotal - index.n_live},
                 "model": self._model_meta(), "trained": st is not None and st.ranker.trained,
                 "profile_weight": None if st is None else st.ranker.profile_weight,
+                "online_steps": self._step_report(st),
                 "pending_log_records": (self._log.next_seq if self._log else self._replayed_seq)
                 - self._manifest.get("next_seq", 0),
                 **({"replica": self.replica_lag()} if self._follower is not None else {}),
@@ -809,6 +827,88 @@ class Engine:
     def replica_lag(self) -> dict[str, Any] | None:
         """A following replica's position (applied_seq, generation, behind_s, error, ...); else None."""
         return None if self._follower is None else self._follower.lag()
+
+    # ---- the online step ----------------------------------------------------------------------
+    def settle(self) -> int:
+        """Take now, in this thread, the online steps still waiting for recorded clicks.
+
+        `record` returns before its click's reranker step (the step worker takes it a few
+        milliseconds later): a script that needs the next answer to reflect every click so far
+        (an evaluation, a demo) calls this first. Returns the steps taken or found empty here.
+        """
+        n = 0
+        while self._step_once():
+            n += 1
+        return n
+
+    def _step_once(self) -> bool:
+        """The oldest waiting click's step: its read and log record (State.next_step) under the
+        read lock (the write lock when a cache needs a rebuild first), its SGD (State.learn)
+        after it, holding only the step mutex, which keeps steps in order and which a save or a
+        fit takes before the state is written or replaced. False when none waits."""
+        if self._store.read_only:
+            return False
+
+        def read(refresh: bool) -> Any:
+            self._step_mutex.acquire()  # the lock first, then the mutex: as _drain_steps under a save
+            try:
+                st, event_log = self._state, self._log
+                if self._closed or st is None or event_log is None or not st.pending:
+                    self._step_mutex.release()
+                    return None
+                return st, st.next_step(_log_writer(event_log), refresh)
+            except BaseException:
+                self._step_mutex.release()
+                raise
+
+        got = self._read(read)
+        if got is None:
+            return False
+        try:
+            self._learn(*got)
+        finally:
+            self._step_mutex.release()
+        return True
+
+    def _learn(self, st: State, step: tuple[Any, Any]) -> None:
+        """A step's SGD, after its read (`_step_once`, `_drain_steps`; the step mutex held)."""
+        entry, plan = step
+        st.learn(plan)
+        self._step_lags.append(time.monotonic() - entry.queued)
+        self._dirty = True
+
+    def _drain_steps(self) -> None:
+        """Every waiting step, now (the caller holds the write lock: a save, a fit, a close)."""
+        with self._step_mutex:  # a step whose SGD runs now ends first
+            st, event_log = self._state, self._log
+            if st is None or event_log is None:
+                return
+            while st.pending:
+                self._learn(st, st.next_step(_log_writer(event_log), refresh=True))
+
+    def _drain_before_close(self) -> None:
+        try:
+            self._drain_steps()
+        except Exception as exc:  # the clicks stay in the log, unstepped: the next open steps them
+            log.warning("%s: the waiting online steps were not taken before close (%s)", self.path, _reason(exc))
+
+    def _wake_stepper(self) -> None:
+        st = self._state
+        if st is None or not st.pending or self._store.read_only or self._closed:
+            return
+        if self._stepper is None:
+            self._stepper = StepWorker(self._step_once, f"kindling-steps-{self.path.name}")
+        self._stepper.wake()
+
+    def _step_report(self, st: State | None) -> dict[str, Any]:
+        """Clicks waiting for their step, and the lag from click to step over the last (at most
+        1,024) steps this process took (ms: p50, p99, max)."""
+        lags = np.array(list(self._step_lags), dtype=np.float64) * 1e3  # list(): one C-level copy
+        out: dict[str, Any] = {"pending": 0 if st is None else len(st.pending), "lag_of_last": len(lags)}
+        if len(lags):
+            out.update(lag_ms_p50=round(float(np.percentile(lags, 50)), 3),
+                       lag_ms_p99=round(float(np.percentile(lags, 99)), 3), lag_ms_max=round(float(lags.max()), 3))
+        return out
 
     # ---- training ----------------------------------------------------------------------------
     def fit(self, events: Iterable[Event], progress: bool | None = None) -> dict[str, Any]:
@@ -827,10 +927,17 @@ class Engine:
         recs = [_event_record(e.user_id, e.item_id, e.event, e.value, e.timestamp) for e in events]
         with self._lock.write():
             self._require_items()
+            self._drain_steps()  # the clicks before the fit step the model they were made on
             show = progress if progress is not None else sys.stderr.isatty()
             summary = fit_state(self._state, recs, show)
             self._commit()  # (its save gives the training's temporaries back: _adopt)
         return summary
+
+
+def _log_writer(event_log: EventLog) -> Callable[[Record], None]:
+    """Appends a record to `event_log` without waiting for its fsync (a step record: see
+    state/apply.py, "Deferred steps")."""
+    return lambda rec: event_log.write([to_payload(rec)])
 
 
 def _event_record(user_id: str, item_id: str, event: str, value: float, timestamp: int | None,

@@ -277,6 +277,7 @@ class Follower:
         with live._lock.write():
             live._manifest, live._gen = manifest, int(manifest["generation"])
             live._state.ranker.invalidate_popular()  # as the writer does on a save
+            live._state.deferred_steps = manifest.get("online_steps") == "deferred"
         self._attach(live)
         self._continued += 1
 

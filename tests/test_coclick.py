@@ -123,3 +123,16 @@ def test_neighbours_rank_summed_counts_over_matrix_and_overlay_like_brute_force(
             assert set(want) - set(got) <= set(np.flatnonzero(total == total[want[-1]])) if want else True
             assert all(ok[got])
     assert cc.neighbours([], 5).tolist() == [] and cc.neighbours([1], 0).tolist() == []
+
+
+def test_neighbours_less_a_clicks_own_pairs_are_the_neighbours_before_it() -> None:
+    rng = np.random.default_rng(4)
+    histories = [list(rng.integers(0, 30, size=8)) for _ in range(12)]
+    previous = [1, 2, 3]
+    for row in range(30, 40):  # rows nobody clicked: their own click is all that could bring them in
+        cc = CoClicks(window=3)
+        cc.build(histories, 40)
+        before = cc.neighbours(previous, 5)
+        cc.add_click(previous, row)
+        assert row in cc.neighbours(previous, 5)  # three pairs: the click alone puts it first
+        np.testing.assert_array_equal(cc.neighbours(previous, 5, less=(row, 3.0)), before)

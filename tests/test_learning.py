@@ -10,7 +10,9 @@ from safetensors.numpy import load_file
 
 from engine import Config, Engine, Event, Item
 from engine.models.projection import tau_bucket
-from engine.models.rerank import ANCHOR, N_INPUTS, Reranker, column, listwise_grads
+from engine.models.rerank import (
+    ANCHOR, FEATURES, N_BUCKETS, N_INPUTS, Reranker, column, expand, history_bucket, listwise_grads,
+)
 from engine.training.reranker import listwise_loss, to_net
 
 from conftest import FakeEncoder
@@ -356,3 +358,45 @@ def test_a_reranker_saved_with_other_features_is_set_aside() -> None:
     with pytest.warns(UserWarning, match="set aside until the next fit"):
         rr.load(old)
     assert rr.set_aside and not rr.trained
+
+
+def interaction_lists(rng: np.random.Generator, n: int, product: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Lists of 30 candidates of users with 3-4 clicks (one bucket), cooc and clicks drawn
+    apart. The clicked one is the candidate with the largest cooc * clicks (`product`: both high
+    or both low, which no weighted sum ranks) or the largest cooc (a blend ranks it exactly)."""
+    out = []
+    for _ in range(n):
+        raw = rng.normal(size=(30, len(FEATURES))).astype(np.float32)
+        c, k = raw[:, FEATURES.index("cooc")], raw[:, FEATURES.index("clicks")]
+        out.append((expand(raw, 3), np.array([int(np.argmax(c * k if product else c))])))
+    return out
+
+
+@pytest.mark.parametrize("product", [True, False])
+def test_the_mlp_residual_takes_a_bucket_only_where_held_out_lists_show_it_adds_recall(product: bool) -> None:
+    lists = interaction_lists(np.random.default_rng(1), 1200, product)
+    rr = Reranker(hidden=16, lr=0.0, replay_size=8, replay_batch=2, seed=0)
+    rr.fit(lists, epochs=12, groups=np.arange(len(lists)))
+    b = history_bucket(3)
+    report = rr.residual_report[str(b)]
+    assert rr.weights["mlp_gate"][b] == report["gate"] == (1 if product else 0)
+    assert report["lists"] >= 50 and (report["with_mlp"] > report["without"] + 0.05) == product
+    assert not np.delete(rr.weights["mlp_gate"], b).any()  # buckets without lists: no evidence, no MLP
+    off = Reranker(hidden=16, lr=0.0, replay_size=8, replay_batch=2, seed=0)
+    off.fit(lists, epochs=12, groups=np.arange(len(lists)), residual=False)
+    assert not off.weights["mlp_gate"].any() and off.residual_report == {}
+
+
+def test_a_gate_of_zero_scores_and_steps_as_the_linear_blend_alone() -> None:
+    rng = np.random.default_rng(2)
+    rr = Reranker(hidden=8, lr=0.05, replay_size=8, replay_batch=2, seed=0)
+    w = {k: v.copy() for k, v in rr.weights.items()}
+    feats = expand(rng.normal(size=(20, len(FEATURES))), 4)
+    linear = feats @ w["linear.weight"][0] + w["linear.bias"][0]
+    assert not np.allclose(rr.score(feats), linear)  # the initial gate is 1: the MLP adds to it
+    rr.install({**w, "mlp_gate": np.zeros(N_BUCKETS, np.float32)}, None)
+    np.testing.assert_allclose(rr.score(feats), linear, rtol=1e-6)
+    before = {k: v.copy() for k, v in rr.weights.items()}
+    rr.partial_fit(feats, np.array([3]))
+    moved = [k for k in before if not np.array_equal(before[k], rr.weights[k])]
+    assert moved and all(k.startswith("linear.") for k in moved)

@@ -120,7 +120,8 @@ def test_stats_health_metrics_and_docs(server):
     text = c.get("/metrics").text
     for needle in ('kindling_request_duration_seconds_bucket{method="GET",route="/healthz",le="+Inf"}',
                    'kindling_requests_total{method="GET",route="/stats",status="200"} 1',
-                   "kindling_events ", f"kindling_live_items {stats['live_items']}", "kindling_generation "):
+                   "kindling_events ", f"kindling_live_items {stats['live_items']}", "kindling_generation ",
+                   f"kindling_online_steps_pending {stats['online_steps']['pending']}"):
         assert needle in text, needle
     assert c.get("/docs").status_code == 200
     paths = ok(c.get("/openapi.json"))["paths"]
@@ -212,8 +213,9 @@ def test_metrics_histogram_is_cumulative():
     for seconds in (0.0005, 0.003, 0.003, 20.0):
         m.observe("GET", "/stats", 200, seconds)
     text = m.render({"events": 1, "live_items": 2, "users": 3, "generation": 4, "pending_log_records": 5,
-                     "trained": False})
-    for line in ('route="/stats",le="0.001"} 1', 'route="/stats",le="0.005"} 3', 'route="/stats",le="10.0"} 3',
+                     "trained": False, "online_steps": {"pending": 6, "lag_ms_p99": 250.0}})
+    for line in ("kindling_online_steps_pending 6", "kindling_online_step_lag_p99_seconds 0.25",
+                 'route="/stats",le="0.001"} 1', 'route="/stats",le="0.005"} 3', 'route="/stats",le="10.0"} 3',
                  'route="/stats",le="+Inf"} 4', 'kindling_request_duration_seconds_count{method="GET",'
                  'route="/stats"} 4', "kindling_generation 4", "kindling_trained 0"):
         assert line in text, line

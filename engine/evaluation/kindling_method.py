@@ -79,7 +79,8 @@ class KindlingMethod:
         path = self.workdir / f"{self.name}-{self._fits}"
         self._engine, summary = fitted_engine(path, train, self.encoder, self.config)
         self.chosen = {k: summary[k] for k in ("reranker_expert", "reranker_warm_start", "reranker_buckets",
-                                               "reranker_valid_recall", "reranker_examples", "profile_weight",
+                                               "reranker_valid_recall", "reranker_examples", "reranker_mlp",
+                                               "reranker_mlp_gate", "profile_weight",
                                                "profile_weight_users", "profile_weight_recalls")
                        if k in summary}
         self._item_ids = [it.item_id for it in train.items]
@@ -113,6 +114,7 @@ class KindlingMethod:
             if (q.user, int(row)) not in self._known:
                 self._engine.record(q.name, self._item_ids[row], "click", 1.0, None if t is None else int(t))
                 self._known.add((q.user, int(row)))
+        self._engine.settle()  # their reranker steps, taken now: the same answer whatever the timing
 
     def close(self) -> None:
         """Close the current store (its directory stays under `workdir`)."""

@@ -64,6 +64,7 @@ class EnginePlayer(Player):
 
     def record(self, user: int, item: int, timestamp: int) -> None:
         self._engine.record(self._users[user], self._items[item], "click", timestamp=int(timestamp))
+        self._engine.settle()  # the next answer reflects this click's step, whatever the timing
 
     def close(self) -> None:
         self._engine.close(save=False)

@@ -55,7 +55,12 @@ class Metrics:
                   ("users", "Users the store holds.", stats["users"]),
                   ("generation", "The snapshot generation (a save or fit makes a new one).", stats["generation"]),
                   ("pending_log_records", "Log records since the last snapshot.", stats["pending_log_records"]),
-                  ("trained", "1 once fit has trained the models, else 0.", int(bool(stats["trained"]))))
+                  ("trained", "1 once fit has trained the models, else 0.", int(bool(stats["trained"]))),
+                  ("online_steps_pending", "Clicks waiting for the reranker's online step.",
+                   stats["online_steps"]["pending"]))
+        if "lag_ms_p99" in stats["online_steps"]:
+            gauges += (("online_step_lag_p99_seconds", "p99 of the time from a click to its online step "
+                        "(the last 1,024 steps).", stats["online_steps"]["lag_ms_p99"] / 1e3),)
         lag = stats.get("replica")
         if lag:  # a following replica (kindling serve --replica)
             gauges += (("replica_behind_seconds", "Seconds since the replica last had every logged record.",

@@ -18,8 +18,11 @@ bucket (BUCKET_EDGES, by clicks; a user with a profile and no click has a bucket
 PROFILE_BUCKET), with a one-hot of the bucket: a user with one click trusts co-clicks and
 popularity differently from one with twenty, a profile is worth what the logs show it is worth,
 and each bucket learns its own weights.
-The network is `linear(x) + mlp(x)`: the linear part starts at the tower score, so an untrained
-reranker ranks like the two-tower model and training only has to learn corrections.
+The network is `linear(x) + gate[bucket] * mlp(x)`: the linear part starts at the tower score, so
+an untrained reranker ranks like the two-tower model and training only has to learn corrections;
+the MLP over the standardised features is a residual that `fit` trains once the linear blend is
+fit, and `gate` (one entry per bucket) is 1 only in the buckets where held-out lists it was not
+trained or stopped on show it adding recall (training/reranker.py, `fit_residual`).
 """
 
 from __future__ import annotations
@@ -38,12 +41,12 @@ PROFILE_BUCKET = len(BUCKET_EDGES)
 N_BUCKETS = len(BUCKET_EDGES) + 1
 #: Width of the network's input: every feature once per bucket, then the bucket's one-hot.
 N_INPUTS = N_FEATURES * N_BUCKETS + N_BUCKETS
-#: Features the MLP does not see: they enter the score through the linear part alone, so the
-#: network can re-weight the content and co-click scores but cannot bend the order they give to
-#: items that share every other feature (brand-new items among themselves). Trained on the few
-#: hundred users a fit holds out, an MLP over them overfit (validation recall fell on both
-#: datasets); the MLP models how popularity, CTR and freshness combine.
+#: Features the MLP does not see while the linear blend trains: the first stage of `fit` is a
+#: per-bucket linear blend (exact per-bucket early stopping needs that); the MLP is the second
+#: stage, a residual over every feature, gated per bucket (see the module docstring).
 LINEAR_ONLY: tuple[str, ...] = FEATURES
+#: Input columns of the bucket one-hot (the last N_BUCKETS).
+ONE_HOT = slice(N_FEATURES * N_BUCKETS, N_INPUTS)
 
 
 def initial_linear_weights(bucket: int) -> dict[str, float]:
@@ -64,19 +67,34 @@ def weight_shapes(hidden: int) -> dict[str, tuple[int, ...]]:
             "mlp.0.weight": (hidden, N_INPUTS), "mlp.0.bias": (hidden,),
             "mlp.2.weight": (hidden, hidden), "mlp.2.bias": (hidden,),
             "mlp.4.weight": (1, hidden), "mlp.4.bias": (1,),
-            "mean": (N_INPUTS,), "std": (N_INPUTS,)}
+            "mean": (N_INPUTS,), "std": (N_INPUTS,), "mlp_gate": (N_BUCKETS,)}
 
 
-def forward(p: dict[str, np.ndarray], x: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+#: The weight that stores from before the gate lack, and its value there (the MLP added in full).
+GATE = "mlp_gate"
+
+
+def with_gate(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`weights` with the MLP's gate; ones (the MLP in every bucket, as before it) when absent."""
+    return weights if GATE in weights else {**weights, GATE: np.ones(N_BUCKETS, np.float32)}
+
+
+def forward(p: dict[str, np.ndarray], x: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
     """Scores of inputs `x`, shape (n, N_INPUTS) float32, under weights `p`: shape (n,), with the
-    intermediates (z, a1, h1, a2, h2) that `listwise_grads` differentiates through."""
-    z = (x - p["mean"]) / p["std"]
+    intermediates (on, g, z, a1, h1, a2, h2) that `listwise_grads` differentiates through: the
+    rows whose MLP gate is not 0 and their gates, where alone the MLP is computed (None: none)."""
+    s = x @ p["linear.weight"][0] + p["linear.bias"][0]
+    on = np.flatnonzero(x[:, ONE_HOT] @ p[GATE]) if p[GATE].any() else ()
+    if not len(on):
+        return s, None
+    g = x[on, ONE_HOT] @ p[GATE]
+    z = (x[on] - p["mean"]) / p["std"]
     a1 = z @ p["mlp.0.weight"].T + p["mlp.0.bias"]
     h1 = np.maximum(a1, 0.0)
     a2 = h1 @ p["mlp.2.weight"].T + p["mlp.2.bias"]
     h2 = np.maximum(a2, 0.0)
-    s = x @ p["linear.weight"][0] + p["linear.bias"][0] + h2 @ p["mlp.4.weight"][0] + p["mlp.4.bias"][0]
-    return s, (z, a1, h1, a2, h2)
+    s[on] += g * (h2 @ p["mlp.4.weight"][0] + p["mlp.4.bias"][0])
+    return s, (on, g, z, a1, h1, a2, h2)
 
 
 def history_bucket(n: int, profile: bool = False) -> int:
@@ -195,20 +213,22 @@ def listwise_grads(p: dict[str, np.ndarray], batch: list[tuple[np.ndarray, np.nd
     for s0, (_, labels) in zip(starts, batch):
         target[s0 + labels] = 1.0 / len(labels)
     seg = np.repeat(np.arange(len(batch)), sizes)
-    w2, w4 = p["mlp.2.weight"], p["mlp.4.weight"][0]
-    s, (z, a1, h1, a2, h2) = forward(p, x)
+    s, inner = forward(p, x)
     shifted = s - np.maximum.reduceat(s, starts)[seg]
     e = np.exp(shifted)
     total = np.add.reduceat(e, starts)
     logp = shifted - np.log(total)[seg]
     loss = float(-(target * logp).sum() / len(batch))
     ds = (e / total[seg] - target) / len(batch)
-    da2 = ds[:, None] * w4 * (a2 > 0)
-    da1 = (da2 @ w2) * (a1 > 0)
-    grads = {"linear.weight": (x.T @ ds)[None], "linear.bias": np.array([ds.sum()]),
-             "mlp.4.weight": (h2.T @ ds)[None], "mlp.4.bias": np.array([ds.sum()]),
-             "mlp.2.weight": da2.T @ h1, "mlp.2.bias": da2.sum(0),
-             "mlp.0.weight": da1.T @ z, "mlp.0.bias": da1.sum(0)}
+    grads = {"linear.weight": (x.T @ ds)[None], "linear.bias": np.array([ds.sum()])}
+    if inner is not None:  # the MLP's share, through each row's gate
+        on, g, z, a1, h1, a2, h2 = inner
+        dm = ds[on] * g
+        da2 = dm[:, None] * p["mlp.4.weight"][0] * (a2 > 0)
+        da1 = (da2 @ p["mlp.2.weight"]) * (a1 > 0)
+        grads.update({"mlp.4.weight": (h2.T @ dm)[None], "mlp.4.bias": np.array([dm.sum()]),
+                      "mlp.2.weight": da2.T @ h1, "mlp.2.bias": da2.sum(0),
+                      "mlp.0.weight": da1.T @ z, "mlp.0.bias": da1.sum(0)})
     return loss, {k: g.astype(np.float32) for k, g in grads.items()}
 
 
@@ -247,6 +267,8 @@ class Reranker:
         #: initial weights) and, per bucket, the held-out recall of the network and best signal.
         self.warm_start: list[int] = []
         self.gate_report: dict[str, dict[str, float]] = {}
+        #: Per bucket, what the MLP residual added on the held-out lists that judged its gate.
+        self.residual_report: dict[str, dict[str, float]] = {}
         self.set_aside = False  # a stored reranker of another feature set was not loaded
         self._np: dict[str, np.ndarray] | None = None
 
@@ -268,13 +290,13 @@ class Reranker:
 
     def fit(self, examples: list[tuple[np.ndarray, np.ndarray]], epochs: int, batch: int = 64,
             progress: bool = False, groups: np.ndarray | None = None,
-            totals: np.ndarray | None = None) -> list[float]:
-        """Offline training (rerank_train.fit); returns the epoch losses."""
+            totals: np.ndarray | None = None, residual: bool = True) -> list[float]:
+        """Offline training (training/reranker.fit); returns the epoch losses."""
         if not examples:
             return []
         from ..training.reranker import fit
 
-        return fit(self, examples, epochs, batch, progress, groups, totals)
+        return fit(self, examples, epochs, batch, progress, groups, totals, residual)
 
     def install(self, weights: dict[str, np.ndarray], valid_recall: float | None,
                 expert: np.ndarray | None = None) -> None:
@@ -291,7 +313,8 @@ class Reranker:
 
         The step runs in numpy with hand-written gradients of `listwise_loss` (tests check them
         against autograd): for a network this small, torch's per-call overhead would cost more than
-        the arithmetic, and this runs inside `record()`.
+        the arithmetic. It runs off the `record()` path (the engine's step worker, under the read
+        lock while requests score with these weights).
         """
         self.remember([(feats, labels)])
         n = min(self.replay_batch, len(self.buffer))
@@ -305,10 +328,11 @@ class Reranker:
         norm = float(np.sqrt(sum(float((g * g).sum()) for g in grads.values())))
         step = self.lr * min(1.0, ONLINE_CLIP / max(norm, 1e-12))
         anchor = self.anchor if self.pull > 0 else None
+        moved = dict(weights)  # new arrays, swapped in whole: a request scoring now reads old or new
         for name, g in grads.items():
-            weights[name] -= step * g
-            if anchor is not None:
-                weights[name] -= self.pull * (weights[name] - anchor[name])
+            w = weights[name] - step * g
+            moved[name] = w if anchor is None else w - self.pull * (w - anchor[name])
+        self._np = moved
         return loss
 
     def remember(self, examples: list[tuple[np.ndarray, np.ndarray]]) -> None:
@@ -375,12 +399,12 @@ class Reranker:
               if k.startswith("rerank.") and k not in ("rerank.trained", "rerank.expert", "rerank.catalog")}
         self.catalog_rows, self.catalog_until = (int(v) for v in tensors.get("rerank.catalog", np.array([-1, -1])))
         if sd:
-            self._np = self._checked(sd, "reranker weights")
+            self._np = self._checked(with_gate(sd), "reranker weights")
         self.trained = bool(tensors.get("rerank.trained", np.zeros(1))[0])
         self.steps = int(tensors.get(STEPS, np.zeros(1, np.int64))[0])
         anchor = {k[len(ANCHOR):]: v for k, v in tensors.items() if k.startswith(ANCHOR)}
         if anchor:
-            self.anchor = self._checked(anchor, "reranker anchor weights")
+            self.anchor = self._checked(with_gate(anchor), "reranker anchor weights")
         elif self.trained and self._np is not None:  # a store from before the anchor was saved
             self.anchor = {k: v.copy() for k, v in self._np.items()}
         packed = "replay.blocks" in tensors

@@ -229,18 +229,36 @@ class Ranker:
             items.impressions[row] += 1.0
 
     def _online_step(self, user: UserState, row: int, index: VectorIndex) -> None:
-        """theta <- theta - alpha * grad J on this click, when the clicked item is among the user's
-        current candidates (a click the reranker could not have ranked teaches it nothing about
-        ranking; forcing the item in taught it that what retrieval missed gets clicked)."""
+        """The step taken inside the event (stores whose log predates deferred steps)."""
+        plan = self.step_plan(user, row, index, refresh=True, applied=False)
+        if plan is not None:
+            self.reranker.partial_fit(*plan)
+
+    def learns_online(self) -> bool:
+        """Does a click take a reranker step (trained, and `online_lr > 0`)?"""
+        return self.reranker.trained and self.config.online_lr > 0
+
+    def step_plan(self, user: UserState, row: int, index: VectorIndex, refresh: bool,
+                  applied: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
+        """What the online step on a click of `row` learns from: the inputs of `user`'s best
+        ONLINE_CANDIDATES candidates and the clicked one's place among them; None when the item
+        is not among them (a click the reranker could not have ranked teaches it nothing about
+        ranking; forcing the item in taught it that what retrieval missed gets clicked). `user`
+        is the user as they stood before the click; with `applied` the click itself has been
+        applied since (the deferred step): its own count and co-click pairs are taken out of the
+        features (a label must not show in its inputs). A read (NeedsWrite as `popular` says)."""
         seen = user.seen()
         banned = np.fromiter(seen, np.int64, len(seen))
-        cand = self.candidates(user, index, banned, refresh=True)
+        cand = self.candidates(user, index, banned, refresh=refresh, before_click=row if applied else None)
+        # once (the best are re-standardised among themselves), without the click's own counts
+        raw = self.raw_features(user, cand, before_click=row if applied else None)
         if len(cand) > ONLINE_CANDIDATES:
-            cand = cand[np.argsort(-self.score(user, cand), kind="stable")[:ONLINE_CANDIDATES]]
+            best = np.argsort(-self.score(user, cand, raw), kind="stable")[:ONLINE_CANDIDATES]
+            cand, raw = cand[best], raw[best]
         label = np.flatnonzero(cand == row)
         if len(label) == 0 or len(cand) < 2:
-            return
-        self.reranker.partial_fit(self.features(user, cand), label)
+            return None
+        return expand(raw, user.count, user.profile_vec is not None), label
 
     # ---- candidates, features, scores --------------------------------------------------------
     def popular(self, n: int, refresh: bool = False) -> np.ndarray:
@@ -274,6 +292,26 @@ class Ranker:
             cache = np.append(cache[:-1], row)
         self._pop_cache = self._most_clicked(len(cache), cache)
 
+    def _popular_before(self, pop: np.ndarray, row: int, m: int) -> np.ndarray:
+        """`pop` (the most clicked first) without `row` when, one click fewer, the row would have
+        fallen behind the m-th of the others (ties keep it)."""
+        at = np.flatnonzero(pop == row)
+        if not len(at):
+            return pop
+        others = np.delete(pop, at)
+        if len(others) < m:
+            return pop
+        before = self.popularity(np.array([row]))[0] - 1.0
+        return pop if before >= self.popularity(others[m - 1:m])[0] else others
+
+    def _pair_times(self, user: UserState, row: int) -> np.ndarray:
+        """Per item of `_recent(user)` (the user as they stood before a click on `row`), how many
+        co-click pairs with `row` that click added: `CoClicks.add_click` pairs it once with each
+        of the window's previous clicks."""
+        paired = np.array(user.clicks[-self.coclicks.window:], np.int64)
+        recent = np.array(self._recent(user), np.int64)
+        return (recent[:, None] == paired[None, :]).sum(1) * (recent != row)
+
     def _most_clicked(self, m: int, among: np.ndarray | None = None) -> np.ndarray:
         """The m most-clicked rows of `among` (default: the live rows), ties to the larger
         learned bias, then to the lower row."""
@@ -298,14 +336,17 @@ class Ranker:
 
     def candidates(self, user: UserState, index: VectorIndex, banned: np.ndarray, k: int = 0,
                    refresh: bool = False, allowed: np.ndarray | None = None,
-                   ann: np.ndarray | None = None) -> np.ndarray:
+                   ann: np.ndarray | None = None, before_click: int | None = None) -> np.ndarray:
         """Rows to score: the ANN neighbours of the user's query (`retrieve`, or k when more),
         the most co-clicked with the recent clicks, and the most clicked; topped up with the most
         clicked others when that leaves fewer than k. None of `banned` (int64 rows).
 
         `allowed` (bool by row, from filters.allowed_rows) restricts every source before it
         picks its best, so a filtered request still finds k rows whenever k qualify. `ann`: the
-        ANN rows when already searched (`search_many`).
+        ANN rows when already searched (`search_many`). `before_click`: the candidates as they
+        were before `user` (as they stood then) clicked that row, whose click has been applied
+        since: the row's own co-click pairs and its click taken out of the co-clicked and the
+        most-clicked parts (else its own click could bring it in).
         """
         if allowed is not None:
             return self._filtered_candidates(user, index, banned, k, allowed, ann)
@@ -315,12 +356,16 @@ class Ranker:
                          index.search(self.user_query(user), max(self.config.retrieve, k), exclude=banned)[0])
         banned_sorted = np.sort(banned)
         if self.config.coclick_candidates and user.clicks:
-            near = self.coclicks.neighbours(self._recent(user), self.config.coclick_candidates + len(banned))
+            less = None if before_click is None else (before_click, float(self._pair_times(user, before_click).sum()))
+            near = self.coclicks.neighbours(self._recent(user), self.config.coclick_candidates + len(banned),
+                                            less=less)
             near = near[~self._items.removed[near] & outside(near, banned_sorted)]
             parts.append(near[: self.config.coclick_candidates])
         if self.config.popular_candidates:
-            pop = self.popular(self.config.popular_candidates + len(banned), refresh)
+            pop = self.popular(self.config.popular_candidates + len(banned) + (before_click is not None), refresh)
             pop = pop[~self._items.removed[pop] & outside(pop, banned_sorted)]
+            if before_click is not None:
+                pop = self._popular_before(pop, before_click, self.config.popular_candidates)
             parts.append(pop[: self.config.popular_candidates])
         rows = sorted_unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
         if len(rows) < k:  # k beyond the pool: the most clicked of the other allowed rows
@@ -406,16 +451,20 @@ class Ranker:
         return expand(self.raw_features(user, rows, as_cold, own_clicks), user.count, user.profile_vec is not None)
 
     def raw_features(self, user: UserState, rows: np.ndarray, as_cold: bool = False,
-                     own_clicks: np.ndarray | None = None) -> np.ndarray:
+                     own_clicks: np.ndarray | None = None, before_click: int | None = None) -> np.ndarray:
         """Shape (len(rows), N_FEATURES) float32; see rerank.FEATURES for the columns.
 
         `as_cold` shows the items as if they had just been added (text-only vector and bias, no
         clicks): training uses it so the reranker also learns to rank items without feedback.
         `own_clicks` is what the user's own later clicks added to the click counts; training
         subtracts it, and trains on co-clicks counted without its users (see Engine.fit), so that
-        no feature reveals its label.
+        no feature reveals its label. `before_click`: the features as they stood before `user`
+        (as they stood then) clicked that row, whose click has been applied since: its count,
+        impression and co-click pairs taken out (the online step reads them so, after the click).
         """
         items = self._items
+        if before_click is not None:
+            own_clicks = (rows == before_click).astype(np.float64)
         if as_cold and self.trained:
             raw = items.vector_rows(rows)
             v, bias = self.projection.transform(raw), self.projection.bias(raw)
@@ -438,7 +487,12 @@ class Ranker:
         if recent and not as_cold:
             age = np.arange(len(recent) - 1, -1, -1)
             decay = RECENCY_DECAY ** age
-            co, cf = self.coclicks.scores(recent, rows, np.stack([decay, decay / np.sqrt(1.0 + items.clicks[recent])]))
+            weights = np.stack([decay, decay / np.sqrt(1.0 + items.clicks[recent])])
+            co, cf = self.coclicks.scores(recent, rows, weights)
+            if before_click is not None:  # the pairs the click made with the clicks before it
+                times = self._pair_times(user, before_click)
+                at = rows == before_click
+                co, cf = np.maximum(co - at * (weights[0] @ times), 0), np.maximum(cf - at * (weights[1] @ times), 0)
             f[:, _COL["cooc"]] = np.log1p(co)
             f[:, _COL["itemcf"]] = cf / np.sqrt(1.0 + clicks)
         if user.profile_vec is not None:
@@ -446,13 +500,15 @@ class Ranker:
         f[:, _COL["fresh"]] = clicks == 0
         return f
 
-    def score(self, user: UserState, rows: np.ndarray) -> np.ndarray:
+    def score(self, user: UserState, rows: np.ndarray, raw: np.ndarray | None = None) -> np.ndarray:
+        """Scores of `rows` for `user` (`raw`: their `raw_features`, when already computed)."""
         if user.count == 0 and user.profile_vec is None:
             # nothing is known of this user: the exact popularity prior (the learned bias breaks
             # ties), which the bucket-0 weights only approximated (0.86x popularity on movielens)
             return (np.log1p(self.popularity(rows)) + POP_TIEBREAK * self._bias[rows]).astype(np.float32)
         if self.trained or self.reranker.trained:
-            return self.reranker.score(self.features(user, rows))
+            raw = self.raw_features(user, rows) if raw is None else raw
+            return self.reranker.score(expand(raw, user.count, user.profile_vec is not None))
         sim = self.scoring_vectors(rows) @ user.vector
         top = max(self._top_popularity(), 1.0)
         pop = np.log1p(self.popularity(rows)) / np.log1p(top)

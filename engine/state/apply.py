@@ -16,6 +16,17 @@ apart. An event changes the state in this order (`apply_event`):
 6. the event's identity, so that `import_events` skips it later, and its caller-given id (when it
    has one), so that `record(..., event_id=)` and a stream consumer apply it once.
 
+Deferred steps. Step 1 is not taken inside the event: the click joins `State.pending` with a copy
+of its user as they stood before it, and the engine's step worker takes the step moments later
+(`State.next_step`, off the `record` path), writing a `StepRecord` to the log at the point where it
+read the state. Replay (recovery, a replica) applies that record at the same point, and so takes
+the same step from the same state: the same weights. `pending` is bounded
+(`Config.online_queue`, the oldest dropped untaken), and since every step the worker takes or
+finds empty is written, replay holds exactly the live queue at every point of the log; the clicks
+still pending when a process died are stepped after the open. A log from before deferred steps
+(`State.deferred_steps` false: its manifest does not say "online_steps": "deferred") replays with
+the step inside the event, as it was written.
+
 With `Config.online_updates=False` the store is frozen: a recorded click or skip only marks the
 item as seen (`UserState.held`, which no vector, count or co-click is ever derived from, so
 nothing moves on reopen either); an impression is only logged. Imported events (history, not
@@ -25,7 +36,11 @@ live feedback) always take steps 2-6; the online step (1) is training, which `fi
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
+from dataclasses import dataclass, replace
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -37,12 +52,32 @@ from ..serving.index import VectorIndex
 from .items import ItemTable
 from ..memory import release_free_memory
 from ..models.projection import Projection
-from ..models.rerank import ANCHOR, STEPS
+from ..models.rerank import ANCHOR, GATE, STEPS
 from ..serving.ranking import PROFILE_WEIGHT_TENSOR, Ranker
-from ..storage.records import AddRecord, EventRecord, ImportRecord, ProfileRecord, Record, RemoveRecord, id_key
+from ..storage.records import (
+    AddRecord, EventRecord, ImportRecord, ProfileRecord, Record, RemoveRecord, StepRecord, id_key,
+)
 from .users import UserState, UserTable, rederive
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PendingStep:
+    """A click waiting for its online step: the event's key, the clicked row, the user as they
+    stood before the click (lists copied: later events do not reach it), and when it was queued
+    (time.monotonic(), for the lag the engine reports)."""
+
+    key: int
+    row: int
+    user: UserState
+    queued: float
+
+
+def before_click(user: UserState) -> UserState:
+    """A copy of `user` that later events leave alone (vectors are replaced, never changed in place)."""
+    return replace(user, clicks=list(user.clicks), skips=list(user.skips), held=list(user.held),
+                   dislikes=list(user.dislikes))
 
 
 class State:
@@ -63,6 +98,10 @@ class State:
         self.milvus_collection: str | None = None
         self.event_keys: set[int] = set()  # identities of every event applied (see EventRecord.key)
         self.event_ids: set[int] = set()  # caller-given event ids applied, hashed (records.id_key)
+        #: Clicks waiting for their online step, oldest first (see "Deferred steps" above).
+        self.pending: deque[PendingStep] = deque(maxlen=config.online_queue)
+        #: False while replaying a log written before deferred steps (the step inside the event).
+        self.deferred_steps = True
 
     @property
     def index(self) -> VectorBackend | None:
@@ -162,6 +201,8 @@ class State:
             aside += (ANCHOR,)
         if STEPS not in models:  # from before the count was saved: 0
             aside += (STEPS,)
+        if f"rerank.{GATE}" not in models:  # from before the MLP's gate: ones (rerank.with_gate)
+            aside += (f"rerank.{GATE}", f"{ANCHOR}{GATE}")
         bad = [k for k, v in self.ranker.model_tensors(self.proj).items()
                if not k.startswith(aside) and (k not in models or models[k].shape != np.shape(v))]
         if bad:
@@ -181,6 +222,8 @@ class State:
             self.apply_remove(rec.ids)
         elif isinstance(rec, ProfileRecord):
             self.apply_profile(rec.user_id, rec.text, rec.vector)
+        elif isinstance(rec, StepRecord):
+            self.apply_step(rec)
         else:  # from_payload refuses unknown records; this is a programming error
             raise TypeError(f"not a log record: {type(rec).__name__}")
 
@@ -193,7 +236,10 @@ class State:
                 user.held.append(row)
             self.remember(rec)
             return
-        self.ranker.on_event(user, row, rec.event, self.items, index=self.index if online_step else None, t=rec.t)
+        inline = online_step and not self.deferred_steps
+        if online_step and self.deferred_steps and rec.event == "click" and self.ranker.learns_online():
+            self.pending.append(PendingStep(rec.key(), row, before_click(user), time.monotonic()))
+        self.ranker.on_event(user, row, rec.event, self.items, index=self.index if inline else None, t=rec.t)
         if rec.event == "click":
             user.clicks.append(row)
         elif rec.event == "skip":
@@ -203,6 +249,43 @@ class State:
         else:
             user.impressions += 1
         self.remember(rec)
+
+    # ---- deferred online steps ---------------------------------------------------------------
+    def next_step(self, write: Callable[[StepRecord], None],
+                  refresh: bool = False) -> tuple[PendingStep, tuple[np.ndarray, np.ndarray] | None] | None:
+        """The read half of the step worker's move: the oldest pending click, what its step learns
+        from (`Ranker.step_plan`, read from the state as it is now: None when nothing), and its
+        StepRecord handed to `write` (the log) at this point of the history. The caller holds the
+        engine's read lock (`refresh` false: NeedsWrite before anything changed) or its write
+        lock, then gives the plan to `learn`, in order, before the next call. None when nothing
+        is pending."""
+        if not self.pending:
+            return None
+        entry = self.pending[0]
+        plan = self.ranker.step_plan(entry.user, entry.row, self.index, refresh) if self.ranker.learns_online() else None
+        write(StepRecord(entry.key, plan is not None))
+        self.pending.popleft()
+        return entry, plan
+
+    def learn(self, plan: tuple[np.ndarray, np.ndarray] | None) -> None:
+        """The step itself (models/rerank.partial_fit: new weights swapped in whole, so requests
+        scoring meanwhile read the old or the new ones)."""
+        if plan is not None:
+            self.ranker.reranker.partial_fit(*plan)
+
+    def apply_step(self, rec: StepRecord) -> None:
+        """A logged step, replayed: the same click, from the same state, as when it was written."""
+        at = next((n for n, e in enumerate(self.pending) if e.key == rec.key), None)
+        if at is None:
+            log.warning("a step record (key %d) finds no pending click; ignored", rec.key)
+            return
+        if at:
+            log.warning("a step record passes %d older pending click(s); their steps are dropped", at)
+        for _ in range(at):
+            self.pending.popleft()
+        entry = self.pending.popleft()
+        if rec.taken and self.ranker.learns_online():
+            self.learn(self.ranker.step_plan(entry.user, entry.row, self.index, refresh=True))
 
     def remember(self, rec: EventRecord) -> None:
         """Step 6: the event's identity, and its caller-given id when it has one."""

@@ -130,10 +130,12 @@ class CoClicks:
                     owner.append(np.full(len(extra), n))
         return np.concatenate(cols), np.concatenate(counts), np.concatenate(owner)
 
-    def neighbours(self, sources: Sequence[int], n: int, among: np.ndarray | None = None) -> np.ndarray:
+    def neighbours(self, sources: Sequence[int], n: int, among: np.ndarray | None = None,
+                   less: tuple[int, float] | None = None) -> np.ndarray:
         """Up to n rows most co-clicked with `sources` (summed counts), best first, ties to the
         lower row (of rows tied at the n-th place, which ones make the list is argpartition's
-        pick), only rows r with among[r] true when `among` (bool by row) is given."""
+        pick), only rows r with among[r] true when `among` (bool by row) is given. `less`
+        (row, count): that row's sum taken down by count (the pairs one click added)."""
         if n <= 0 or not len(sources):
             return np.zeros(0, np.int64)
         # every source's row in one gather; the counts are whole numbers, so their float64 sums
@@ -141,6 +143,12 @@ class CoClicks:
         cols, counts, _ = self._gather(np.asarray(sources, np.int64))
         uniq, inverse = sorted_unique(cols, return_inverse=True)
         total = np.bincount(inverse, weights=counts, minlength=len(uniq))
+        if less is not None:
+            at = np.searchsorted(uniq, less[0])
+            if at < len(uniq) and uniq[at] == less[0]:
+                total[at] -= less[1]
+            keep = total > 0
+            uniq, total = uniq[keep], total[keep]
         if among is not None:
             keep = (uniq < len(among)) & among[np.minimum(uniq, len(among) - 1)]
             uniq, total = uniq[keep], total[keep]

@@ -88,7 +88,18 @@ class ImportRecord:
     events: tuple[EventRecord, ...]
 
 
-Record = Union[AddRecord, RemoveRecord, EventRecord, ProfileRecord, ImportRecord]
+@dataclass(frozen=True)
+class StepRecord:
+    """The reranker's online step for the oldest click still waiting for one (`key`: that click's
+    `EventRecord.key`), taken (`taken`) or found to teach nothing (the item was not among the
+    user's candidates). Written where the step read the state, so a replay takes it at the same
+    point of the history and reaches the same weights (state/apply.py, "deferred steps")."""
+
+    key: int
+    taken: bool
+
+
+Record = Union[AddRecord, RemoveRecord, EventRecord, ProfileRecord, ImportRecord, StepRecord]
 
 
 def _event_payload(r: EventRecord) -> list[Any]:
@@ -115,6 +126,8 @@ def to_payload(rec: Record) -> dict[str, Any]:
         return {"op": "profile", "u": rec.user_id, "text": rec.text, "vec": b64(rec.vector)}
     if isinstance(rec, ImportRecord):
         return {"op": "import", "events": [_event_payload(e) for e in rec.events]}
+    if isinstance(rec, StepRecord):
+        return {"op": "step", "k": rec.key, "s": int(rec.taken)}
     raise TypeError(f"not a log record: {type(rec).__name__}")
 
 
@@ -141,6 +154,11 @@ def from_payload(data: dict[str, Any], dim: int | None, where: str) -> Record:
             return ProfileRecord(data["u"], data["text"], unb64(data["vec"], int(dim or 0))[0])
         if op == "import":
             return ImportRecord(tuple(EventRecord(u, i, e, float(v), int(t)) for u, i, e, v, t in data["events"]))
+        if op == "step":
+            key, taken = data["k"], data["s"]
+            if not (isinstance(key, int) and 0 <= key < 2**64 and taken in (0, 1)):
+                raise ValueError(f"step key {key!r} or flag {taken!r} out of range")
+            return StepRecord(key, bool(taken))
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise CorruptStoreError(f"{where}: a malformed {op!r} record ({exc!r})") from exc
     raise CorruptStoreError(f"{where}: unknown record op {op!r}; this store was written by a newer "

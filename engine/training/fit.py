@@ -255,13 +255,16 @@ def fit_reranker(ranker: Ranker, examples: list, groups: np.ndarray, progress: b
     if cfg.rerank_epochs == 0 or not examples:
         return {"reranker": False}
     t1 = time.perf_counter()
-    losses = ranker.reranker.fit(examples, cfg.rerank_epochs, progress=progress, groups=groups, totals=totals)
+    losses = ranker.reranker.fit(examples, cfg.rerank_epochs, progress=progress, groups=groups, totals=totals,
+                                 residual=cfg.rerank_mlp)
     return {"reranker": True, "reranker_examples": len(examples),
             "reranker_loss": [round(x, 4) for x in losses],
             "reranker_valid_recall": (None if ranker.reranker.valid_recall is None
                                       else round(ranker.reranker.valid_recall, 4)),
             "reranker_warm_start": [None if j < 0 else SIGNALS[j][0] for j in ranker.reranker.warm_start],
             "reranker_buckets": ranker.reranker.gate_report,
+            "reranker_mlp": ranker.reranker.residual_report,
+            "reranker_mlp_gate": [int(g) for g in ranker.reranker.weights["mlp_gate"]],
             "reranker_expert": [None if j < 0 else SIGNALS[j][0] for j in ranker.reranker.expert.tolist()],
             "reranker_lists_seconds": round(t1 - t0, 1),
             "reranker_seconds": round(time.perf_counter() - t0, 1)}

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..models.rerank import (
-    FEATURES, LINEAR_ONLY, N_BUCKETS, N_FEATURES, N_INPUTS, SIGNALS, bucket_of, column, forward,
+    FEATURES, LINEAR_ONLY, N_BUCKETS, ONE_HOT, N_FEATURES, N_INPUTS, SIGNALS, bucket_of, column, forward,
     initial_linear_weights, signal_score,
 )
 
@@ -53,7 +53,7 @@ WEIGHT_LISTS = True
 
 
 class RerankNet(nn.Module):
-    """`linear(x) + mlp((x - mean) / std)`: the torch twin of `rerank.forward`."""
+    """`linear(x) + gate[bucket] * mlp((x - mean) / std)`: the torch twin of `rerank.forward`."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
@@ -70,10 +70,12 @@ class RerankNet(nn.Module):
             self.mlp[-1].bias.zero_()
         self.register_buffer("mean", torch.zeros(N_INPUTS))
         self.register_buffer("std", torch.ones(N_INPUTS))
+        self.register_buffer("mlp_gate", torch.ones(N_BUCKETS))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = (x - self.mean) / self.std
-        return self.linear(x).squeeze(-1) + self.mlp(z).squeeze(-1)
+        gate = x[..., ONE_HOT] @ self.mlp_gate
+        return self.linear(x).squeeze(-1) + gate * self.mlp(z).squeeze(-1)
 
 
 def initial_weights(hidden: int, seed: int) -> dict[str, np.ndarray]:
@@ -311,6 +313,89 @@ def small_buckets(examples: list[tuple[np.ndarray, np.ndarray]], buckets: np.nda
     return out
 
 
+def fit_residual(net: RerankNet, examples: list[tuple[np.ndarray, np.ndarray]], train: np.ndarray,
+                 valid: np.ndarray, groups: np.ndarray | None, buckets: np.ndarray, weights_all: np.ndarray,
+                 allf: np.ndarray, totals: np.ndarray | None, rng: np.random.Generator, epochs: int,
+                 batch: int) -> dict[str, dict[str, float]]:
+    """The second stage: the MLP over every feature as a residual on the fitted linear blend,
+    and its gate per bucket.
+
+    The linear part is frozen; the MLP starts afresh (seeded, its output near 0: it starts where
+    the blend ends) and sees every feature that varies in the logs. The held-out users are split
+    in two: one half stops the training (PATIENCE; the start counts), the other judges it: the
+    gate of a bucket is 1 only where, on that half's lists of the bucket, the MLP adds recall by
+    GATE_SE standard errors of the paired per-list difference over GATE_MIN lists or more, and 0
+    elsewhere (and everywhere without held-out lists): an MLP trusted on lists it was stopped on
+    looked better there than it was. Returns, per bucket judged, the lists and both recalls.
+    """
+    with torch.no_grad():
+        net.mlp_gate.zero_()
+    if not len(valid) or not len(train):
+        return {}
+    vgroups = valid if groups is None else np.asarray(groups)[valid]
+    uniq = np.unique(vgroups)
+    stop_half = np.isin(vgroups, rng.permutation(uniq)[: len(uniq) // 2])
+    stop, judge = valid[stop_half], valid[~stop_half]
+    if not len(stop) or not len(judge):
+        return {}
+    std = allf.std(0)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        net.std.copy_(torch.from_numpy(np.where(std < CONSTANT_STD, SILENCED_STD, std).astype(np.float32)))
+        torch.manual_seed(int(rng.integers(2**31)))
+        for layer in net.mlp:
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
+        net.mlp[-1].weight.mul_(MLP_OUT_SCALE)
+        net.mlp[-1].bias.zero_()
+        net.mlp_gate.fill_(1.0)
+    held = [examples[i] for i in stop]
+    part = None if totals is None else totals[stop]
+    best = float(model_recalls(to_numpy(net), held, part).mean())
+    best_state = {k: t.clone() for k, t in net.mlp.state_dict().items()}
+    opt = torch.optim.Adam(net.mlp.parameters(), lr=FIT_LR)
+    stale = 0
+    for _ in range(epochs):
+        order = train[rng.permutation(len(train))]
+        for s in range(0, len(order), batch):
+            rows = order[s:s + batch]
+            loss = listwise_loss(net, [examples[i] for i in rows], weights_all[rows])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()  # the MLP's weights only: the blend stays as the first stage left it
+        now = float(model_recalls(to_numpy(net), held, part).mean())
+        if now > best + MIN_GAIN:
+            best, stale = now, 0
+            best_state = {k: t.clone() for k, t in net.mlp.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= PATIENCE:
+                break
+    net.mlp.load_state_dict(best_state)
+    return _judge_gates(net, [examples[i] for i in judge], buckets[judge], None if totals is None else totals[judge])
+
+
+def _judge_gates(net: RerankNet, lists: list[tuple[np.ndarray, np.ndarray]], buckets: np.ndarray,
+                 totals: np.ndarray | None) -> dict[str, dict[str, float]]:
+    """Set `net.mlp_gate` from the recall the MLP adds on `lists` (see `fit_residual`)."""
+    weights = to_numpy(net)
+    with_mlp = model_recalls(weights, lists, totals)
+    without = model_recalls({**weights, "mlp_gate": np.zeros(N_BUCKETS, np.float32)}, lists, totals)
+    gate = np.zeros(N_BUCKETS, np.float32)
+    report = {}
+    for b in range(N_BUCKETS):
+        mine = buckets == b
+        if not mine.any():
+            continue
+        diff = with_mlp[mine] - without[mine]
+        se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else np.inf
+        gate[b] = float(len(diff) >= GATE_MIN and diff.mean() > GATE_SE * se)
+        report[str(b)] = {"lists": int(mine.sum()), "with_mlp": round(float(with_mlp[mine].mean()), 4),
+                          "without": round(float(without[mine].mean()), 4), "gate": int(gate[b])}
+    with torch.no_grad():
+        net.mlp_gate.copy_(torch.from_numpy(gate))
+    return report
+
+
 class BucketKeeper:
     """Early stopping per bucket: each bucket's linear block as it stood at the epoch (the start
     included) where that bucket's held-out lists ranked best. Exact while every feature enters
@@ -345,7 +430,7 @@ class BucketKeeper:
 
 def fit(rr: "Reranker", examples: list[tuple[np.ndarray, np.ndarray]], epochs: int, batch: int = 64,
         progress: bool = False, groups: np.ndarray | None = None,
-        totals: np.ndarray | None = None) -> list[float]:
+        totals: np.ndarray | None = None, residual: bool = True) -> list[float]:
     """Offline training of `rr` on (features, positive indices) examples; the epoch losses.
 
     Each bucket starts at the best single signal on its training examples when that beats the
@@ -361,6 +446,8 @@ def fit(rr: "Reranker", examples: list[tuple[np.ndarray, np.ndarray]], epochs: i
     `totals` (per example, how many targets its user has, the ones outside its candidates
     included) makes every recall above the evaluation's and weighs each list's loss by what it
     is worth in it (`list_weights`); without it a list's targets are its positives.
+    `residual`: train the MLP residual and its gates after the blend (`fit_residual`); else the
+    blend alone ranks (every gate 0).
     """
     from tqdm.auto import tqdm
 
@@ -421,8 +508,18 @@ def fit(rr: "Reranker", examples: list[tuple[np.ndarray, np.ndarray]], epochs: i
     if best_state is not None:
         net.load_state_dict(best_state)
         keeper.restore(net)
+    if residual:
+        rr.residual_report = fit_residual(net, examples, train, valid, groups, buckets, weights_all, allf,
+                                          totals, rr.rng, epochs, batch)
+    else:  # the ablation: the linear blend alone
+        rr.residual_report = {}
+        with torch.no_grad():
+            net.mlp_gate.zero_()
     weights = to_numpy(net)
     judged = small_buckets(examples, buckets, valid, keeper, start_weights, batch, rr.rng, totals) if held else {}
+    for b in judged:  # a bucket judged by cross-validating its linear block: the blend alone
+        weights["mlp_gate"][b] = 0.0
+        rr.residual_report.get(str(b), {})["gate"] = 0
     # the signals are judged where they can rank: on the held-out lists that show feedback
     warm = warm_lists(held, buckets[valid]) if held else np.zeros(0, bool)
     held_totals = part(valid)
