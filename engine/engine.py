@@ -864,6 +864,7 @@ class Engine:
         got = self._read(read)
         if got is None:
             return False
+        time.sleep(0)  # the GIL to a writer the read held up, before the SGD (else up to 5 ms later)
         try:
             self._learn(*got)
         finally:

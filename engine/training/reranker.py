@@ -324,8 +324,9 @@ def fit_residual(net: RerankNet, examples: list[tuple[np.ndarray, np.ndarray]], 
     the blend ends) and sees every feature that varies in the logs. The held-out users are split
     in two: one half stops the training (PATIENCE; the start counts), the other judges it: the
     gate of a bucket is 1 only where, on that half's lists of the bucket, the MLP adds recall by
-    GATE_SE standard errors of the paired per-list difference over GATE_MIN lists or more, and 0
-    elsewhere (and everywhere without held-out lists): an MLP trusted on lists it was stopped on
+    GATE_SE standard errors of the paired per-list difference over GATE_MIN lists that show
+    feedback or more, without lowering the bucket's lists of brand-new candidates on average, and
+    0 elsewhere (and everywhere without held-out lists): an MLP trusted on lists it was stopped on
     looked better there than it was. Returns, per bucket judged, the lists and both recalls.
     """
     with torch.no_grad():
@@ -376,21 +377,28 @@ def fit_residual(net: RerankNet, examples: list[tuple[np.ndarray, np.ndarray]], 
 
 def _judge_gates(net: RerankNet, lists: list[tuple[np.ndarray, np.ndarray]], buckets: np.ndarray,
                  totals: np.ndarray | None) -> dict[str, dict[str, float]]:
-    """Set `net.mlp_gate` from the recall the MLP adds on `lists` (see `fit_residual`)."""
+    """Set `net.mlp_gate` from what the MLP does on `lists` (see `fit_residual`): a bucket's gate
+    is 1 when the MLP adds recall on its lists that show feedback (GATE_SE, GATE_MIN) and does
+    not lower, on average, its lists of brand-new candidates (`warm_lists`: where the cold items
+    of a catalog are ranked; one gate serves both)."""
     weights = to_numpy(net)
     with_mlp = model_recalls(weights, lists, totals)
     without = model_recalls({**weights, "mlp_gate": np.zeros(N_BUCKETS, np.float32)}, lists, totals)
+    warm = warm_lists(lists, buckets)
     gate = np.zeros(N_BUCKETS, np.float32)
     report = {}
     for b in range(N_BUCKETS):
         mine = buckets == b
         if not mine.any():
             continue
-        diff = with_mlp[mine] - without[mine]
+        diff, cold = (with_mlp - without)[mine & warm], (with_mlp - without)[mine & ~warm]
         se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else np.inf
-        gate[b] = float(len(diff) >= GATE_MIN and diff.mean() > GATE_SE * se)
-        report[str(b)] = {"lists": int(mine.sum()), "with_mlp": round(float(with_mlp[mine].mean()), 4),
-                          "without": round(float(without[mine].mean()), 4), "gate": int(gate[b])}
+        gain = len(diff) >= GATE_MIN and diff.mean() > GATE_SE * se
+        gate[b] = float(gain and (not len(cold) or cold.mean() >= 0.0))
+        report[str(b)] = {"lists": int(len(diff)), "with_mlp": round(float(with_mlp[mine & warm].mean()), 4)
+                          if len(diff) else None, "without": round(float(without[mine & warm].mean()), 4)
+                          if len(diff) else None, "cold_lists": int(len(cold)),
+                          "cold_change": round(float(cold.mean()), 4) if len(cold) else None, "gate": int(gate[b])}
     with torch.no_grad():
         net.mlp_gate.copy_(torch.from_numpy(gate))
     return report
