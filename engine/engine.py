@@ -526,8 +526,8 @@ class Engine:
             event_log = self._log
             ticket = event_log.write([to_payload(rec)])
             self._apply(rec)
-        self._wake_stepper()
         self._await_sync(event_log, ticket)
+        self._wake_stepper()  # after the fsync: a step running during it delays this return (the GIL)
         return True
 
     def record_many(self, events: Sequence[Event], profiles: Sequence[str | None] | None = None) -> list[str]:
@@ -568,8 +568,8 @@ class Engine:
             ticket = event_log.write([to_payload(r) for r in batch])
             for r in batch:
                 self._apply(r)
-        self._wake_stepper()
         self._await_sync(event_log, ticket)
+        self._wake_stepper()
         return out
 
     def _await_sync(self, event_log: EventLog, ticket: tuple[int, int]) -> None:
