@@ -500,6 +500,9 @@ class Engine:
                timestamp: int | None = None, event_id: str | None = None) -> bool:
         """Log one click, skip, impression or dislike durably, and learn from it at once.
 
+        The user's vector, history and the item's counts change before this returns; a click's
+        reranker step is taken moments later by the step worker (`settle` takes it now).
+
         Returns once the event is in the fsynced log. The state learns from it just before (under
         the write lock) while the fsync runs outside the lock, shared with the records of other
         threads (group commit); if that fsync fails, the event is undone and StoreError raised.

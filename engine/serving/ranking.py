@@ -206,7 +206,7 @@ class Ranker:
                  index: VectorIndex | None = None, t: int = 0) -> None:
         """Steps 1-4 of an event at time `t` (see state/apply.py): with `index`, a click first takes
         the reranker's online step; then co-clicks, the user's vector and the item's counts."""
-        if kind == "click" and index is not None and self.reranker.trained and self.config.online_lr > 0:
+        if kind == "click" and index is not None and self.learns_online():
             self._online_step(user, row, index)
         vec = self.item_vectors(np.array([row]))[0]
         if kind == "click":

@@ -6,7 +6,8 @@ apart. An event changes the state in this order (`apply_event`):
 
 1. the reranker's online step (a click on one of the user's candidates, when the reranker is
    trained and `online_lr > 0`): it learns from the candidates the user had *before* this click
-   moved anything;
+   moved anything; queued here and taken later ("Deferred steps" below), or, replaying a log
+   from before them, taken inside the event;
 2. co-click counts: the click pairs with the user's previous clicks (the history before it);
 3. the user's vector (`users.apply_click` / `apply_skip` / `apply_dislike`, a strong skip), with
    a step set by the history length before the event;
