@@ -91,6 +91,13 @@ class Config:
         encoder_backend: "torch" (default), or the opt-in "onnx" / "onnx-int8": ONNX Runtime on a
             graph exported locally from the same model (the `onnx` extra); "onnx-int8" embeds
             several times faster on a CPU at cosine ~0.99 to torch (see benchmarks/README.md).
+        tune_steps: `fit` first fine-tunes the language model on the co-clicks of its events
+            for this many steps (engine/training/encoder_tuning.py), saves it in the store and
+            embeds every item again with it; 0 (default) keeps the model as it is. See
+            docs/results.md, "Tuning the encoder", for what it gains and costs on the dev sets.
+        tune_threads: torch's threads while the encoder is tuned and the catalog re-embedded
+            (0: torch's default, every core); a transformer's steps are large products, where a
+            second core pays, unlike the rest of `fit` (`fit_threads`).
     """
 
     model_path: str | None = None
@@ -134,6 +141,8 @@ class Config:
     replay_batch: int = 16
     fit_threads: int = 1
     blas_threads: int = 1
+    tune_steps: int = 0
+    tune_threads: int = 0
 
     def __post_init__(self) -> None:
         if self.index not in INDEX_KINDS:
@@ -147,7 +156,7 @@ class Config:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
         for name in ("search_threads", "new_item_slots", "popular_candidates", "coclick_candidates", "exact_threshold", "ivf_nlist", "proj_epochs",
-                     "rerank_epochs", "replay_size", "fit_threads", "blas_threads"):
+                     "rerank_epochs", "replay_size", "fit_threads", "blas_threads", "tune_steps", "tune_threads"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
         for name in ("user_min_step", "skip_step", "dislike_step", "compact_ratio", "online_pull"):

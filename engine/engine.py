@@ -27,7 +27,7 @@ from . import __version__
 from .text.catalog import check_text, item_text, validate_items
 from .config import Config
 from .text.embedding import BatchEmbedder, check_embedded, embed, embed_many, given_vectors
-from .text.encoder import Encoder, TextEncoder
+from .text.encoder import Encoder, TextEncoder, default_model_path
 from .errors import (
     DuplicateItemError, InvalidInputError, ReadOnlyStoreError, StoreError, UnknownItemError, UnknownUserError,
 )
@@ -44,8 +44,8 @@ from .serving.filters import Filter, check_filter
 from .serving.ranking import NeedsWrite
 from .state.apply import State
 from .stepper import StepWorker
-from .storage.store import FORMAT, FORMAT_VERSION, StoreDir
-from .training.fit import fit_state
+from .storage.store import FORMAT, FORMAT_VERSION, TUNED_FORMAT_VERSION, StoreDir
+from .training.fit import TuneRequest, fit_state
 from .types import EVENT_KINDS, Event, Item, Recommendation
 from .state.vocab import check_id
 
@@ -69,6 +69,8 @@ class Engine:
             numpy_blas().limit(limits=config.blas_threads)
         self._encoder = encoder
         self._encoder_lock = threading.Lock()  # loading the model must not hold up the state's lock
+        self._tuned_dir: Path | None = None  # the store's tuned language model (manifest model.tuned)
+        self._tuned_files: dict[str, Any] = {}  # its files as the manifest describes them
         self._lock = RWLock()
         self._state: State | None = None
         self._log: EventLog | None = None
@@ -162,6 +164,7 @@ class Engine:
 
     def _load(self, manifest: dict[str, Any], handles: dict[str, Any] | None = None) -> None:
         self._manifest, self._gen = manifest, int(manifest["generation"])
+        self._use_tuned((manifest.get("model") or {}).get("tuned"), manifest.get("files", {}))
         d_text = manifest.get("model", {}).get("dim")
         handles = handles or {}
         if d_text:
@@ -182,6 +185,25 @@ class Engine:
             self._drop_stale_collections(manifest)
             self._wake_stepper()  # clicks whose step the log does not hold yet
         release_free_memory()  # the snapshot's Arrow tables and the build's temporaries
+
+    def _use_tuned(self, name: str | None, files: dict[str, Any]) -> None:
+        """Embed with the tuned model folder `name` of this store (None: the configured model).
+
+        An encoder given to `open`/`create` is kept unless it is an `Encoder` of another model
+        than the store's: the store's items were embedded by the tuned model, and new ones must
+        be too (a caller's own non-`Encoder` object is the caller's to keep consistent)."""
+        self._tuned_dir = None if not name else self._store.encoder_path(name)
+        self._tuned_files = {k: v for k, v in files.items() if name and k.startswith(name + "/")}
+        folder = getattr(self._encoder, "model_path", None)  # an Encoder's; a caller's own has none
+        if isinstance(folder, str) and Path(folder).resolve() != Path(self._model_dir()).resolve():
+            if self._tuned_dir is not None or Path(folder).resolve().parent == self.path.resolve():
+                self._encoder = None  # loaded again, from the store's model, on first use
+
+    def _model_dir(self) -> str:
+        """The folder the store embeds with: its tuned model, or the configured one."""
+        if self._tuned_dir is not None:
+            return str(self._tuned_dir)
+        return self.config.model_path or default_model_path()
 
     def _new_state(self, d_text: int) -> State:
         """An empty State; on a writable Milvus store, wired to the store's collection."""
@@ -275,11 +297,17 @@ class Engine:
         log_path = self._store.file("events", gen, "log")
         log_path.touch()
         next_seq = self._log.next_seq if self._log else 0
+        files = self._store.describe(paths)
+        if self._tuned_dir is not None:
+            if not self._tuned_files:  # tuned by this fit: fsynced and hashed once
+                self._tuned_files = self._store.describe_tree(self._tuned_dir)
+            files.update(self._tuned_files)
         manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "kindling_version": __version__,
+            "format": FORMAT, "kindling_version": __version__,
+            "format_version": FORMAT_VERSION if self._tuned_dir is None else TUNED_FORMAT_VERSION,
             "created_at": self._manifest.get("created_at", int(time.time())), "saved_at": int(time.time()),
             "generation": gen, "config": self.config.to_dict(), "libraries": _library_versions(),
-            "model": self._model_meta(), "files": self._store.describe(paths), "log": log_path.name,
+            "model": self._model_meta(), "files": files, "log": log_path.name,
             "next_seq": next_seq, "counts": self._counts(), "log_continues": log_continues,
             "online_steps": "deferred",
         }
@@ -364,15 +392,21 @@ class Engine:
         """The language model, loaded on first use (once, whichever thread asks first)."""
         with self._encoder_lock:
             if self._encoder is None:
-                self._encoder = Encoder(self.config.model_path, batch_size=self.config.batch_size,
-                                        show_progress=False, backend=self.config.encoder_backend)
+                self._encoder = self._make_encoder(self._model_dir())
             return self._encoder
+
+    def _make_encoder(self, path: str) -> Encoder:
+        return Encoder(path, batch_size=self.config.batch_size, show_progress=False,
+                       backend=self.config.encoder_backend)
 
     def _model_meta(self) -> dict[str, Any]:
         if self._state is None:
             return {"path": self.config.model_path, "dim": None}
-        return {"path": self.config.model_path, "dim": self._state.items.dim,
+        meta = {"path": self.config.model_path, "dim": self._state.items.dim,
                 "name": getattr(self._encoder, "name", self._manifest.get("model", {}).get("name"))}
+        if self._tuned_dir is not None:
+            meta["tuned"] = self._tuned_dir.name
+        return meta
 
     def _counts(self) -> dict[str, int]:
         if self._state is None:
@@ -450,7 +484,8 @@ class Engine:
         Args:
             embedder: embed the batch elsewhere instead of with this process's encoder, e.g.
                 `ray_embedding.RayEmbedder(address=None, workers=4)` (Ray Data, the scale extra);
-                it loads the store's model (`Config.model_path`) on its workers.
+                it loads the store's model (its tuned one, or `Config.model_path`) on its workers,
+                from the same path: the store's folder must be readable there.
         """
         self._check_writable()
         batch = validate_items(items)
@@ -462,7 +497,7 @@ class Engine:
         if embedder is None:
             vecs = embed_many(self.encoder, texts, self._dim(), progress)
         else:
-            vecs = check_embedded(embedder.embed(texts, self.config.model_path, self.config.encoder_backend,
+            vecs = check_embedded(embedder.embed(texts, self._model_dir(), self.config.encoder_backend,
                                                  progress), len(texts), self._dim())
             vecs = given_vectors(vecs, len(texts), vecs.shape[1])  # non-zero, at unit length
         with self._lock.write():
@@ -933,8 +968,29 @@ class Engine:
             self._require_items()
             self._drain_steps()  # the clicks before the fit step the model they were made on
             show = progress if progress is not None else sys.stderr.isatty()
-            summary = fit_state(self._state, recs, show)
+            if not self.config.tune_steps:
+                summary = fit_state(self._state, recs, show)
+            else:
+                summary = self._fit_tuned(recs, show)
             self._commit()  # (its save gives the training's temporaries back: _adopt)
+        return summary
+
+    def _fit_tuned(self, recs: list[EventRecord], show: bool) -> dict[str, Any]:
+        """`fit` that first tunes the language model (Config.tune_steps) into the folder of the
+        generation it saves; a failure leaves the store and the engine as they were."""
+        if self._encoder is not None and not isinstance(getattr(self._encoder, "model_path", None), str):
+            raise InvalidInputError("tune_steps > 0 tunes a sentence-transformers model; this engine was "
+                                    "given another encoder (open it without one, or set tune_steps=0)")
+        out = self._store.encoder_dir(self._gen + 1)
+        request = TuneRequest(self.config.model_path or default_model_path(), out, self._make_encoder)
+        try:
+            summary = fit_state(self._state, recs, show, request)
+        except BaseException:
+            self._restore()  # the catalog may have been re-embedded half-way
+            self._store.cleanup(self._manifest)
+            raise
+        if request.encoder is not None:
+            self._tuned_dir, self._tuned_files, self._encoder = out, {}, request.encoder
         return summary
 
 

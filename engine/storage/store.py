@@ -9,6 +9,8 @@
       models-G.safetensors     projection and reranker weights (when trained)
       index-G.faiss            the FAISS index
       events-G.log             mutations acknowledged since snapshot G (write-ahead log)
+      encoder-G/               the language model `fit` tuned at generation G (safetensors, with
+                               its tokenizer); kept while the manifest names it (model.tuned)
       LOCK                     held with flock by the one writer
 
 Save writes generation G+1 beside G (temp name, fsync, rename), then swaps the manifest with
@@ -23,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -33,10 +36,15 @@ FORMAT = "kindling-store"
 #: Written by this version. 2 added import records in the log, event identities in the vectors
 #: file and the users' held column; a reader of version 1 would skip import records silently, so
 #: it must refuse a version-2 store. Version 1 stores read as version 2 without those parts.
+#: 3: the store holds a tuned language model (`ENCODER_DIR`, named by the manifest's model.tuned);
+#: an older reader would embed new items with the base model, in another space, so it must
+#: refuse it. A store without a tuned model is written as version 2.
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+TUNED_FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 LOCK = "LOCK"
+_ENCODER_DIR = re.compile(r"^encoder-(\d+)$")
 _GEN_FILE = re.compile(r"^(items|users|vectors|models|index|events)-(\d+)\.(parquet|safetensors|faiss|log)$")
 
 
@@ -150,6 +158,37 @@ class StoreDir:
     def file(self, kind: str, gen: int, ext: str) -> Path:
         return self.path / f"{kind}-{gen:06d}.{ext}"
 
+    def encoder_dir(self, gen: int) -> Path:
+        """Where generation `gen` keeps a language model tuned at its fit (a fresh, empty folder:
+        a leftover of a crashed fit is removed)."""
+        path = self.path / f"encoder-{gen:06d}"
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.exists():
+            shutil.rmtree(path)
+        return path
+
+    def encoder_path(self, name: str) -> Path:
+        """The tuned model folder `name` (from a manifest), refused unless it is a real folder of
+        this store."""
+        path = self.path / name
+        if not _ENCODER_DIR.match(name) or path.is_symlink() or not path.is_dir():
+            raise CorruptStoreError(f"{path}: the manifest names a tuned model that is not a folder of the store")
+        return path
+
+    def describe_tree(self, folder: Path) -> dict[str, dict[str, Any]]:
+        """`describe` for every file under `folder`, named by its path from the store's root; the
+        files and folders are fsynced first (a manifest may only name durable files)."""
+        out = {}
+        for p in sorted(f for f in folder.rglob("*") if f.is_file()):
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+            out[p.relative_to(self.path).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for d in sorted({p.parent for p in folder.rglob("*")} | {folder}):
+            fsync_dir(d)
+        fsync_dir(self.path)
+        return out
+
     def read_manifest(self) -> dict[str, Any]:
         p = self.path / MANIFEST
         if p.is_symlink():
@@ -236,7 +275,10 @@ class StoreDir:
     def cleanup(self, manifest: dict[str, Any]) -> None:
         """Delete files of other generations and stray temp files (a crash mid-save leaves them)."""
         keep = set(manifest.get("files", {})) | {manifest.get("log")}
+        folders = {name.split("/")[0] for name in keep if isinstance(name, str) and "/" in name}
         for p in self.path.iterdir():
             stray_tmp = p.name.startswith(".") and ".tmp-" in p.name
-            if (_GEN_FILE.match(p.name) and p.name not in keep) or stray_tmp:
+            if _ENCODER_DIR.match(p.name) and p.name not in folders and not p.is_symlink() and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif (_GEN_FILE.match(p.name) and p.name not in keep) or stray_tmp:
                 p.unlink(missing_ok=True)

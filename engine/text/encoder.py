@@ -126,6 +126,22 @@ def offline() -> Iterator[None]:
                 os.environ[k] = v
 
 
+def load_sentence_transformer(path: str):
+    """The sentence-transformers model in the folder `path`, checked (`check_model_dir`), loaded
+    on the CPU with no network and trust_remote_code=False."""
+    check_model_dir(path)
+    try:
+        with offline():
+            from sentence_transformers import SentenceTransformer
+
+            return SentenceTransformer(str(path), device="cpu", trust_remote_code=False,
+                                       local_files_only=True)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # the library raises many types; one clear error for callers
+        raise ModelLoadError(f"cannot load a sentence-transformers model from {path}: {exc}") from exc
+
+
 class Encoder:
     """A sentence-transformers model behind `encode`, batched, normalised, cached by text hash.
 
@@ -156,27 +172,13 @@ class Encoder:
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._cache_size = cache_size
-        self._model = self._load(self.model_path)
+        self._model = load_sentence_transformer(self.model_path)
         self.dim = int(self._model.get_embedding_dimension())
         self.max_seq_length = int(self._model.max_seq_length)
         self._onnx = None
         if backend != "torch":  # the torch model stays loaded: it exports the graph and tokenises
             self._onnx = OnnxTransformer(self._model, Path(self.model_path), backend == "onnx-int8",
                                          None if cache_dir is None else Path(cache_dir))
-
-    @staticmethod
-    def _load(path: str):
-        check_model_dir(path)
-        try:
-            with offline():
-                from sentence_transformers import SentenceTransformer
-
-                return SentenceTransformer(str(path), device="cpu", trust_remote_code=False,
-                                           local_files_only=True)
-        except ModelLoadError:
-            raise
-        except Exception as exc:  # the library raises many types; one clear error for callers
-            raise ModelLoadError(f"cannot load a sentence-transformers model from {path}: {exc}") from exc
 
     def _progress(self, n: int) -> bool:
         if self.show_progress is not None:

@@ -47,7 +47,10 @@ def check_mean_pooled(model_dir: Path) -> None:
     if pooling is not None:
         cfg = json.loads((model_dir / pooling["path"] / "config.json").read_text(encoding="utf-8"))
     modes = {k for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True}
-    if kinds[:2] != ["Transformer", "Pooling"] or modes != {"pooling_mode_mean_tokens"}:
+    if isinstance(cfg.get("pooling_mode"), str):  # how sentence-transformers 6 saves it
+        modes.add("pooling_mode_" + cfg["pooling_mode"] + ("_tokens" if cfg["pooling_mode"] == "mean" else ""))
+    if (kinds[:2] != ["Transformer", "Pooling"] or kinds[2:] not in ([], ["Normalize"])
+            or modes != {"pooling_mode_mean_tokens"}):
         raise ModelLoadError(f"the ONNX backend supports Transformer + mean Pooling models; {model_dir} has "
                              f"modules {kinds} and pooling {sorted(modes)}; use backend='torch'")
 

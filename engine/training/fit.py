@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,6 +21,9 @@ from ..models.rerank import SIGNALS
 from ..serving.ranking import DEFAULT_PROFILE_WEIGHT, Ranker, user_from_clicks
 from ..storage.records import EventRecord
 from ..state.users import UserState, UserTable
+from ..text.catalog import item_text
+from ..text.embedding import embed, embed_many
+from ..text.encoder import TextEncoder
 
 if TYPE_CHECKING:
     from ..state.apply import State
@@ -79,7 +85,20 @@ def fit_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def fit_state(state: "State", events: Sequence[EventRecord], progress: bool) -> dict[str, Any]:
+@dataclass
+class TuneRequest:
+    """What `fit` needs to tune the language model first (Config.tune_steps > 0): the model folder
+    to start from, the folder to save the tuned one to, and how the engine makes an encoder of a
+    folder. `encoder` is set to the tuned model's encoder when the model was tuned."""
+
+    base_model: str
+    out_dir: Path
+    make_encoder: Callable[[str], TextEncoder]
+    encoder: TextEncoder | None = None
+
+
+def fit_state(state: "State", events: Sequence[EventRecord], progress: bool,
+              tune: TuneRequest | None = None) -> dict[str, Any]:
     """`Engine.fit`: train the item tower, then the reranker, on the histories in `events`.
 
     The users of `events` (live items only, in event order) are the training users. The reranker
@@ -89,8 +108,44 @@ def fit_state(state: "State", events: Sequence[EventRecord], progress: bool) -> 
     stored vector is re-derived in the new space. The reranker starts afresh each time, so fitting the same events twice leaves the
     same state as fitting once. Torch and BLAS compute on `Config.fit_threads` threads.
     """
+    tuned: dict[str, Any] = {}
+    if tune is not None:
+        threads = state.config.tune_threads or os.cpu_count() or 1
+        with fit_threads(threads):
+            tuned = tune_state(state, training_users(state, events), tune, progress)
     with fit_threads(state.config.fit_threads):
-        return _fit_state(state, events, progress)
+        return {**tuned, **_fit_state(state, events, progress)}
+
+
+def tune_state(state: "State", train: UserTable, tune: TuneRequest, progress: bool) -> dict[str, Any]:
+    """Tune the language model on the co-clicks of the training users `train` (their click
+    histories, and nothing else), then embed every item and stored profile again with it and
+    serve from the new vectors (the index rebuilt, the users re-derived). With too few pairs
+    nothing changes."""
+    from .encoder_tuning import MIN_PAIRS, co_click_pairs, tune_encoder
+
+    pairs = co_click_pairs(click_histories(train.states, state.items))
+    if len(pairs) < MIN_PAIRS:
+        log.warning("the language model is not tuned: %d co-click pairs, fewer than %d", len(pairs), MIN_PAIRS)
+        return {"encoder_tuned": False, "encoder_pairs": int(len(pairs))}
+    items = state.items
+    summary = tune_encoder(tune.base_model, lambda r: item_text(items.item(r)), pairs,
+                           state.config.tune_steps, state.config.seed, tune.out_dir, progress)
+    t0 = time.perf_counter()
+    encoder = tune.make_encoder(str(tune.out_dir))
+    vectors = embed_many(encoder, [item_text(items.item(r)) for r in range(len(items))], items.dim, progress)
+    profiled = [u for u in state.users.states if u.profile and u.profile_vec is not None]
+    profiles = embed(encoder, [u.profile for u in profiled], items.dim) if profiled else None
+    items.install_vectors(vectors)
+    for i, user in enumerate(profiled):
+        user.profile_vec = profiles[i]
+    state.ranker.refresh_item_vectors(items, state.proj)
+    state.rebuild_index()
+    for user in state.users.states:
+        state.rederive(user)
+    tune.encoder = encoder
+    summary["encoder_embed_seconds"] = round(time.perf_counter() - t0, 1)
+    return summary
 
 
 def _fit_state(state: "State", events: Sequence[EventRecord], progress: bool) -> dict[str, Any]:
