@@ -106,8 +106,12 @@ def main() -> None:
 @click.option("--milvus-uri", default=None, metavar="URI",
               help="With --index-backend milvus: a Milvus Lite file ending in .db, or a server address "
                    "(http://host:19530). Default: STORE/milvus.db.")
+@click.option("--tune-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="fit first fine-tunes the language model on the co-clicks of its events for this "
+                   "many steps and keeps it in the store (0: the model as it is).")
 @user_errors
-def init(store: Path, model: str | None, index_kind: str, index_backend: str, milvus_uri: str | None) -> None:
+def init(store: Path, model: str | None, index_kind: str, index_backend: str, milvus_uri: str | None,
+         tune_steps: int) -> None:
     """Create an empty store at STORE."""
     if milvus_uri is not None and index_backend != "milvus":
         raise click.BadParameter("is only used with --index-backend milvus", param_hint="'--milvus-uri'")
@@ -115,7 +119,7 @@ def init(store: Path, model: str | None, index_kind: str, index_backend: str, mi
         milvus_uri = str(Path(milvus_uri).resolve())  # a file path as the shell sees it
     try:
         config = Config(model_path=str(Path(model).resolve()) if model else None, index=index_kind,
-                        index_backend=index_backend, milvus_uri=milvus_uri)
+                        index_backend=index_backend, milvus_uri=milvus_uri, tune_steps=tune_steps)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--milvus-uri' / '--index'") from exc
     Engine.create(store, config).close()

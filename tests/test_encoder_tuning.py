@@ -156,3 +156,15 @@ def test_onnx_int8_export_of_the_tuned_model_agrees(tuned_store, tmp_path):
     ref = Encoder(str(folder), show_progress=False).encode(texts)
     got = Encoder(str(folder), show_progress=False, backend="onnx-int8", cache_dir=tmp_path).encode(texts)
     assert ((ref * got).sum(1) >= 0.99).all()
+
+
+def test_cli_init_sets_the_tuning_steps(tmp_path):
+    from click.testing import CliRunner
+
+    from engine.cli import main
+
+    out = CliRunner().invoke(main, ["init", str(tmp_path / "s"), "--tune-steps", "40"])
+    assert out.exit_code == 0, out.output
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["config"]["tune_steps"] == 40
+    out = CliRunner().invoke(main, ["init", str(tmp_path / "t"), "--tune-steps", "-1"])
+    assert out.exit_code == 2 and "tune-steps" in out.output

@@ -92,7 +92,7 @@ def tune_encoder(model_path: str, text_of: Callable[[int], str], pairs: np.ndarr
     import torch
     from tqdm.auto import tqdm
 
-    from ..text.encoder import load_sentence_transformer
+    from ..text.encoder import load_sentence_transformer, offline
 
     torch.manual_seed(seed)
     st = load_sentence_transformer(model_path)  # checked, offline, trust_remote_code=False
@@ -132,7 +132,8 @@ def tune_encoder(model_path: str, text_of: Callable[[int], str], pairs: np.ndarr
             bar.update(1)
     transformer.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    st.save(str(out_dir), create_model_card=False, safe_serialization=True)
+    with offline():  # no network, and no progress bar of the library's own
+        st.save(str(out_dir), create_model_card=False, safe_serialization=True)
     return {"encoder_tuned": True, "encoder_steps": len(losses), "encoder_pairs": int(len(pairs)),
             "encoder_loss_first_last": [round(float(np.mean(losses[:10])), 4), round(float(np.mean(losses[-10:])), 4)]
             if losses else [], "encoder_tune_seconds": round(time.perf_counter() - t0, 1)}
