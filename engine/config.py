@@ -96,7 +96,7 @@ class Config:
             embeds every item again with it; 0 (default) keeps the model as it is. See
             docs/results.md, "Tuning the encoder", for what it gains and costs on the dev sets.
         tune_threads: torch's threads while the encoder is tuned and the catalog re-embedded
-            (0: torch's default, every core); a transformer's steps are large products, where a
+            (0: every core, os.cpu_count()); a transformer's steps are large products, where a
             second core pays, unlike the rest of `fit` (`fit_threads`).
     """
 

@@ -189,9 +189,10 @@ class Engine:
     def _use_tuned(self, name: str | None, files: dict[str, Any]) -> None:
         """Embed with the tuned model folder `name` of this store (None: the configured model).
 
-        An encoder given to `open`/`create` is kept unless it is an `Encoder` of another model
-        than the store's: the store's items were embedded by the tuned model, and new ones must
-        be too (a caller's own non-`Encoder` object is the caller's to keep consistent)."""
+        An encoder given to `open`/`create` is kept unless it has a `model_path` (an `Encoder`)
+        naming another model than the store's tuned one, or a stale tuned folder of this store:
+        the store's items were embedded by the tuned model, and new ones must be too (a caller's
+        own encoder without a `model_path` is the caller's to keep consistent)."""
         self._tuned_dir = None if not name else self._store.encoder_path(name)
         self._tuned_files = {k: v for k, v in files.items() if name and k.startswith(name + "/")}
         folder = getattr(self._encoder, "model_path", None)  # an Encoder's; a caller's own has none

@@ -36,7 +36,7 @@ FORMAT = "kindling-store"
 #: Written by this version. 2 added import records in the log, event identities in the vectors
 #: file and the users' held column; a reader of version 1 would skip import records silently, so
 #: it must refuse a version-2 store. Version 1 stores read as version 2 without those parts.
-#: 3: the store holds a tuned language model (`ENCODER_DIR`, named by the manifest's model.tuned);
+#: 3: the store holds a tuned language model (the folder encoder-G, named by the manifest's model.tuned);
 #: an older reader would embed new items with the base model, in another space, so it must
 #: refuse it. A store without a tuned model is written as version 2.
 FORMAT_VERSION = 2
