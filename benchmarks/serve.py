@@ -86,7 +86,9 @@ def free_port() -> int:
 
 def start_server(path: Path, port: int, replica: bool = False) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = [sys.executable, "-m", "engine.cli", "serve", str(path), "--port", str(port)]
+    # No load shedding: the closed loops here (up to 32 clients) bound the queue themselves, and a
+    # 503 would stop the run; benchmarks/shed.py measures the limit.
+    args = [sys.executable, "-m", "engine.cli", "serve", str(path), "--port", str(port), "--max-queue", "0"]
     proc = subprocess.Popen(args + (["--replica"] if replica else []),
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     import httpx

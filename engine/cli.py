@@ -54,6 +54,22 @@ def ranked(key: str, who: str, recs: list[Recommendation]) -> tuple[dict[str, An
     return data, lines or ["(no items)"]
 
 
+def filter_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--category and --not-category (the business rules of `recommend` and `similar`), passed
+    as `categories` and `not_categories`; `_filter` makes them a Filter."""
+    fn = click.option("--not-category", "not_categories", multiple=True,
+                      help="No items of this category; repeat for several.")(fn)
+    return click.option("--category", "categories", multiple=True,
+                        help="Only items of this category; repeat to allow several (an item needs one of them).")(fn)
+
+
+def _filter(categories: tuple[str, ...], not_categories: tuple[str, ...]) -> Filter | None:
+    """The Filter of --category and --not-category; None when neither is given."""
+    if not (categories or not_categories):
+        return None
+    return Filter(categories_any=categories, categories_none=not_categories)
+
+
 #: Commands loaded only when run (or asked for their --help), so that the others start fast: name
 #: -> (module, attribute, the one-line help that `kindling --help` lists). The evaluation package
 #: imports scikit-learn and more, and is an optional extra.
@@ -196,10 +212,7 @@ def remove_item(store: Path, item_ids: tuple[str, ...]) -> None:
                    "list each, from one batched search.")
 @click.option("-k", type=click.IntRange(1, 10_000), default=10, show_default=True)
 @click.option("--profile", default=None, help="A new user's self-description (saved with the user; --user only).")
-@click.option("--category", "categories", multiple=True,
-              help="Only items of this category; repeat to allow several (an item needs one of them).")
-@click.option("--not-category", "not_categories", multiple=True,
-              help="No items of this category; repeat for several.")
+@filter_options
 @click.option("--diversity", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
               help="0 to 1: trade score for items unlike those above them (maximal marginal relevance).")
 @click.option("--explain", is_flag=True, help="Say why each item is there (nearest click or profile, "
@@ -215,7 +228,7 @@ def recommend(store: Path, user_id: str | None, users_file: Path | None, k: int,
         raise click.UsageError("give exactly one of --user and --users-file")
     if users_file is not None and profile is not None:
         raise click.UsageError("--profile goes with --user, not with --users-file")
-    flt = Filter(categories_any=categories, categories_none=not_categories) if categories or not_categories else None
+    flt = _filter(categories, not_categories)
     user_ids = None if users_file is None else _user_ids(users_file)
     eng = Engine.open(store, read_only=profile is None)
     try:
@@ -247,12 +260,15 @@ def _user_ids(path: Path) -> list[str]:
 @click.argument("store", type=STORE)
 @click.argument("item_id")
 @click.option("-k", type=click.IntRange(1, 10_000), default=10, show_default=True)
+@filter_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
-def similar(store: Path, item_id: str, k: int, as_json: bool) -> None:
+def similar(store: Path, item_id: str, k: int, categories: tuple[str, ...], not_categories: tuple[str, ...],
+            as_json: bool) -> None:
     """Items most similar to ITEM_ID."""
+    flt = _filter(categories, not_categories)
     with Engine.open(store, read_only=True) as eng:
-        recs = eng.similar_items(item_id, k=k)
+        recs = eng.similar_items(item_id, k=k, filter=flt)
     data, lines = ranked("item", item_id, recs)
     emit(data, as_json, lines)
 
@@ -338,19 +354,25 @@ def import_(store: Path, events_file: Path, min_value: float | None, as_json: bo
                    "'Authorization: Bearer <key>'; reads stay open to anyone who can reach the port.")
 @click.option("--replica", is_flag=True,
               help="Serve read-only beside the store's writer, following its log: reads only; writes get 403.")
+@click.option("--max-queue", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Requests admitted at once, running or waiting; the next is answered 503 with "
+                   "Retry-After at once (/healthz and /metrics never are). 0: no limit  [default: 16].")
 @user_errors
-def serve(store: Path, host: str, port: int, api_key_file: Path | None, replica: bool) -> None:
+def serve(store: Path, host: str, port: int, api_key_file: Path | None, replica: bool,
+          max_queue: int | None) -> None:
     """Serve STORE over HTTP (the serve extra): one process, the store's only writer.
 
     With --replica, any number of read-only processes may serve STORE beside that writer; a
     click it records shows on them within milliseconds (docs/scaling.md).
     OpenAPI docs at /docs. SIGTERM or Ctrl-C answers the requests in flight, then saves."""
     try:
+        from .http.middleware import MAX_QUEUE
         from .http.server import read_api_key, serve as run_server
     except ImportError as exc:
         raise click.ClickException(f"'kindling serve' needs the serve extra (pip install 'kindling[serve]'): "
                                    f"{exc}") from exc
-    run_server(store, host, port, read_api_key(api_key_file) if api_key_file else None, replica=replica)
+    run_server(store, host, port, read_api_key(api_key_file) if api_key_file else None, replica=replica,
+               max_queue=MAX_QUEUE if max_queue is None else max_queue)
 
 
 @main.command()

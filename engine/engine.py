@@ -40,7 +40,7 @@ from .storage.records import (
 )
 from .storage.snapshot import map_saved_vectors, read_generation, write_generation
 from .serving import queries
-from .serving.filters import Filter, check_filter
+from .serving.filters import Filter, check_exclude, check_filter
 from .serving.ranking import NeedsWrite
 from .state.apply import State
 from .stepper import StepWorker
@@ -810,16 +810,28 @@ class Engine:
 
         return self._read(answer)
 
-    def similar_items(self, item_id: str, k: int = 10) -> list[Recommendation]:
-        """The k live items closest to `item_id` in retrieval space (itself excluded)."""
+    def similar_items(self, item_id: str, k: int = 10, filter: Filter | None = None,
+                      exclude: Iterable[str] | None = None) -> list[Recommendation]:
+        """The k live items closest to `item_id` in retrieval space (itself excluded).
+
+        Args:
+            filter: business rules (`engine.Filter`), applied inside the search as in `recommend`:
+                k items come back whenever k items qualify.
+            exclude: more item ids to leave out.
+
+        Raises:
+            UnknownItemError: `item_id` is not a live item.
+            InvalidInputError: a rule broken by an argument.
+        """
         check_id(item_id, "item_id")
         _check_k(k)
+        flt, excluded = check_filter(filter), check_exclude(exclude)
         with self._lock.read():
             st = self._state
             row = None if st is None else st.items.live_row(item_id)
             if row is None:
                 raise UnknownItemError(f"unknown item id {item_id!r}")
-            return queries.similar(st, row, k, int(time.time()))
+            return queries.similar(st, row, k, int(time.time()), flt, excluded)
 
     def get_item(self, item_id: str) -> Item:
         with self._lock.read():

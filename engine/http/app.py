@@ -17,28 +17,31 @@ import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 
 from .. import __version__
 from ..engine import Engine
 from ..types import Item
 from . import errors
 from .metrics import Metrics
-from .middleware import ServiceMiddleware
-from .schemas import BatchBody, EventBody, ItemsBody, RecommendBody
+from .middleware import MAX_QUEUE, ServiceMiddleware
+from .schemas import BatchBody, EventBody, ItemsBody, RecommendBody, SimilarQuery
 
 #: One page of plain HTML and JavaScript over this same API (GET /): no build step.
 PLAYGROUND = Path(__file__).with_name("playground.html")
 #: The largest request body accepted, in bytes (413 above it).
 MAX_BODY_BYTES = 4 * 1024 * 1024
+#: Where the JavaScript, CSS and icon of /docs and /redoc are served.
+DOCS_ASSETS = "/docs-assets"
 
 
 def create_app(engine: Engine, api_key: str | None = None, max_body: int = MAX_BODY_BYTES,
-               close_on_shutdown: bool = False) -> FastAPI:
+               close_on_shutdown: bool = False, max_queue: int = MAX_QUEUE) -> FastAPI:
     """The service over `engine`.
 
     Args:
@@ -49,17 +52,29 @@ def create_app(engine: Engine, api_key: str | None = None, max_body: int = MAX_B
         max_body: the largest request body, in bytes.
         close_on_shutdown: close the engine (saving a snapshot) when the server shuts down,
             after the requests in flight have been answered.
+        max_queue: the most requests admitted at once, running or waiting (/healthz and /metrics
+            aside); the next is answered 503 with `Retry-After` at once. 0: no limit.
+
+    Raises:
+        ValueError: max_queue is not an integer >= 0.
     """
+    if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+        raise ValueError(f"max_queue must be an integer >= 0 (0: no limit); got {max_queue!r}")
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         if close_on_shutdown:
             engine.close()
 
-    app = FastAPI(title="Kindling", version=__version__, lifespan=lifespan,
-                  description="Cold-start recommendations over one Kindling store.")
+    # /docs and /redoc from the Swagger UI and ReDoc files fastapi-offline ships (under
+    # DOCS_ASSETS), not from a CDN: the pages work on a machine without internet. No validator
+    # badge either: Swagger UI would send the spec to validator.swagger.io for it.
+    app = FastAPIOffline(title="Kindling", version=__version__, lifespan=lifespan, static_url=DOCS_ASSETS,
+                         swagger_ui_parameters={"validatorUrl": None},
+                         description="Cold-start recommendations over one Kindling store.")
     metrics = Metrics()
-    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body=max_body)
+    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body=max_body, max_queue=max_queue)
     errors.install(app)
     writer = [Depends(_writer(api_key))]
 
@@ -80,8 +95,9 @@ def create_app(engine: Engine, api_key: str | None = None, max_body: int = MAX_B
                           for u, recs in zip(body.user_ids, lists)]}
 
     @app.get("/items/{item_id:path}/similar", summary="The items most similar to one item")
-    def similar(item_id: str, k: int = Query(10)) -> dict[str, Any]:
-        return {"item": item_id, "items": [r.as_dict() for r in engine.similar_items(item_id, k=k)]}
+    def similar(item_id: str, q: Annotated[SimilarQuery, Query()]) -> dict[str, Any]:
+        recs = engine.similar_items(item_id, k=q.k, filter=q.filter(), exclude=q.exclude)
+        return {"item": item_id, "items": [r.as_dict() for r in recs]}
 
     @app.get("/items/{item_id:path}", summary="One live item")
     def get_item(item_id: str) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """GET /metrics in the Prometheus text format, written by hand (no client library needed).
 
 `Metrics` keeps a latency histogram per route and method (the route's template, e.g.
-`/items/{item_id}/similar`, so ids never become labels) and a counter per status code.
+`/items/{item_id}/similar`, so ids never become labels), a counter per status code, a counter of
+the requests shed (middleware.py) and the gauge of requests in flight.
 The store's own figures (events, items, model generation) are read from `Engine.stats()` when
 /metrics is asked for.
 """
@@ -18,12 +19,20 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 
 
 class Metrics:
-    """Request counts and latencies, safe from any thread."""
+    """Request counts and latencies, safe from any thread.
+
+    `in_flight` (requests admitted and not yet answered, /healthz and /metrics aside) and
+    `in_flight_limit` (0: no limit) are plain integers that only the ASGI middleware changes, on
+    the event loop; a render from another thread reads whole values.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._hist: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0] * (len(BUCKETS) + 2))
         self._status: dict[tuple[str, str, int], int] = defaultdict(int)
+        self._shed: dict[tuple[str, str], int] = defaultdict(int)
+        self.in_flight = 0
+        self.in_flight_limit = 0
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -31,6 +40,11 @@ class Metrics:
             h[bisect.bisect_left(BUCKETS, seconds)] += 1  # the last bucket slot is +Inf only
             h[-1] += seconds
             self._status[(method, route, status)] += 1
+
+    def shed(self, method: str, route: str) -> None:
+        """Count a request answered with 503 because `in_flight_limit` requests were in flight."""
+        with self._lock:
+            self._shed[(method, route)] += 1
 
     def render(self, stats: dict[str, Any]) -> str:
         """The exposition text: the request metrics, then the store's gauges from `stats`."""
@@ -50,7 +64,16 @@ class Metrics:
             for (method, route, status), n in sorted(self._status.items()):
                 out.append(f'kindling_requests_total{{method="{method}",route="{_escape(route)}",'
                            f'status="{status}"}} {n}')
-        gauges = (("events", "Events the store holds (recorded and imported).", stats["events"]),
+            out += ["# HELP kindling_requests_shed_total Requests answered 503 at once because the server "
+                    "had --max-queue requests in flight, by route.",
+                    "# TYPE kindling_requests_shed_total counter"]
+            for (method, route), n in sorted(self._shed.items()):
+                out.append(f'kindling_requests_shed_total{{method="{method}",route="{_escape(route)}"}} {n}')
+        gauges = (("requests_in_flight", "Requests admitted and not yet answered (running or waiting), "
+                   "/healthz and /metrics aside.", self.in_flight),
+                  ("requests_in_flight_limit", "Requests admitted at once before the next is shed "
+                   "(kindling serve --max-queue; 0: no limit).", self.in_flight_limit),
+                  ("events", "Events the store holds (recorded and imported).", stats["events"]),
                   ("live_items", "Items that can be recommended.", stats["live_items"]),
                   ("users", "Users the store holds.", stats["users"]),
                   ("generation", "The snapshot generation (a save or fit makes a new one).", stats["generation"]),

@@ -5,7 +5,8 @@ any number of read-only replicas beside it: it follows the writer's log (engine.
 the reading routes and answers every write with 403, naming the rule. On SIGTERM or SIGINT uvicorn
 stops accepting connections, answers the requests in flight, and then the lifespan closes the
 store with a snapshot. Every acknowledged write was in the fsynced log before it was answered,
-so even a SIGKILL loses nothing acknowledged: the next open replays the log.
+so even a SIGKILL loses nothing acknowledged: the next open replays the log. Past `max_queue`
+requests at once, the next is answered 503 with `Retry-After` (middleware.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import uvicorn
 from ..engine import Engine
 from ..errors import InvalidInputError
 from .app import create_app
+from .middleware import MAX_QUEUE
 
 #: Seconds uvicorn waits for requests in flight on shutdown before it cancels them.
 GRACEFUL_TIMEOUT_S = 30
@@ -31,14 +33,15 @@ def read_api_key(path: Path) -> str:
 
 
 def serve(store: Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          log_level: str = "info", replica: bool = False) -> None:
+          log_level: str = "info", replica: bool = False, max_queue: int = MAX_QUEUE) -> None:
     """Serve `store` until a shutdown signal; the store is closed, with a snapshot, on the way out.
 
     With `replica`, the store is opened read-only and followed (no lock, no snapshot on the way out).
+    `max_queue` bounds the requests admitted at once (create_app; 0: no limit).
     """
     eng = Engine.open(store, read_only=True, follow=True) if replica else Engine.open(store)
     try:
-        app = create_app(eng, api_key=api_key, close_on_shutdown=True)
+        app = create_app(eng, api_key=api_key, close_on_shutdown=True, max_queue=max_queue)
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, workers=1,
                                 timeout_graceful_shutdown=GRACEFUL_TIMEOUT_S, server_header=False)
         uvicorn.Server(config).run()

@@ -80,6 +80,19 @@ def check_filter(flt: object) -> Filter | None:
     return flt
 
 
+def check_exclude(exclude: object) -> tuple[str, ...]:
+    """`exclude` (item ids to leave out, or None) as a tuple of ids, else InvalidInputError.
+
+    Ids that name no item are kept: they match nothing, as in a Filter.
+    """
+    if exclude is None:
+        return ()
+    if isinstance(exclude, (str, bytes)) or not isinstance(exclude, Iterable):
+        raise InvalidInputError(f"exclude must be a list of item ids, not {type(exclude).__name__}; "
+                                f"got {exclude!r}")
+    return tuple(dict.fromkeys([check_id(i, "exclude: each item id") for i in exclude]))
+
+
 def allowed_rows(items: ItemTable, flt: Filter | None, now: int | None = None) -> np.ndarray | None:
     """The rows `flt` lets through and, with `now` (unix seconds), that have not expired: shape
     (len(items),), bool; None when nothing is held back.
@@ -115,4 +128,4 @@ def _id_rows(items: ItemTable, ids: tuple[str, ...]) -> np.ndarray:
     return np.array([r for r in rows if r is not None], np.int64)
 
 
-__all__ = ["Filter", "allowed_rows", "check_filter"]
+__all__ = ["Filter", "allowed_rows", "check_exclude", "check_filter"]

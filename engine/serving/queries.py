@@ -86,11 +86,14 @@ def ranked_many(state: State, users: list[UserState], user_ids: Sequence[str], q
     return out
 
 
-def similar(state: State, row: int, k: int, now: int | None = None) -> list[Recommendation]:
-    """The k live items nearest item `row` in retrieval space (itself excluded, and those
-    expired at `now`)."""
-    rows, scores = state.index.search(state.ranker.similar_query(row), k, exclude=np.array([row], np.int64),
-                                      allowed=allowed_rows(state.items, None, now))
+def similar(state: State, row: int, k: int, now: int | None = None, flt: Filter | None = None,
+            exclude: Iterable[str] = ()) -> list[Recommendation]:
+    """The k live items nearest item `row` in retrieval space, within the rules of `flt`: not
+    itself, nor `exclude` (ids), nor those expired at `now`. Both act inside the search, so k
+    items come back whenever k qualify."""
+    banned = np.fromiter({row} | id_rows(state, exclude), dtype=np.int64)
+    rows, scores = state.index.search(state.ranker.similar_query(row), k, exclude=banned,
+                                      allowed=allowed_rows(state.items, flt, now))
     return as_recommendations(state, rows, scores)
 
 
@@ -105,12 +108,14 @@ def as_recommendations(state: State, rows: np.ndarray, scores: np.ndarray,
 def banned_rows(state: State, user: UserState, exclude_seen: bool, exclude: Iterable[str] | None) -> np.ndarray:
     """Rows a request must not return: the user's seen items (when asked), the disliked ones
     (always) and `exclude` (ids)."""
-    rows = user.seen() if exclude_seen else set(user.dislikes)
-    for i in exclude or ():
-        r = state.items.vocab.row(i)
-        if r is not None:
-            rows.add(r)
+    rows = (user.seen() if exclude_seen else set(user.dislikes)) | id_rows(state, exclude or ())
     return np.fromiter(rows, dtype=np.int64, count=len(rows))
+
+
+def id_rows(state: State, ids: Iterable[str]) -> set[int]:
+    """The rows of `ids` (item ids; unknown ones ignored)."""
+    rows = (state.items.vocab.row(i) for i in ids)
+    return {r for r in rows if r is not None}
 
 
 def candidate_rows(state: State, candidates: Sequence[str], banned: np.ndarray,
