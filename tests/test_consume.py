@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,47 @@ def test_entries_left_by_a_dead_consumer_are_claimed(r, store):
         for user, items in expected_histories(entries).items():
             assert sorted(eng.user_history(user)) == sorted(items)
     assert r.xpending(r.stream, "g")["pending"] == 0
+
+
+def test_a_blocking_read_returns_as_soon_as_an_entry_arrives(r):
+    """XADD-to-effect on an idle stream: the read waits in Redis (XREADGROUP BLOCK) and returns
+    with the entry when it comes, not when the block time runs out."""
+    source = RedisStreamSource(r, r.stream, "g", consumer="c1")
+    assert source.read(10, 0) == []  # its own pending entries and the claim sweep: none
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(lambda: (source.read(10, 30.0), time.monotonic()))
+        time.sleep(0.3)  # blocked in XREADGROUP by now
+        sent, entry_id = time.monotonic(), r.xadd(r.stream, ev(1))
+        got, returned = reading.result(timeout=TIMEOUT)
+    assert [m.id for m in got] == [entry_id.decode()]
+    assert returned - sent < 5.0  # the block was 30 s
+
+
+def test_a_blocking_read_of_an_idle_stream_waits_its_block_time_then_returns_nothing(r):
+    source = RedisStreamSource(r, r.stream, "g", consumer="c1")
+    source.read(10, 0)
+    start = time.monotonic()
+    assert source.read(10, 0.3) == []
+    assert 0.25 <= time.monotonic() - start < 5.0
+
+
+def test_consume_waits_in_the_sources_read_instead_of_polling(store):
+    class Idle:
+        def __init__(self):
+            self.blocks: list[float] = []
+
+        def read(self, count: int, block_s: float) -> list[Message]:
+            self.blocks.append(block_s)
+            time.sleep(block_s)
+            return []
+
+        def settle(self, results) -> None:
+            raise AssertionError("nothing was read")
+
+    source = Idle()
+    with Engine.open(store, encoder=FakeEncoder()) as eng:
+        assert consume(eng, source, until_idle=0.5).stopped_by == "idle"
+    assert len(source.blocks) <= 3 and source.blocks[0] > 0.3, source.blocks  # one wait, not a spin
 
 
 def test_profile_field_sets_the_users_profile_once(r, store):
