@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import CorruptStoreError, InvalidInputError
 from ..vectors import grown
+from .faiss_file import check_ids, read_index
 
 log = logging.getLogger(__name__)
 
@@ -370,15 +371,15 @@ class VectorIndex:
 
     def load(self, path: str | Path, live_rows: np.ndarray, n_rows: int, fh=None) -> None:
         """Read the FAISS file (through `fh`, an open handle of it, when given); `live_rows` (from
-        the item table) restores the tombstones."""
-        try:
-            if fh is not None:
-                fh.seek(0)
-            self._faiss = faiss.read_index(faiss.PyCallbackIOReader(fh.read) if fh is not None else str(path))
-        except RuntimeError as exc:
-            raise CorruptStoreError(f"{path}: not a readable FAISS index ({exc})") from exc
-        if not hasattr(self._faiss, "id_map"):
-            raise CorruptStoreError(f"{path}: not a Kindling index (no id map)")
+        the item table) restores the tombstones. The file's layout is checked before FAISS reads
+        it, and its rows against the table after (serving/faiss_file); `State.load` then compares
+        a sample of its vectors with the store's.
+
+        Raises:
+            CorruptStoreError: a file Kindling would not write for this table, naming `path`.
+        """
+        self._faiss = read_index(Path(path), fh, self.dim)
+        held = check_ids(self._faiss, Path(path), n_rows)
         self.kind = _kind_of(self._faiss)  # the file decides, whatever the config would pick now
         # hnsw-sq8 pads to a multiple of 8 (an hnsw-sq8 index written before that has no padding)
         self._pad = self._faiss.d - self.dim
@@ -386,14 +387,26 @@ class VectorIndex:
             raise CorruptStoreError(f"{path}: index has dimension {self._faiss.d}, expected {self.dim}")
         self._pos = self._xb = self._codes = None
         self._refresh_storage()
-        held = faiss.vector_to_array(self._faiss.id_map).astype(np.int64)
         self._live = np.zeros(0, dtype=np.uint8)
         self._held = np.zeros(0, dtype=np.uint8)
-        self._grow(max(n_rows, int(held.max()) + 1 if len(held) else 0))
+        self._grow(n_rows)
         self._set_bits(held, True, self._held)
         self._set_bits(np.asarray(live_rows, dtype=np.int64), True)
         self._n_added = int(self._faiss.ntotal)
         self._n_removed = self._n_added - len(live_rows)
+
+    def agrees_on(self, rows: np.ndarray, vectors: np.ndarray) -> bool:
+        """Whether the vectors FAISS holds for `rows` are `vectors` (shape (n, dim), float32): exactly
+        for flat and hnsw (float storage), to within 8-bit rounding for hnsw-sq8. IVF kinds keep
+        no per-row storage to compare with: True."""
+        if self.kind in ("ivf", "ivf-pq") or not len(rows):
+            return True
+        held = self.stored(rows, self.dim) if self.kind != "hnsw-sq8" else self.decoded(rows, self.dim)
+        if held is None:
+            return False
+        scale = float(np.abs(vectors).max()) or 1.0
+        tol = 1e-4 if self.kind != "hnsw-sq8" else 0.25  # sq8: clipped rows may be off by more than 1/255
+        return bool(np.abs(held - vectors).max() <= tol * scale)
 
 
 def _pq_subquantizers(dim: int) -> int:

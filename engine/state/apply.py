@@ -151,12 +151,30 @@ class State:
             self.index = self.new_index(self.index_kind(len(items)))
             self.index.load(index_path, items.live_rows(), len(items), index_fh)
         self.ranker.refresh_item_vectors(items, self.proj)
+        if index_path is not None:
+            self.vouch_for_index(index_path)
         if self.config.index_backend == "milvus" and len(items.live_rows()):
             self.attach_index()
         self.ranker.rebuild_coclicks(users)
         self.event_keys = set(event_keys.tolist())
         self.event_ids = set() if event_ids is None else set(event_ids.tolist())
         self.check_models(models, models_path)
+
+    def vouch_for_index(self, path: Path, sample: int = 256) -> None:
+        """Check the loaded index against the store: it holds every live row, and a seeded sample of
+        them with the store's own vectors. The file was checked only structurally; one of other
+        rows or vectors, made checksum-consistent, would serve wrong neighbours. When in doubt,
+        rebuild it from the snapshot's vectors, the truth (the cost of that rebuild: see
+        docs/reliability.md, "A hostile index file")."""
+        live = rows = self.items.live_rows()
+        if len(rows) > sample:
+            rows = np.sort(np.random.default_rng(self.config.seed).choice(rows, sample, replace=False))
+        agrees = self.index.holds(live).all() and self.index.agrees_on(rows, self.ranker.index_vectors(rows))
+        self.items.release_vector_pages()  # the sample's pages of the mapped vectors file
+        if agrees:
+            return
+        log.warning("%s: the index's vectors differ from the store's; rebuilding it from the snapshot", path)
+        self.rebuild_index()
 
     def attach_index(self) -> None:
         """Milvus: use the collection the snapshot names when it is there, else rebuild it from the
