@@ -1,8 +1,9 @@
-"""FAISS against Milvus Lite, side by side in one run: build time, memory, p50/p99 search, recall@10.
+"""FAISS against Milvus (Lite, or a server with --milvus-uri), side by side in one run: build time, memory, p50/p99 search, recall@10.
 
     python benchmarks/backends.py                       # 100k items (about 10 minutes here)
     python benchmarks/backends.py --sizes 100000 1000000 --milvus-queries 10
     python benchmarks/backends.py --sizes 20000 --queries 50 --out results/backends-smoke.json
+    python benchmarks/backends.py --sizes 20000 --milvus-uri http://127.0.0.1:19530 --milvus-batch 20
 
 Both backends are driven through the engine's index classes (`VectorIndex`, `MilvusIndex`), the
 calls `recommend` makes: a top-10 search with the user's 3 seen rows excluded inside the search
@@ -85,6 +86,21 @@ def measure(idx, x: np.ndarray, queries: np.ndarray, seen: list[np.ndarray], ok:
     return out
 
 
+def batched(idx, queries: np.ndarray, seen: list[np.ndarray], batch: int, calls: int) -> dict:
+    """`search_batch` of `batch` queries per call (as `recommend_many` makes), the seen rows of all
+    of them excluded: the time per call and per query."""
+    times = []
+    for c in range(calls + 1):
+        qs = [i % len(queries) for i in range(c * batch, (c + 1) * batch)]
+        t = time.perf_counter()
+        idx.search_batch(queries[qs], K, exclude=np.concatenate([seen[i] for i in qs]))
+        if c:  # the first call is a warm-up
+            times.append(time.perf_counter() - t)
+    per_call = summary(times)
+    return {"batch": batch, "calls": len(times), "p50_ms_per_call": per_call.get("p50_ms"),
+            "p50_ms_per_query": round(per_call["p50_ms"] / batch, 2) if times else None}
+
+
 def run_faiss(kind: str, x: np.ndarray, args, data) -> dict:
     gc.collect()
     before = rss_bytes()
@@ -110,7 +126,7 @@ def run_milvus(kind: str, x: np.ndarray, args, data, workdir: Path) -> dict:
     db = workdir / f"bench-{kind}.db"
     gc.collect()
     before = rss_bytes()
-    home = MilvusHome(str(db))
+    home = MilvusHome(args.milvus_uri or str(db))
     try:
         idx = MilvusIndex(home, x.shape[1], kind, ef_search=args.ef_search)
         t = time.perf_counter()
@@ -119,13 +135,16 @@ def run_milvus(kind: str, x: np.ndarray, args, data, workdir: Path) -> dict:
         wait_indexed(idx)
         build = time.perf_counter() - t
         grew = rss_bytes() - before
-        res = {"backend": "milvus-lite", "kind": kind, "build_s": round(build, 2),
-               "insert_s": round(inserted, 2), "rss_growth_mb": round(grew / 2**20, 1),
-               "disk_mb": round(dir_bytes(db) / 2**20, 1),
+        res = {"backend": "milvus-server" if args.milvus_uri else "milvus-lite", "kind": kind,
+               "build_s": round(build, 2), "insert_s": round(inserted, 2), "rss_growth_mb": round(grew / 2**20, 1),
+               "disk_mb": None if args.milvus_uri else round(dir_bytes(db) / 2**20, 1),
                **measure(idx, x, *data[:3], n_plain=args.milvus_queries, n_filtered=args.milvus_filtered,
                          truth=data[-1])}
-    finally:  # no drop: Milvus Lite can fail one that races its background index build
-
+        if args.milvus_batch > 1:
+            res["batched"] = batched(idx, data[0], data[1], args.milvus_batch, args.milvus_batch_calls)
+    finally:  # no drop on Lite: it can fail one that races its background index build
+        if args.milvus_uri:
+            home.drop_all()
         home.close()
         shutil.rmtree(db, ignore_errors=True)
     return res
@@ -160,13 +179,14 @@ def table(result: dict) -> str:
     for size in result["sizes"]:
         lines += [f"\n{size['items']:,} items, {size['dim']} dims, k={K}, {SEEN} seen rows excluded\n",
                   "| backend | index | build s | RSS +MB | disk MB | p50 ms | p99 ms | recall@10 | "
-                  "filtered p50 ms | filtered p99 ms | filtered recall@10 | queries |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "filtered p50 ms | filtered p99 ms | filtered recall@10 | queries | batched ms/query |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in size["rows"]:
             p, f = r["plain"], r["filtered"]
             lines.append(f"| {r['backend']} | {r['kind']} | {r['build_s']} | {r['rss_growth_mb']} | {r['disk_mb']} | "
                          f"{p.get('p50_ms')} | {p.get('p99_ms')} | {p.get('recall_at_10')} | {f.get('p50_ms')} | "
-                         f"{f.get('p99_ms')} | {f.get('recall_at_10')} | {p.get('n')}/{f.get('n')} |")
+                         f"{f.get('p99_ms')} | {f.get('recall_at_10')} | {p.get('n')}/{f.get('n')} | "
+                         f"{(r.get('batched') or {}).get('p50_ms_per_query')} |")
     return "\n".join(lines)
 
 
@@ -179,6 +199,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--faiss-kinds", nargs="+", default=["hnsw", "hnsw-sq8", "flat"])
     ap.add_argument("--milvus-kinds", nargs="+", default=["hnsw", "hnsw-sq8"])
     ap.add_argument("--ef-search", type=int, default=128)
+    ap.add_argument("--milvus-uri", default=None,
+                    help="a Milvus server (http://127.0.0.1:19530) instead of Milvus Lite; its collections are dropped")
+    ap.add_argument("--milvus-batch", type=int, default=1,
+                    help="also time search_batch with this many queries per call (recommend_many's path)")
+    ap.add_argument("--milvus-batch-calls", type=int, default=5, help="timed batched calls")
     ap.add_argument("--out", type=Path, default=RESULTS / "backends-100k.json")
     args = ap.parse_args(argv)
     log = lambda m: print(m, flush=True)  # noqa: E731

@@ -19,7 +19,8 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,11 @@ BATCH_ROWS = 10_000
 MAX_TOPK = 16_384
 #: Live rows whose stored vector is compared with the store's when a collection is reattached.
 CHECK_SAMPLE = 64
+#: Seconds a write keeps retrying while the server is unreachable (a standalone server restarts in
+#: ~10 s on a 2-core host); then it raises StoreError and the collection is reconciled at reopen.
+RETRY_S = 30.0
+#: The status code of a search on a released collection ("collection not loaded").
+NOT_LOADED = 101
 _SCALE_HINT = "install the scale extra: pip install 'kindling[scale]'"
 
 _lite_lock = threading.Lock()
@@ -165,6 +171,7 @@ class MilvusIndex:
         self.collection: str | None = None
         self._held = np.zeros(0, dtype=bool)  # by row: the collection holds it
         self._n = 0
+        self._unconfirmed_deletes: set[int] = set()  # removed rows Milvus may still hold
 
     @property
     def client(self):
@@ -201,6 +208,7 @@ class MilvusIndex:
         self.collection = name
         self._held = np.zeros(0, dtype=bool)
         self._n = 0
+        self._unconfirmed_deletes.clear()
         self._write(rows, vectors, upsert=False)
         if len(rows):
             self.client.flush(name)  # seal the bulk load: Milvus indexes sealed segments
@@ -248,10 +256,12 @@ class MilvusIndex:
         return {int(e["id"]): np.asarray(e["vec"], np.float32) for e in got}
 
     def _write(self, rows: np.ndarray, vectors: np.ndarray, upsert: bool) -> None:
-        call = self.client.upsert if upsert else self.client.insert
+        self._retry_deletes()
         for s in range(0, len(rows), BATCH_ROWS):
-            call(self.collection, [{"id": int(r), "vec": v} for r, v in
-                                   zip(rows[s:s + BATCH_ROWS], vectors[s:s + BATCH_ROWS])])
+            batch = [{"id": int(r), "vec": v} for r, v in zip(rows[s:s + BATCH_ROWS], vectors[s:s + BATCH_ROWS])]
+            # After a lost connection an insert may have reached the server: upsert is idempotent.
+            self._call("write rows to", lambda b=batch, up=upsert: (self.client.upsert if up else self.client.insert)(
+                self.collection, b), lambda b=batch: self.client.upsert(self.collection, b))
         if len(rows):
             self._held = grown(self._held, int(rows.max()) + 1)
             self._n += int((~self._held[rows]).sum())
@@ -287,9 +297,39 @@ class MilvusIndex:
         rows = np.unique(np.asarray(rows, dtype=np.int64))
         rows = rows[self.contains(rows)]
         if len(rows):
-            self.client.delete(self.collection, ids=[int(r) for r in rows])
             self._held[rows] = False
             self._n -= len(rows)
+            # Until Milvus confirms the delete, every search excludes the rows (see _retry_deletes).
+            self._unconfirmed_deletes.update(int(r) for r in rows)
+            self._retry_deletes()
+
+    def _retry_deletes(self) -> None:
+        """Send the deletes Milvus has not confirmed (a removal while the server was unreachable)."""
+        if self._unconfirmed_deletes and self.collection is not None:
+            gone = sorted(self._unconfirmed_deletes)
+            self._call("delete rows from", lambda: self.client.delete(self.collection, ids=gone))
+            self._unconfirmed_deletes.difference_update(gone)
+
+    def _call(self, what: str, call: Callable[[], object], again: Callable[[], object] | None = None) -> object:
+        """Run a write, retrying while the server is unreachable for up to RETRY_S seconds.
+
+        Raises:
+            StoreError: Milvus stayed unreachable, or refused the write. The change is in the
+                store's log already; the collection is reconciled with it when the store reopens.
+        """
+        end, pause = time.monotonic() + RETRY_S, 0.2
+        while True:
+            try:
+                return call()
+            except Exception as exc:  # pymilvus's errors share no base class worth naming here
+                if not _unreachable(exc) or time.monotonic() >= end:
+                    raise StoreError(f"could not {what} Milvus collection {self.collection} at {self.home.uri} "
+                                     f"({exc}); the change is in the store's log, and the collection is "
+                                     "reconciled with it when the store is reopened") from exc
+                log.warning("Milvus at %s is unreachable (%s); retrying", self.home.uri, exc)
+            time.sleep(pause)
+            pause = min(2 * pause, 2.0)
+            call = again or call
 
     def stored(self, rows: np.ndarray, width: int | None = None) -> None:
         """None: the vectors live in Milvus, not in this process (the ranker reads the item table)."""
@@ -365,13 +405,32 @@ class MilvusIndex:
         empty = [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(q))]
         if self.collection is None or self._n == 0 or k <= 0 or not len(q):
             return empty
+        if self._unconfirmed_deletes:
+            gone = np.fromiter(self._unconfirmed_deletes, np.int64)
+            exclude = gone if exclude is None else np.concatenate([np.asarray(exclude, np.int64), gone])
         expr = self.filter_expression(exclude, allowed)
         if expr is None:
             return empty
         limit = int(min(k, self._n, MAX_TOPK))
-        found = self.client.search(self.collection, data=[v for v in q], limit=limit, filter=expr,
-                                   search_params=self._search_params(limit), output_fields=["id"],
-                                   anns_field="vec")
+        def call():
+            # Session: this client's own writes are visible (pymilvus sends their timestamp as the
+            # guarantee); the collection's Strong level would wait for the server's next time tick,
+            # ~200 ms on every search of a standalone server.
+            return self.client.search(self.collection, data=[v for v in q], limit=limit, filter=expr,
+                                      search_params=self._search_params(limit), anns_field="vec",
+                                      consistency_level="Session")
+
+        try:
+            try:
+                found = call()
+            except Exception as exc:  # noqa: BLE001 - pymilvus's errors share no useful base class
+                if getattr(exc, "code", None) != NOT_LOADED:
+                    raise
+                # A restarted server (standalone 2.3) comes back with the collection released.
+                self.client.load_collection(self.collection)
+                found = call()
+        except Exception as exc:  # a read is not retried further: the caller's request fails now
+            raise StoreError(f"Milvus search in {self.collection} at {self.home.uri} failed ({exc})") from exc
         out = []
         for hits in found:
             rows = np.array([int(h["id"]) for h in hits], np.int64)
@@ -395,6 +454,17 @@ class MilvusIndex:
         stored = self.stored_vectors(rows[pick])
         return all(int(rows[j]) in stored and np.allclose(stored[int(rows[j])], vectors[j], atol=1e-5)
                    for j in pick)
+
+
+def _unreachable(exc: Exception) -> bool:
+    """Whether a pymilvus error means the server could not be reached (worth retrying)."""
+    try:
+        import grpc
+    except ImportError:  # pragma: no cover - pymilvus depends on grpcio
+        grpc = None
+    if grpc is not None and isinstance(exc, grpc.RpcError):
+        return exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return getattr(exc, "code", None) == 2  # pymilvus's CONNECT_FAILED, raised once its reconnect fails
 
 
 def _check_rows(rows: np.ndarray, n: int) -> np.ndarray:
