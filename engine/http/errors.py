@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -57,8 +59,73 @@ def validation_message(exc: RequestValidationError) -> tuple[int, str]:
     return status, "; ".join(parts) or "invalid request"
 
 
+#: The body of every error answer, as the OpenAPI schema documents it.
+ERROR_SCHEMA: dict[str, Any] = {
+    "title": "Error", "type": "object", "required": ["detail"], "additionalProperties": False,
+    "properties": {"detail": {"type": "string", "title": "Detail", "description": "The rule the request broke."}},
+}
+#: What each error status means, as /docs shows it.
+MEANING = {
+    400: "A value breaks a rule (the message names it), or the body is not valid JSON.",
+    401: "A write without the server's API key.",
+    403: "A write sent to a read-only store.",
+    404: "An unknown item or user.",
+    409: "An item id the store already holds, without upsert.",
+    413: "The request body is over the server's limit.",
+    422: "The request does not have the documented shape or types.",
+    503: "The server is at its limit of requests at once (Retry-After), or the store is closed.",
+}
+#: Errors that follow from what one route does, beyond those its parameters imply (documented()).
+ROUTE_ERRORS = {("post", "/events"): (404,), ("post", "/items"): (409,)}
+#: Operations that need the API key for some requests only (/recommend: one that carries a
+#: profile, which is saved); FastAPI documents the key as always required.
+KEY_SOMETIMES = {("post", "/recommend")}
+
+
+def documented(method: str, path: str, operation: dict[str, Any]) -> tuple[int, ...]:
+    """The error statuses one operation of the OpenAPI schema may answer with."""
+    codes = {503}  # shed, or the store closed under it
+    if operation.get("parameters") or operation.get("requestBody"):
+        codes |= {400, 422}
+    if operation.get("requestBody"):
+        codes.add(413)
+    if any(p.get("in") == "path" for p in operation.get("parameters", ())):
+        codes.add(404)
+    if operation.get("security"):
+        codes |= {401, 403}
+    return tuple(sorted(codes | set(ROUTE_ERRORS.get((method, path), ()))))
+
+
+def document_errors(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` (an OpenAPI document) with every error answer documented as `{"detail": "..."}`
+    (FastAPI documents 422 as its own list of validation errors, which errors.py never sends),
+    and the key documented as optional where only some requests need it."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    components["Error"] = ERROR_SCHEMA
+    content = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            if (method, path) in KEY_SOMETIMES and operation.get("security"):
+                operation["security"] = [{}, *operation["security"]]  # {}: no key is also accepted
+            responses = operation.setdefault("responses", {})
+            for code in documented(method, path, operation):
+                responses[str(code)] = {"description": MEANING[code], "content": content}
+    return schema
+
+
 def install(app: FastAPI) -> None:
-    """Register the handlers: engine errors, schema errors, HTTP errors, and anything else."""
+    """Register the handlers: engine errors, schema errors, HTTP errors, and anything else; and
+    document the errors' shape in the app's OpenAPI schema."""
+    make_schema = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_errors(make_schema())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(EngineError)
     async def engine_error(request: Request, exc: EngineError) -> JSONResponse:
@@ -81,4 +148,4 @@ def install(app: FastAPI) -> None:
         return error(500, f"internal error ({type(exc).__name__}); see the server log")
 
 
-__all__ = ["STATUS", "install", "status_of"]
+__all__ = ["ERROR_SCHEMA", "STATUS", "document_errors", "install", "status_of"]
