@@ -357,22 +357,36 @@ def import_(store: Path, events_file: Path, min_value: float | None, as_json: bo
 @click.option("--max-queue", type=click.IntRange(min=0), default=None, metavar="N",
               help="Requests admitted at once, running or waiting; the next is answered 503 with "
                    "Retry-After at once (/healthz and /metrics never are). 0: no limit  [default: 16].")
+@click.option("--batch-window-ms", type=click.FloatRange(0, 1000), default=None, metavar="MS",
+              help="/recommend calls (without profile or exclude) arriving within MS of each other are "
+                   "answered by one batched call, each with the list it would get alone. 0: off  [default: 1].")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, metavar="N",
+              help="Processes serving the one port, to use N cores: the store's writer and N-1 read "
+                   "replicas that follow its log; a write that reaches a replica is forwarded to the "
+                   "writer. A worker that dies is started again. 1: this process alone.")
 @user_errors
 def serve(store: Path, host: str, port: int, api_key_file: Path | None, replica: bool,
-          max_queue: int | None) -> None:
+          max_queue: int | None, batch_window_ms: float | None, workers: int) -> None:
     """Serve STORE over HTTP (the serve extra): one process, the store's only writer.
 
-    With --replica, any number of read-only processes may serve STORE beside that writer; a
-    click it records shows on them within milliseconds (docs/scaling.md).
+    With --workers N, N processes share the port: the writer and N-1 read replicas, which pass
+    writes on to it (docs/scaling.md). With --replica, any number of read-only processes may serve
+    STORE beside that writer; a click it records shows on them within milliseconds.
     OpenAPI docs at /docs. SIGTERM or Ctrl-C answers the requests in flight, then saves."""
+    if replica and workers > 1:
+        raise click.UsageError("--replica is one read-only process; --workers starts its own writer and "
+                               "replicas: use one or the other")
     try:
+        from .http.batching import BATCH_WINDOW_S
         from .http.middleware import MAX_QUEUE
         from .http.server import read_api_key, serve as run_server
     except ImportError as exc:
         raise click.ClickException(f"'kindling serve' needs the serve extra (pip install 'kindling[serve]'): "
                                    f"{exc}") from exc
     run_server(store, host, port, read_api_key(api_key_file) if api_key_file else None, replica=replica,
-               max_queue=MAX_QUEUE if max_queue is None else max_queue)
+               max_queue=MAX_QUEUE if max_queue is None else max_queue,
+               batch_window_s=BATCH_WINDOW_S if batch_window_ms is None else batch_window_ms / 1000,
+               workers=workers)
 
 
 @main.command()

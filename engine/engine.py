@@ -879,6 +879,16 @@ class Engine:
         """A following replica's position (applied_seq, generation, behind_s, error, ...); else None."""
         return None if self._follower is None else self._follower.lag()
 
+    def log_position(self) -> int:
+        """The sequence number of the next log record: the writer has logged every record below
+        it; a read-only engine (a replica) holds every record below it in its state.
+
+        A replica that reaches the writer's position after a write shows that write
+        (`kindling serve --workers` waits for it). One integer read, no lock.
+        """
+        log = self._log
+        return log.next_seq if log is not None else self._replayed_seq
+
     # ---- the online step ----------------------------------------------------------------------
     def settle(self) -> int:
         """Take now, in this thread, the online steps still waiting for recorded clicks.

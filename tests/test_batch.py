@@ -39,6 +39,25 @@ def test_batch_equals_single_calls(busy, kwargs):
         assert busy.recommend_many(USERS, k=k, **kwargs) == [busy.recommend(u, k=k, **kwargs) for u in USERS]
 
 
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_batch_equals_single_calls_on_an_approximate_index(tmp_path, fake_encoder, rng, kind):
+    """The batch asks FAISS for more rows with one selector and drops each user's seen rows after,
+    where a single call excludes them inside the search: on a narrow HNSW (or IVF) that could in
+    principle find other rows. It must not change any answer (the service batches concurrent
+    calls), and on FAISS it does not."""
+    cfg = Config(index=kind, hnsw_m=4, hnsw_ef_search=8, retrieve=8, popular_candidates=3, coclick_candidates=3)
+    with Engine.create(tmp_path / kind, cfg, encoder=fake_encoder) as eng:
+        vecs = rng.standard_normal((600, fake_encoder.dim)).astype(np.float32)
+        eng.add_items([Item(f"i{n}", f"Item {n}", categories=(f"c{n % 3}",)) for n in range(600)],
+                      vectors=vecs / np.linalg.norm(vecs, axis=1, keepdims=True))
+        for u in range(30):
+            for n in rng.choice(600, size=1 + u, replace=False):
+                eng.record(f"u{u}", f"i{n}")
+        users = [f"u{u}" for u in range(30)] + ["nobody"]
+        for kwargs in ({}, {"filter": Filter(categories_none=["c0"])}):
+            assert eng.recommend_many(users, k=10, **kwargs) == [eng.recommend(u, k=10, **kwargs) for u in users]
+
+
 def test_batch_searches_faiss_once(busy, monkeypatch):
     calls = []
     real = VectorIndex.search_batch

@@ -33,7 +33,8 @@ from engine.http.middleware import MAX_QUEUE, RETRY_AFTER_S  # noqa: E402
 
 from helpers.serving import ROOT, TIMEOUT, free_port  # noqa: E402
 
-#: The server: `create_app` over the store, `recommend` held by a gate file, then `hold` seconds.
+#: The server: `create_app` over the store, `recommend` (and `recommend_many`, which answers
+#: concurrent /recommend calls together) held by a gate file, then `hold` seconds.
 SCRIPT = """
 import os, sys, time
 import uvicorn
@@ -47,12 +48,19 @@ class Held:
     def __getattr__(self, name):
         return getattr(engine, name)
 
-    def recommend(self, *args, **kwargs):
+    def hold(self):
         deadline = time.monotonic() + 60
         while gate != "-" and not os.path.exists(gate) and time.monotonic() < deadline:
             time.sleep(0.005)
         time.sleep(float(hold))
+
+    def recommend(self, *args, **kwargs):
+        self.hold()
         return engine.recommend(*args, **kwargs)
+
+    def recommend_many(self, *args, **kwargs):  # the service's micro-batches
+        self.hold()
+        return engine.recommend_many(*args, **kwargs)
 
 app = create_app(Held(), max_queue=int(max_queue), close_on_shutdown=True)
 uvicorn.run(app, host="127.0.0.1", port=int(port), log_level="warning")

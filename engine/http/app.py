@@ -17,20 +17,25 @@ import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
+from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..engine import Engine
 from ..types import Item
 from . import errors
+from .batching import BATCH_WINDOW_S, Options, RecommendBatcher
 from .metrics import Metrics
 from .middleware import MAX_QUEUE, ServiceMiddleware
 from .schemas import BatchBody, EventBody, ItemsBody, RecommendBody, SimilarQuery
+
+if TYPE_CHECKING:
+    from .forward import WorkerLink
 
 #: One page of plain HTML and JavaScript over this same API (GET /): no build step.
 PLAYGROUND = Path(__file__).with_name("playground.html")
@@ -41,7 +46,8 @@ DOCS_ASSETS = "/docs-assets"
 
 
 def create_app(engine: Engine, api_key: str | None = None, max_body: int = MAX_BODY_BYTES,
-               close_on_shutdown: bool = False, max_queue: int = MAX_QUEUE) -> FastAPI:
+               close_on_shutdown: bool = False, max_queue: int = MAX_QUEUE,
+               batch_window_s: float = BATCH_WINDOW_S, worker: WorkerLink | None = None) -> FastAPI:
     """The service over `engine`.
 
     Args:
@@ -54,9 +60,13 @@ def create_app(engine: Engine, api_key: str | None = None, max_body: int = MAX_B
             after the requests in flight have been answered.
         max_queue: the most requests admitted at once, running or waiting (/healthz and /metrics
             aside); the next is answered 503 with `Retry-After` at once. 0: no limit.
+        batch_window_s: concurrent /recommend calls that arrive within this many seconds of each
+            other are answered by one `recommend_many` (batching.py); 0: each alone.
+        worker: this process is one of `kindling serve --workers N` (forward.py): a replica
+            forwards writes to the writer, /metrics covers every worker, answers name the worker.
 
     Raises:
-        ValueError: max_queue is not an integer >= 0.
+        ValueError: max_queue is not an integer >= 0, or batch_window_s not in [0, 1].
     """
     if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
         raise ValueError(f"max_queue must be an integer >= 0 (0: no limit); got {max_queue!r}")
@@ -74,17 +84,28 @@ def create_app(engine: Engine, api_key: str | None = None, max_body: int = MAX_B
                          swagger_ui_parameters={"validatorUrl": None},
                          description="Cold-start recommendations over one Kindling store.")
     metrics = Metrics()
+    batcher = RecommendBatcher(engine, batch_window_s)
     app.add_middleware(ServiceMiddleware, metrics=metrics, max_body=max_body, max_queue=max_queue)
+    if worker is not None:  # outermost: a forwarded write is shed, limited and counted by the writer
+        from .forward import WorkerMiddleware
+
+        app.add_middleware(WorkerMiddleware, link=worker, engine=engine, max_body=max_body)
     errors.install(app)
     writer = [Depends(_writer(api_key))]
 
     @app.post("/recommend", summary="Top-k items for a user, new or known")
-    def recommend(body: RecommendBody,
-                  creds: HTTPAuthorizationCredentials | None = Depends(BEARER)) -> dict[str, Any]:
+    async def recommend(body: RecommendBody,
+                        creds: HTTPAuthorizationCredentials | None = Depends(BEARER)) -> dict[str, Any]:
+        """Calls without a profile or `exclude` that arrive together are answered by one batched
+        call (`kindling serve --batch-window-ms`); each gets the list it would get alone."""
         if body.profile is not None:  # the profile is saved with the user: a write
             _check_key(api_key, creds)
-        recs = engine.recommend(body.user_id, k=body.k, profile=body.profile, filter=body.filter(),
-                                exclude=body.exclude, diversity=body.diversity, explain=body.explain)
+        if body.profile is None and not body.exclude:
+            recs = await batcher.recommend(body.user_id, Options(body.k, body.filter(), body.diversity, body.explain))
+        else:
+            recs = await run_in_threadpool(
+                engine.recommend, body.user_id, k=body.k, profile=body.profile, filter=body.filter(),
+                exclude=body.exclude, diversity=body.diversity, explain=body.explain)
         return {"user": body.user_id, "items": [r.as_dict() for r in recs]}
 
     @app.post("/recommend/batch", summary="Top-k items for each of several users (one batched search)")
@@ -138,7 +159,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_body: int = MAX_B
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
     def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(engine.stats()),
+        return PlainTextResponse(metrics.render(engine.stats()) + batcher.render(),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app

@@ -4,7 +4,9 @@
 `/items/{item_id}/similar`, so ids never become labels), a counter per status code, a counter of
 the requests shed (middleware.py) and the gauge of requests in flight.
 The store's own figures (events, items, model generation) are read from `Engine.stats()` when
-/metrics is asked for.
+/metrics is asked for. With `kindling serve --workers`, `label_workers` joins every worker's text
+into one, each sample labelled with its `worker` (forward.py gathers them), and `worker_gauges`
+adds each worker's state.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 #: Upper bounds of the latency buckets, in seconds.
@@ -95,8 +98,76 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
+def label_workers(texts: Sequence[tuple[str, str]]) -> list[str]:
+    """Several processes' exposition texts as one: every sample gains a `worker` label.
+
+    Args:
+        texts: (worker label, that worker's /metrics text), in the order to show them.
+    Returns:
+        The lines: each metric family once (its HELP and TYPE as the first worker wrote them,
+        then every worker's samples), families in the order first seen.
+    """
+    heads: dict[str, list[str]] = {}
+    samples: dict[str, list[str]] = {}
+    for worker, text in texts:
+        family = ""
+        for line in text.splitlines():
+            if line.startswith("# "):
+                parts = line.split(" ", 3)
+                if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                    family = parts[2]
+                    head = heads.setdefault(family, [])
+                    if not any(h.split(" ", 2)[1] == parts[1] for h in head):
+                        head.append(line)
+                continue
+            if not line.strip():
+                continue
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            owner = family if family and name.startswith(family) else name  # _bucket, _sum, _count
+            heads.setdefault(owner, [])
+            samples.setdefault(owner, []).append(with_label(line, "worker", worker))
+    return [line for family, head in heads.items() for line in (*head, *samples.get(family, ()))]
+
+
+def with_label(sample: str, key: str, value: str) -> str:
+    """`sample` (one exposition line: name, optional labels, value) with `key="value"` added."""
+    brace, space = sample.find("{"), sample.find(" ")
+    label = f'{key}="{_escape(value)}"'
+    if brace != -1 and (space == -1 or brace < space):
+        end = sample.rfind("}")  # the value after it is a number: the last brace closes the labels
+        return f"{sample[:end]}{',' if sample[end - 1] != '{' else ''}{label}{sample[end:]}"
+    return f"{sample[:space]}{{{label}}}{sample[space:]}"
+
+
+def worker_gauges(workers: Sequence[dict[str, Any]]) -> list[str]:
+    """The gauges of `kindling serve --workers`: which workers answered, their restarts, their
+    log positions and how many records each replica is behind the writer.
+
+    Args:
+        workers: one dict per worker, by index: `worker`, `role`, `up` and, when up,
+            `restarts` and `log_position` (Engine.log_position).
+    """
+    up = [w for w in workers if w["up"]]
+    writer = next((w for w in up if w["role"] == "writer"), None)
+    families = (
+        ("worker_up", "1 when the worker answered this scrape (kindling serve --workers), else 0.",
+         [(w, int(w["up"])) for w in workers]),
+        ("worker_restarts", "Times the supervisor restarted this worker after it died.",
+         [(w, w["restarts"]) for w in up]),
+        ("log_position", "The next log sequence number: the writer logged, a replica applied, every record "
+         "below it.", [(w, w["log_position"]) for w in up]),
+        ("replica_behind_records", "Log records the writer holds that this replica has not applied yet.",
+         [(w, max(0, writer["log_position"] - w["log_position"])) for w in up if w["role"] == "replica"]
+         if writer else []))
+    out = []
+    for name, help_, values in families:
+        out += [f"# HELP kindling_{name} {help_}", f"# TYPE kindling_{name} gauge"]
+        out += [f'kindling_{name}{{worker="{w["worker"]}",role="{w["role"]}"}} {v}' for w, v in values]
+    return out
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-__all__ = ["BUCKETS", "Metrics"]
+__all__ = ["BUCKETS", "Metrics", "label_workers", "with_label", "worker_gauges"]

@@ -27,9 +27,9 @@ def free_port() -> int:
 class Server:
     """`python -m engine.cli serve STORE` in a subprocess, its log in a file."""
 
-    def __init__(self, store: Path, log: Path, key_file: Path | None = None) -> None:
+    def __init__(self, store: Path, log: Path, key_file: Path | None = None, extra: list[str] | None = None) -> None:
         self.store, self.log_path, self.port = store, log, free_port()
-        args = [sys.executable, "-m", "engine.cli", "serve", str(store), "--port", str(self.port)]
+        args = [sys.executable, "-m", "engine.cli", "serve", str(store), "--port", str(self.port), *(extra or [])]
         if key_file is not None:
             args += ["--api-key-file", str(key_file)]
         self.log = open(log, "ab")
