@@ -45,7 +45,7 @@ from schemathesis.checks import positive_data_acceptance  # noqa: E402
 from conftest import FakeEncoder, small_catalog  # noqa: E402
 from engine import Config, Engine  # noqa: E402
 
-from helpers.serving import ROOT, TIMEOUT, free_port  # noqa: E402
+from helpers.serving import ROOT, TIMEOUT, free_port, wait_ready  # noqa: E402
 
 LONG = os.environ.get("KINDLING_LONG", "") not in ("", "0")
 #: Cases per operation (each of valid and invalid data), and stateful scenarios.
@@ -93,16 +93,7 @@ class FuzzServer:
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         self.url = f"http://127.0.0.1:{self.port}"
         self.client = httpx.Client(base_url=self.url, timeout=TIMEOUT)
-        deadline = time.monotonic() + 120
-        while True:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if self.client.get("/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, self.output()
-            time.sleep(0.1)
+        wait_ready(self.proc, self.client, self.output)
 
     def output(self) -> str:
         self.log.flush()

@@ -31,7 +31,7 @@ from engine.cli import main  # noqa: E402
 from engine.http.app import create_app  # noqa: E402
 from engine.http.middleware import MAX_QUEUE, RETRY_AFTER_S  # noqa: E402
 
-from helpers.serving import ROOT, TIMEOUT, free_port  # noqa: E402
+from helpers.serving import ROOT, TIMEOUT, free_port, wait_ready  # noqa: E402
 
 #: The server: `create_app` over the store, `recommend` (and `recommend_many`, which answers
 #: concurrent /recommend calls together) held by a gate file, then `hold` seconds.
@@ -77,16 +77,7 @@ class Process:
                                      stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         self.url = f"http://127.0.0.1:{self.port}"
         self.client = httpx.Client(base_url=self.url, timeout=TIMEOUT)
-        deadline = time.monotonic() + 120
-        while True:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if self.client.get("/healthz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, self.output()
-            time.sleep(0.1)
+        wait_ready(self.proc, self.client, self.output)
 
     def extra(self) -> list[str]:
         return []

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -22,6 +23,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_ready(proc: subprocess.Popen, client: httpx.Client, output: Callable[[], str],
+               limit_s: float = 120.0) -> None:
+    """Return once the server `proc` answers GET /healthz with 200 through `client`; fail with its
+    `output()` if it exits first or is not ready after `limit_s`."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{output()}")
+        try:
+            if client.get("/healthz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"server not ready after {limit_s}s:\n{output()}")
 
 
 class Server:
@@ -40,17 +58,7 @@ class Server:
         self._wait_ready()
 
     def _wait_ready(self, limit_s: float = 120.0) -> None:
-        deadline = time.monotonic() + limit_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if self.client.get("/healthz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"server not ready after {limit_s}s:\n{self.output()}")
+        wait_ready(self.proc, self.client, self.output, limit_s)
 
     def output(self) -> str:
         if not self.log.closed:
