@@ -56,3 +56,17 @@ def test_swagger_ui_bundle_is_javascript_and_the_css_is_css(client):
 def test_the_assets_are_not_part_of_the_api(client):
     paths = client.get("/openapi.json").json()["paths"]
     assert not [p for p in paths if p.startswith(("/docs", "/redoc"))]
+
+
+@pytest.mark.parametrize("key", [None, "k" * 16])
+def test_the_schema_names_the_key_only_where_the_server_checks_one(tmp_path, fake_encoder, key):
+    from engine.http.app import create_app
+
+    with Engine.create(tmp_path / "store", encoder=fake_encoder) as eng:
+        paths = create_app(eng, api_key=key).openapi()["paths"]
+    events, recommend = paths["/events"]["post"], paths["/recommend"]["post"]
+    if key is None:
+        assert "security" not in events and "security" not in recommend and "401" not in events["responses"]
+    else:
+        assert events["security"] == [{"HTTPBearer": []}] and "401" in events["responses"]
+        assert recommend["security"] == [{}, {"HTTPBearer": []}]  # only a request with a profile

@@ -90,7 +90,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_body: int = MAX_B
         from .forward import WorkerMiddleware
 
         app.add_middleware(WorkerMiddleware, link=worker, engine=engine, max_body=max_body)
-    errors.install(app)
+    errors.install(app, keyed=api_key is not None)
     writer = [Depends(_writer(api_key))]
 
     @app.post("/recommend", summary="Top-k items for a user, new or known")

@@ -96,10 +96,11 @@ def documented(method: str, path: str, operation: dict[str, Any]) -> tuple[int, 
     return tuple(sorted(codes | set(ROUTE_ERRORS.get((method, path), ()))))
 
 
-def document_errors(schema: dict[str, Any]) -> dict[str, Any]:
+def document_errors(schema: dict[str, Any], keyed: bool = True) -> dict[str, Any]:
     """`schema` (an OpenAPI document) with every error answer documented as `{"detail": "..."}`
     (FastAPI documents 422 as its own list of validation errors, which errors.py never sends),
-    and the key documented as optional where only some requests need it."""
+    and the key documented as optional where only some requests need it; with `keyed` False (a
+    server without an API key) as needed nowhere."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components.pop("HTTPValidationError", None)
     components.pop("ValidationError", None)
@@ -107,7 +108,9 @@ def document_errors(schema: dict[str, Any]) -> dict[str, Any]:
     content = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     for path, operations in schema.get("paths", {}).items():
         for method, operation in operations.items():
-            if (method, path) in KEY_SOMETIMES and operation.get("security"):
+            if not keyed:
+                operation.pop("security", None)
+            elif (method, path) in KEY_SOMETIMES and operation.get("security"):
                 operation["security"] = [{}, *operation["security"]]  # {}: no key is also accepted
             responses = operation.setdefault("responses", {})
             for code in documented(method, path, operation):
@@ -115,14 +118,15 @@ def document_errors(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, keyed: bool = True) -> None:
     """Register the handlers: engine errors, schema errors, HTTP errors, and anything else; and
-    document the errors' shape in the app's OpenAPI schema."""
+    document the errors' shape in the app's OpenAPI schema (`keyed`: the server checks an API key
+    on writes; without one the schema names no key)."""
     make_schema = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = document_errors(make_schema())
+            app.openapi_schema = document_errors(make_schema(), keyed)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
