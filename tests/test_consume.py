@@ -108,6 +108,22 @@ def test_event_ids_are_applied_once_across_batches_restarts_and_snapshots(r, sto
         assert eng.user_history("u0") == [ITEMS[0]]
 
 
+def test_a_restarted_consumer_counts_the_records_its_predecessors_left_toward_save_every(r, store):
+    """A consumer killed before `save_every` events used to start counting at 0 again, so one that
+    kept restarting never saved and every restart replayed a longer log (found by the soak)."""
+    xadd_all(r, r.stream, [ev(n) for n in range(30)])
+    with Engine.open(store, encoder=FakeEncoder()) as eng:
+        assert run(eng, r, batch=10, save_every=50).applied == 30
+        eng.close(save=False)  # as a killed consumer leaves it: 30 records in the log
+    xadd_all(r, r.stream, [ev(n) for n in range(30, 60)])
+    with Engine.open(store, encoder=FakeEncoder()) as eng:
+        gen = eng.stats()["generation"]
+        assert run(eng, r, batch=10, save_every=50).applied == 30
+        assert eng.stats()["generation"] == gen + 1  # 30 + 20 records waiting: saved
+        assert eng.stats()["pending_log_records"] == 10
+        eng.close(save=False)
+
+
 MALFORMED = [
     ({"user_id": "u1", "item_id": "space-0", "event": "click"}, "missing field(s) event_id"),
     ({"event_id": "m1", "user_id": "u1", "event": "click"}, "missing field(s) item_id"),

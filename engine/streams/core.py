@@ -178,14 +178,15 @@ def consume(engine: Engine, source: Source, batch: int = 500, until_idle: float 
         batch: most messages per batch (one write-lock hold and one fsync each).
         until_idle: return once no message has come for this many seconds (None: run on).
         stop: set it (from a signal handler, say) to return after the batch in hand.
-        save_every: write a snapshot after this many applied events, so the log stays short.
+        save_every: write a snapshot once this many records wait in the log, those an earlier
+            (killed) consumer left counted too, so the log stays short however often it restarts.
         on_batch: called after each batch is settled, with its results and the running counts.
     """
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise InvalidInputError(f"batch must be a positive integer; got {batch!r}")
     stop = stop or threading.Event()
     summary, start = Summary(), time.monotonic()
-    last, unsaved = start, 0
+    last, unsaved = start, engine.stats()["pending_log_records"]
     while not stop.is_set():
         wait = 1.0 if until_idle is None else max(0.0, min(1.0, until_idle - (time.monotonic() - last)))
         messages = source.read(batch, wait)
