@@ -1051,7 +1051,8 @@ def _query(k: int, exclude_seen: bool, candidates: Sequence[str] | None, exclude
     _check_k(k)
     if isinstance(diversity, bool) or not isinstance(diversity, (int, float)) or not 0.0 <= diversity <= 1.0:
         raise InvalidInputError(f"diversity must be a number between 0 and 1; got {diversity!r}")
-    return queries.Query(k, exclude_seen, candidates, exclude, check_filter(flt), bool(explain), float(diversity))
+    return queries.Query(k, exclude_seen, candidates, check_exclude(exclude), check_filter(flt), bool(explain),
+                         float(diversity))
 
 
 def _check_k(k: int) -> None:

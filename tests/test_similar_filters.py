@@ -88,6 +88,8 @@ BAD = [
 def test_bad_filter_or_exclude_is_refused_naming_the_rule(flat, kwargs, rule):
     with pytest.raises(InvalidInputError, match="^" + rule.replace("(", r"\(").replace(")", r"\)")):
         flat.similar_items("space-0", k=3, **kwargs)
+    with pytest.raises(InvalidInputError, match="^" + rule.replace("(", r"\(").replace(")", r"\)")):
+        flat.recommend("someone", k=3, **kwargs)  # the same check (a bare string was read as its characters)
 
 
 def test_a_bad_filter_rule_is_refused_where_the_filter_is_made():
