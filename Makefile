@@ -38,10 +38,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
 # The soak (docs/reliability.md, "Soak"): real processes SIGKILLed SOAK_KILLS times under traffic.
-# Not part of `make test`; about 45 minutes for 1,000 kills on 2 cores.
+# Not part of `make test`; about 45 minutes for 1,000 kills on 2 cores, then the long API fuzz
+# (docs/reliability.md, "Fuzzed API": 1,000 cases per operation and the stateful scenarios).
 SOAK_KILLS ?= 1000
 soak: $(STAMP)
 	SOAK_KILLS=$(SOAK_KILLS) $(BIN)/python benchmarks/soak.py
+	KINDLING_LONG=1 $(BIN)/python -m pytest -q -s tests/test_api_fuzz.py
 
 clean:
 	rm -rf $(VENV) demo-store .pytest_cache
