@@ -86,9 +86,9 @@ def latency(setup: Setup, names: list[str], modes: dict[str, int | None], chunk:
 
 def _query(eng: Engine, user_id: str) -> tuple[np.ndarray, np.ndarray]:
     """The user's query vector and seen rows, exactly as recommend() builds them (read-only)."""
-    user = eng._state.users.get(user_id)
+    user = eng._core.state.users.get(user_id)
     seen = np.fromiter(user.seen(), np.int64, len(user.seen()))
-    return eng._state.ranker.query(user.vector), seen
+    return eng._core.state.ranker.space.query(user.vector), seen
 
 
 def recall(setup: Setup, exact: str, names: list[str], n_queries: int = 200) -> dict[str, dict[str, Any]]:
@@ -101,10 +101,10 @@ def recall(setup: Setup, exact: str, names: list[str], n_queries: int = 200) -> 
 
 def _recall(setup: Setup, exact: str, names: list[str], users: list[str]) -> dict[str, dict[str, Any]]:
     qs = [_query(setup.engines[exact], u) for u in users]
-    truth = [setup.engines[exact]._state.index.search(q, 10, exclude=seen)[0] for q, seen in qs]
+    truth = [setup.engines[exact]._core.state.index.search(q, 10, exclude=seen)[0] for q, seen in qs]
     out = {}
     for name in names:
-        index, retrieve = setup.engines[name]._state.index, setup.engines[name].config.retrieve
+        index, retrieve = setup.engines[name]._core.state.index, setup.engines[name].config.retrieve
         at10, in_cand, t_ann = [], [], []
         for (q, seen), gt in zip(qs, truth):
             t = time.perf_counter()

@@ -107,11 +107,11 @@ def install(stages: Stages) -> None:
     if _INSTALLED:
         return
     _INSTALLED.append(True)
-    from engine.state.apply import State
+    from engine.runtime.state import State
     from engine.training import fit as fitmod
     from engine.training import towers, reranker
     from engine.serving.ranking import Ranker
-    from engine.engine import Engine as E
+    from engine.runtime.core import Core
 
     stages.wrap(fitmod, "training_users", "training_users")
     stages.wrap(fitmod, "fit_towers", "towers (total)")
@@ -123,21 +123,21 @@ def install(stages: Stages) -> None:
     stages.wrap(reranker, "listwise_loss", "reranker: training: loss fwd")
     stages.wrap(reranker, "model_recalls", "reranker: training: validation")
     stages.wrap(reranker, "small_buckets", "reranker: per-bucket cross-validation")
-    stages.wrap(Ranker, "refresh_item_vectors", "refresh_item_vectors")
-    stages.wrap(Ranker, "rebuild_coclicks", "rebuild_coclicks")
+    stages.wrap(Ranker, "refresh", "refresh item vectors")
+    stages.wrap(State, "rebuild_coclicks", "rebuild_coclicks")
     stages.wrap(State, "rebuild_index", "rebuild_index")
     stages.wrap(State, "rederive", "rederive users")
-    stages.wrap(E, "_commit", "snapshot (_commit)")
+    stages.wrap(Core, "commit", "snapshot (commit)")
 
 
 def weights_of(eng: Engine) -> dict[str, np.ndarray]:
-    st = eng._state  # noqa: SLF001 - a benchmark reads the trained state
+    st = eng._core.state  # noqa: SLF001 - a benchmark reads the trained state
     out = {f"w.{k}": np.asarray(v) for k, v in st.ranker.model_tensors(st.proj).items()}
     return out
 
 
 def top10(eng: Engine, n_users: int = 300) -> np.ndarray:
-    users = sorted(eng._state.users.vocab.ids())[:n_users]  # noqa: SLF001
+    users = sorted(eng._core.state.users.vocab.ids())[:n_users]  # noqa: SLF001
     rows = []
     for u in users:
         recs = eng.recommend(u, k=10)
@@ -157,7 +157,7 @@ def run_once(enc: TextLookup, profile: bool, dump: Path | None, fit_threads: int
         events = read_events(CATALOG, min_value=4.0)
         eng = Engine.open(store, encoder=enc)
         if fit_threads is not None:  # Config.fit_threads for this run only (not saved in the base)
-            st = eng._state  # noqa: SLF001
+            st = eng._core.state  # noqa: SLF001
             st.config = st.config.replace(fit_threads=fit_threads)
         stages = Stages()
         install(stages)
@@ -185,7 +185,7 @@ def run_once(enc: TextLookup, profile: bool, dump: Path | None, fit_threads: int
             recs = top10(eng)
             np.savez(dump / "fit.npz", top10=recs, **weights_of(eng))
             sc = [[r.score for r in eng.recommend(u, k=10)]
-                  for u in sorted(eng._state.users.vocab.ids())[:300]]  # noqa: SLF001
+                  for u in sorted(eng._core.state.users.vocab.ids())[:300]]  # noqa: SLF001
             np.save(dump / "scores.npy", np.array([s + [np.nan] * (10 - len(s)) for s in sc], np.float64))
         eng.close()
         return out

@@ -39,7 +39,7 @@ from fit import TextLookup  # noqa: E402
 from engine import Config, Engine  # noqa: E402
 from engine.models.rerank import Reranker  # noqa: E402
 from engine.serving.ranking import Ranker  # noqa: E402
-from engine.state.apply import State  # noqa: E402
+from engine.runtime.state import State  # noqa: E402
 from engine.text.catalog import read_events  # noqa: E402
 
 CHUNK = 25

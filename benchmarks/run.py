@@ -99,7 +99,7 @@ def one_item_adds(s: be.Setup, plan, fallback, int8, threads: int | None, mode: 
     # texts unique per size and mode: the encoder's cache must not answer for the model
     out = {"torch": be.one_item_add(s, "ann", catalog, plan["adds"], f"new-t-{s.n}-{mode}-", threads)}
     if int8 is not None:
-        enc = s.engines["ann"]._encoder  # the LookupEncoder this engine was built with (read-only use)
+        enc = s.engines["ann"]._core.encoders.current  # the LookupEncoder this engine was built with (read-only use)
         enc.fallback = int8
         out["onnx-int8"] = be.one_item_add(s, "ann", catalog[500:], plan["adds"], f"new-q-{s.n}-{mode}-",
                                            threads)

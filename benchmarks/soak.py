@@ -132,7 +132,7 @@ class Soak:
             self.exp_a.http(eng, self.clients.sent)
             hist, tally = self.exp_a.hist, self.exp_a.tally
             found, dup_a = compare(eng, hist, self.exp_a.items)
-            events_a = eng._state.events()
+            events_a = eng._core.state.events()
         finally:
             eng.close()
         problems += found
@@ -146,8 +146,8 @@ class Soak:
             self.exp_b.stream(entries)
             hist_b = self.exp_b.hist
             found, dup_b = compare(eng, hist_b, self.exp_b.items)
-            applied = len(eng._state.event_ids)
-            events_b = eng._state.events()
+            applied = len(eng._core.state.event_ids)
+            events_b = eng._core.state.events()
         finally:
             eng.close()
         problems += found

@@ -34,7 +34,7 @@ class Expected:
     def http(self, eng: Engine, sent: list[Sent]) -> None:
         """The clients' new events: acked ones must be there; one in doubt (the server died before
         answering) may be there or not; refused or unsent ones must not."""
-        keys = eng._state.event_keys
+        keys = eng._core.state.event_keys
         for c, s in enumerate(sent):
             start, events = self.seen.get(c, 0), s.events[:]
             self.seen[c] = len(events)
@@ -60,7 +60,7 @@ class Expected:
 
 def compare(eng: Engine, hist: dict, items: Counter) -> tuple[list[str], int]:
     """Mismatches between the store and the expectation, and events the store holds twice or more."""
-    st, problems, dup = eng._state, [], 0
+    st, problems, dup = eng._core.state, [], 0
     for user, (clicks, skips) in hist.items():
         u = st.users.get(user)
         got_c = [] if u is None else [st.items.vocab.id(r) for r in u.clicks]

@@ -171,8 +171,8 @@ def disk_full_inside(mnt: Path) -> int:
         dup += max(0, len(got) - len(items))
     if eng.stats()["pending_log_records"]:
         failures.append("the closing snapshot with space again was not written")
-    if len(eng._state.users) != len(want):
-        failures.append(f"{len(eng._state.users)} users stored, {len(want)} with acknowledged events")
+    if len(eng._core.state.users) != len(want):
+        failures.append(f"{len(eng._core.state.users)} users stored, {len(want)} with acknowledged events")
     eng.close()
     if lost or dup:
         failures.append(f"{lost} acknowledged events lost, {dup} duplicated")

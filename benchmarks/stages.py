@@ -45,8 +45,9 @@ from bench_data import LookupEncoder, catalog_vectors, synthetic, synthetic_item
 from bench_timing import busy_host, finish, method_timer, summary, throughput  # noqa: E402
 
 from engine import Config, Engine, Event  # noqa: E402
-from engine.serving import queries as queries_mod  # noqa: E402
+from engine.runtime import queries as queries_mod  # noqa: E402
 from engine.serving.index import VectorIndex  # noqa: E402
+from engine.serving.features import Features  # noqa: E402
 from engine.serving.ranking import Ranker  # noqa: E402
 
 USERS, CLICKS = 256, 20
@@ -76,7 +77,7 @@ class Stages:
     WRAP = [  # (owner, attribute, stage)
         (VectorIndex, "_search", "search"),
         (Ranker, "candidates", "candidates"),
-        (Ranker, "features", "features"),
+        (Features, "raw", "features"),
         (Ranker, "score", "reranker"),
         (Ranker, "explore_bonus", "exploration"),
         (queries_mod, "as_recommendations", "ids"),
@@ -138,13 +139,13 @@ def stage_breakdown(eng: Engine, users: list[str], queries: int) -> dict:
 
 def floor(eng: Engine, users: list[str], queries: int) -> dict:
     """The FAISS search alone, with the query and the exclusions `recommend` would use."""
-    st = eng._state
+    st = eng._core.state
     pick = [users[i % len(users)] for i in range(queries)]
     qs = []
     for u in pick:
         user = st.users.get(u)
         seen = np.fromiter(user.seen(), np.int64)
-        qs.append((st.ranker.query(user.vector, user.count), seen))
+        qs.append((st.ranker.space.query(user.vector, user.count), seen))
     retrieve = eng.config.retrieve
     for q, seen in qs[:20]:
         st.index.search(q, retrieve, exclude=seen)
@@ -166,7 +167,7 @@ def feedback(eng: Engine, n_items: int, count: int) -> dict:
     and until the next recommend has answered. Beside it, in the same loop and so after the same
     kind of request: a 200-byte append and fsync on the store's disk followed by a recommend (the
     floor under `record` in those conditions). Then `record` back to back with nothing between."""
-    st = eng._state
+    st = eng._core.state
     rng = np.random.default_rng(7)
     rows = rng.choice(n_items, 2 * count + 40, replace=False)
     rec, to_list, probe = [], [], []

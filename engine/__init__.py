@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import logging
 
-__version__ = "0.1.0"
-
-from .config import Config  # noqa: E402
-from .engine import Engine  # noqa: E402
-from .errors import (  # noqa: E402
+from .config import Config
+from .engine import Engine
+from .errors import (
     CorruptStoreError, DuplicateItemError, EngineError, InvalidInputError, ModelLoadError, ReadOnlyStoreError,
     StoreError, StoreLockedError, UnknownItemError, UnknownUserError,
 )
-from .serving.filters import Filter  # noqa: E402
-from .types import Because, Event, Item, Recommendation  # noqa: E402
+from .serving.filters import Filter
+from .types import Because, Event, Item, Recommendation
+from .version import __version__
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

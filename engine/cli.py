@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from . import __version__
+from .version import __version__
 from .text.catalog import read_events, read_items
 from .config import INDEX_BACKENDS, INDEX_KINDS, Config
 from .engine import Engine

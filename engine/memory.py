@@ -2,7 +2,7 @@
 
 Opening a snapshot reads its tables through Arrow and builds the index, the lexicon and the
 tower's vectors; a save writes the tables through Arrow; `fit` and an index rebuild make large
-temporary arrays. Each of those ends here (Engine._load, Engine._adopt, State.rebuild_index).
+temporary arrays. Each of those ends here (Core._load, Core._adopt, State.rebuild_index).
 Once freed, that memory stays in the process unless the allocators are asked to return it:
 Arrow's pool (mimalloc or jemalloc) caches what it freed, and glibc's malloc keeps freed pages
 of its heaps until `malloc_trim`. On a 100k-item trained store that was ~50 MB (500 B an item,

@@ -34,15 +34,14 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 from .errors import CorruptStoreError, InvalidInputError, StoreError
-from .storage.eventlog import HEADER, _could_be_torn_tail, _record_problem
+from .runtime.core import Core
+from .storage.eventlog import HEADER, complete_records
 from .storage.records import from_payload
 from .storage.store import MANIFEST
 
-if TYPE_CHECKING:
-    from .engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -61,36 +60,11 @@ def check_interval(interval_s: float) -> float:
     return float(interval_s)
 
 
-def complete_records(data: bytes, expect: int) -> tuple[list[tuple[int, int, bytes]], str | None]:
-    """The intact records at the start of `data`, whose first sequence number must be `expect`.
-
-    Returns:
-        ([(seq, end offset, payload), ...], problem): `problem` is None when the records run to
-        the end of `data` or stop at what may be an append in progress (the same test recovery
-        applies to a torn tail), else what is wrong and where.
-    """
-    out: list[tuple[int, int, bytes]] = []
-    off = 0
-    while off < len(data):
-        problem = _record_problem(data, off)
-        if problem is not None:
-            if _could_be_torn_tail(data, off, expect):
-                return out, None  # not yet: the writer is mid-append (or crashed there)
-            return out, f"{problem} in the record at relative byte offset {off}"
-        length, _, seq = HEADER.unpack_from(data, off)
-        if seq != expect:
-            return out, f"sequence number {seq} where {expect} was expected at relative byte offset {off}"
-        stop = off + HEADER.size + length
-        out.append((seq, stop, data[off + HEADER.size: stop]))
-        off, expect = stop, seq + 1
-    return out, None
-
-
 class Follower:
-    """The thread that keeps one read-only Engine up to date with the writer's log."""
+    """The thread that keeps one read-only engine (its Core) up to date with the writer's log."""
 
-    def __init__(self, engine: "Engine", interval_s: float = FOLLOW_INTERVAL_S) -> None:
-        self._eng = engine
+    def __init__(self, core: Core, interval_s: float = FOLLOW_INTERVAL_S) -> None:
+        self._core = core
         self.interval_s = check_interval(interval_s)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -111,8 +85,8 @@ class Follower:
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         """Attach to the log of the generation the engine loaded, then poll in the background."""
-        self._attach(self._eng)
-        self._thread = threading.Thread(target=self._run, name=f"kindling-follow {self._eng.path.name}",
+        self._attach(self._core)
+        self._thread = threading.Thread(target=self._run, name=f"kindling-follow {self._core.path.name}",
                                         daemon=True)
         self._thread.start()
 
@@ -132,7 +106,7 @@ class Follower:
 
     def _fail(self, why: str) -> None:
         if why != self._error:
-            log.warning("%s: replica stopped advancing: %s", self._eng.path, why)
+            log.warning("%s: replica stopped advancing: %s", self._core.path, why)
         self._error, self._error_at = why, time.time()
 
     # ---- what /stats shows -----------------------------------------------------------------
@@ -143,8 +117,8 @@ class Follower:
         (about `interval_s` while it keeps up; it grows while it falls behind or stalls).
         """
         now = time.time()
-        return {"following": self._thread is not None, "generation": self._eng._gen,
-                "applied_seq": self._eng._replayed_seq - 1, "behind_s": round(max(0.0, now - self._caught_up_at), 4),
+        return {"following": self._thread is not None, "generation": self._core.generation,
+                "applied_seq": self._core.replayed_seq - 1, "behind_s": round(max(0.0, now - self._caught_up_at), 4),
                 "last_poll_at": self._last_poll_at, "applied_records": self._applied,
                 "reloads": self._reloads, "saves_continued": self._continued, "error": self._error, "interval_s": self.interval_s}
 
@@ -164,8 +138,8 @@ class Follower:
             return 0
         sig = self._manifest_stat()
         if sig != self._manifest_sig:
-            gen = self._eng._store.manifest_generation()
-            if gen is not None and gen != self._eng._gen:
+            gen = self._core.store.manifest_generation()
+            if gen is not None and gen != self._core.generation:
                 n = self._drain()  # every record of the old log, all written before the save
                 self._manifest_sig = sig
                 self._next_generation()
@@ -177,7 +151,7 @@ class Follower:
     def _drain(self) -> int:
         """Apply the complete records of the held log past the offset; resync if it was rewritten."""
         if self._fh is None:
-            n = self._attach(self._eng)  # the log did not exist when last looked for
+            n = self._attach(self._core)  # the log did not exist when last looked for
             if self._fh is None:
                 self._caught_up_at = time.time()
             return n
@@ -185,25 +159,25 @@ class Follower:
         size = os.fstat(fd).st_size
         if size < self._offset or (self._last is not None
                                    and os.pread(fd, HEADER.size, self._last[0]) != self._last[1]):
-            log.info("%s: the log was rewritten under the replica; reloading", self._eng.path)
+            log.info("%s: the log was rewritten under the replica; reloading", self._core.path)
             self._reload()
             return 0
         if size == self._offset:
             self._caught_up_at = time.time()
             return 0
-        return self._consume(self._eng, os.pread(fd, size - self._offset, self._offset), locked=True)
+        return self._consume(self._core, os.pread(fd, size - self._offset, self._offset), locked=True)
 
-    def _consume(self, eng: "Engine", data: bytes, locked: bool) -> int:
-        """Apply to `eng` the complete records at the start of `data`, read at `self._offset`.
+    def _consume(self, core: Core, data: bytes, locked: bool) -> int:
+        """Apply to `core` the complete records at the start of `data`, read at `self._offset`.
 
-        Records the engine already holds (seq below its next one) are only stepped over. With
-        `locked`, each chunk is applied under the engine's write lock (it is being served).
+        Records the core already holds (seq below its next one) are only stepped over. With
+        `locked`, each chunk is applied under the core's write lock (it is being served).
         """
         base = self._offset
         records, problem = complete_records(data, self._next_seq)
         todo = []
         for seq, end, payload in records:
-            if seq >= eng._replayed_seq:
+            if seq >= core.replayed_seq:
                 todo.append((seq, end, payload))
             else:
                 self._advance(data, base, end, len(payload))
@@ -211,23 +185,23 @@ class Follower:
             decoded = [(seq, end, len(p), json.loads(p.decode("utf-8"))) for seq, end, p in
                        todo[start:start + APPLY_CHUNK]]
             if locked:
-                with eng._lock.write():
-                    self._apply_chunk(eng, data, base, decoded)
+                with core.lock.write():
+                    self._apply_chunk(core, data, base, decoded)
             else:
-                self._apply_chunk(eng, data, base, decoded)
+                self._apply_chunk(core, data, base, decoded)
         self._applied += len(todo)
         if problem is not None:
-            raise CorruptStoreError(f"{self._eng.path / str(self._log_name)}: {problem} "
+            raise CorruptStoreError(f"{self._core.path / str(self._log_name)}: {problem} "
                                     f"(reading from byte {base}); the replica keeps the state before it")
         if self._offset - base == len(data):
             self._caught_up_at = time.time()
         return len(todo)
 
-    def _apply_chunk(self, eng: "Engine", data: bytes, base: int, decoded: list[tuple[int, int, int, Any]]) -> None:
-        where = self._eng.path / str(self._log_name)
+    def _apply_chunk(self, core: Core, data: bytes, base: int, decoded: list[tuple[int, int, int, Any]]) -> None:
+        where = self._core.path / str(self._log_name)
         for seq, end, length, payload in decoded:
-            eng._apply(from_payload(payload, eng._dim(), f"{where}, record {seq}"))
-            eng._replayed_seq = seq + 1
+            core.apply(from_payload(payload, core.dim, f"{where}, record {seq}"))
+            core.replayed_seq = seq + 1
             self._advance(data, base, end, length)
 
     def _advance(self, data: bytes, base: int, end: int, length: int) -> None:
@@ -238,27 +212,27 @@ class Follower:
         self._offset = base + end
 
     # ---- generations -----------------------------------------------------------------------
-    def _attach(self, eng: "Engine") -> int:
-        """Hold the log of the generation `eng` holds and apply what `eng` lacks of it.
+    def _attach(self, core: Core) -> int:
+        """Hold the log of the generation `core` holds and apply what `core` lacks of it.
 
         Returns:
             The number of records applied (0 when the log does not exist yet).
         """
         self._close_log()
-        name = eng._manifest.get("log")
+        name = core.manifest.get("log")
         if not isinstance(name, str):
             return 0
         try:
-            fd = os.open(self._eng._store.path / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            fd = os.open(self._core.path / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except FileNotFoundError:
             return 0
         except OSError as exc:
-            raise StoreError(f"{self._eng._store.path / name}: cannot be read ({exc.strerror or exc})") from exc
+            raise StoreError(f"{self._core.path / name}: cannot be read ({exc.strerror or exc})") from exc
         self._fh, self._log_name = os.fdopen(fd, "rb"), name
         self._offset, self._last = 0, None
-        self._next_seq = int(eng._manifest.get("next_seq", 0))
+        self._next_seq = int(core.manifest.get("next_seq", 0))
         size = os.fstat(fd).st_size
-        return self._consume(eng, os.pread(fd, size, 0), locked=eng is self._eng) if size else 0
+        return self._consume(core, os.pread(fd, size, 0), locked=core is self._core) if size else 0
 
     def _close_log(self) -> None:
         if self._fh is not None:
@@ -268,44 +242,39 @@ class Follower:
     def _next_generation(self) -> None:
         """Go on to the generation the manifest names now: straight to its log when it is the next
         one and a plain save of exactly what this replica holds, else by a reload."""
-        live = self._eng
-        manifest = live._store.read_manifest()
-        if not (manifest.get("log_continues") is True and int(manifest["generation"]) == live._gen + 1
-                and int(manifest["next_seq"]) == live._replayed_seq and live._state is not None):
+        live = self._core
+        manifest = live.store.read_manifest()
+        if not (manifest.get("log_continues") is True and int(manifest["generation"]) == live.generation + 1
+                and int(manifest["next_seq"]) == live.replayed_seq and live.state is not None):
             self._reload()
             return
-        with live._lock.write():
-            live._manifest, live._gen = manifest, int(manifest["generation"])
-            live._state.ranker.invalidate_popular()  # as the writer does on a save
-            live._state.deferred_steps = manifest.get("online_steps") == "deferred"
+        with live.lock.write():
+            live.continue_to(manifest)
         self._attach(live)
         self._continued += 1
 
     def _reload(self) -> None:
         """Load the generation the manifest names now, beside the served one, then swap it in."""
-        from .engine import Engine
-
-        live = self._eng
+        live = self._core
         try:
-            fresh = Engine._open_snapshot(live._store, live._encoder)  # snapshot + the log as it is now
+            fresh = Core.load(live.store, live.encoders.current)  # snapshot + the log as it is now
             self._attach(fresh)  # and what was appended since, read through the held log
         except BaseException:
             self._close_log()  # the offsets are no one's now: the next try starts over
             raise
-        with live._lock.write():
-            live._state, live.config, live._manifest = fresh._state, fresh.config, fresh._manifest
-            live._gen, live._replayed_seq, live._dirty = fresh._gen, fresh._replayed_seq, False
+        with live.lock.write():
+            live.swap_in(fresh)
         self._reloads += 1
         self._error = None
         self._caught_up_at = time.time()
-        log.info("%s: replica now on generation %d (seq %d)", live.path, live._gen, live._replayed_seq)
+        log.info("%s: replica now on generation %d (seq %d)", live.path, live.generation, live.replayed_seq)
 
     def _manifest_stat(self) -> tuple[int, int, int] | None:
         try:
-            st = os.stat(Path(self._eng._store.path) / MANIFEST)
+            st = os.stat(Path(self._core.path) / MANIFEST)
         except OSError:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-__all__ = ["FOLLOW_INTERVAL_S", "Follower", "complete_records"]
+__all__ = ["FOLLOW_INTERVAL_S", "Follower", "check_interval"]

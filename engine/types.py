@@ -5,10 +5,42 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from .errors import InvalidInputError
+
 #: What happened: the engine knows these four (other kinds are mapped when read, catalog.py). A
 #: dislike hides the item from the user for good and pushes the user away from it.
 EventKind = Literal["click", "skip", "impression", "dislike"]
 EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
+
+
+#: The longest external id (item, user or event id) the store takes.
+MAX_ID_LENGTH = 512
+
+
+def check_id(value: object, what: str = "id") -> str:
+    """Return `value` if it is a valid external id, else raise naming the rule.
+
+    The rule: a non-empty str of at most 512 characters with no NUL, no lone surrogate and no
+    leading or trailing whitespace. Ids are compared exactly as given: NFC and NFD spellings are
+    different ids.
+    """
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{what} must be a string; got {type(value).__name__}")
+    if not value:
+        raise InvalidInputError(f"{what} must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidInputError(f"{what} must be at most {MAX_ID_LENGTH} characters; got {len(value)}")
+    if "\x00" in value:
+        raise InvalidInputError(f"{what} must not contain NUL characters; got {value!r}")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInputError(f"{what} must be valid Unicode (no lone surrogate code points, as "
+                                    f"undecodable bytes become); got {value!r}") from None
+    if value != value.strip():
+        raise InvalidInputError(f"{what} must not start or end with whitespace; got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)

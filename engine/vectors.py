@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import InvalidInputError
+
 #: Norms below this count as zero: far under any real embedding's norm, far above float32 noise
 #: around 0 that dividing by would blow up.
 ZERO_NORM = 1e-12
@@ -82,3 +84,16 @@ def outside(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     if not len(sorted_set):
         return np.ones(len(values), bool)
     return ~find_sorted(sorted_set, values)[1]
+
+
+def check_vectors(x: np.ndarray, dim: int, what: str = "vectors") -> np.ndarray:
+    """Return `x` as contiguous float32 (n, dim), or raise naming the rule it broke."""
+    if not isinstance(x, np.ndarray):
+        raise InvalidInputError(f"{what} must be a numpy array; got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise InvalidInputError(f"{what} must be float32 with shape (n, {dim}); got {x.dtype} {x.shape}")
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise InvalidInputError(f"{what} must have shape (n, {dim}); got {x.shape}")
+    if not np.isfinite(x).all():
+        raise InvalidInputError(f"{what} must be finite; found NaN or inf")
+    return np.ascontiguousarray(x)

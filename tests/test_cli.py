@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-import engine.engine as engine_module
+import engine.runtime.encoders as encoders_module
 from engine import Config, Engine
 from engine.cli import main
 
@@ -30,7 +30,7 @@ ITEMS = [
 def fake_model(monkeypatch):
     """Every Engine the CLI opens gets the same fake encoder instead of loading the real model."""
     enc = FakeEncoder()
-    monkeypatch.setattr(engine_module, "Encoder", lambda *args, **kwargs: enc)
+    monkeypatch.setattr(encoders_module, "Encoder", lambda *args, **kwargs: enc)
     return enc
 
 

@@ -49,14 +49,14 @@ def test_counts_survive_a_restart_and_the_log(tmp_path: Path) -> None:
         for i in seq:
             eng.record(user, f"it{i}", "click")
     rows = np.arange(6)
-    before = eng._state.ranker.coclicks.scores([2], rows)
+    before = eng._core.state.ranker.coclicks.scores([2], rows)
     np.testing.assert_array_equal(before, [1, 2, 0, 1, 0, 0])
     eng.close(save=False)  # the clicks are only in the event log
     again = Engine.open(tmp_path / "s", encoder=FakeEncoder(dim=16))
-    np.testing.assert_array_equal(again._state.ranker.coclicks.scores([2], rows), before)
+    np.testing.assert_array_equal(again._core.state.ranker.coclicks.scores([2], rows), before)
     again.close()  # now they are in the snapshot's click histories
     third = Engine.open(tmp_path / "s", encoder=FakeEncoder(dim=16))
-    np.testing.assert_array_equal(third._state.ranker.coclicks.scores([2], rows), before)
+    np.testing.assert_array_equal(third._core.state.ranker.coclicks.scores([2], rows), before)
     third.close()
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import engine.engine as engine_module
+import engine.runtime.encoders as encoders_module
 from engine import Config, Engine, Event, InvalidInputError, StoreError, UnknownUserError
 from engine.cli import main
 from engine.streams import Message, apply_messages, consume
@@ -264,7 +264,7 @@ def test_profile_field_sets_the_users_profile_once(r, store):
         assert (s.applied, s.duplicate) == (2, 1)
         eng.close(save=False)
     with Engine.open(store, encoder=FakeEncoder()) as eng:
-        assert eng._state.users.get("p").profile == "I love rockets and the moon"
+        assert eng._core.state.users.get("p").profile == "I love rockets and the moon"
         assert eng.stats()["pending_log_records"] == 3  # one profile record and two events
 
 
@@ -283,7 +283,7 @@ def test_record_many_matches_single_records_and_refuses_bad_input(tmp_path):
         assert one.recommend(u, k=5) == many.recommend(u, k=5)
     with pytest.raises(InvalidInputError, match=r"events\[1\]: event_id must"):
         many.record_many([Event("u0", "space-0", event_id="ok"), Event("u0", "space-0", event_id="")])
-    assert not many._state.holds_event_id("ok")
+    assert not many._core.state.holds_event_id("ok")
     one.close(save=False), many.close(save=False)
 
 
@@ -291,7 +291,7 @@ def test_record_many_matches_single_records_and_refuses_bad_input(tmp_path):
 
 @pytest.fixture
 def fake_model(monkeypatch):
-    monkeypatch.setattr(engine_module, "Encoder", lambda *args, **kwargs: FakeEncoder())
+    monkeypatch.setattr(encoders_module, "Encoder", lambda *args, **kwargs: FakeEncoder())
 
 
 def test_cli_until_idle_exits_with_a_json_summary(r, store, fake_model):
@@ -363,7 +363,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing_and_applies_nothing_twice
     with Engine.open(store, read_only=True) as eng:
         assert eng.stats()["events"] == 3000
         assert eng.stats()["pending_log_records"] == 0  # SIGTERM closed it with a snapshot
-        assert len(eng._state.event_ids) == 3000
+        assert len(eng._core.state.event_ids) == 3000
         for user, items in expected_histories(entries).items():
             assert eng.user_history(user) == items
 

@@ -16,9 +16,9 @@ def ids(recs) -> list[str]:
 
 
 def cosine_to(eng: Engine, user_id: str, item_id: str) -> float:
-    st = eng._state
+    st = eng._core.state
     row = st.items.vocab.row(item_id)
-    return float(st.users.get(user_id).vector @ st.ranker.item_vectors(np.array([row]))[0])
+    return float(st.users.get(user_id).vector @ st.ranker.space.item_vectors(np.array([row]))[0])
 
 
 def test_a_disliked_item_is_hidden_from_every_read(engine):
@@ -41,7 +41,7 @@ def test_a_dislike_pushes_harder_than_a_skip(engine):
     engine.record("skipper", "space-0", "skip")
     engine.record("hater", "space-0", "dislike")
     assert cosine_to(engine, "hater", "space-0") < cosine_to(engine, "skipper", "space-0") < before
-    st = engine._state
+    st = engine._core.state
     assert st.items.skips[st.items.vocab.row("space-0")] == 2.0  # each counted as a skip
     assert engine.stats()["events"] == 6
 
@@ -52,16 +52,16 @@ def test_dislike_survives_reopen_and_replay(tmp_path, fake_encoder, save):
     eng.add_items(small_catalog())
     eng.record("u", "food-1", "click")
     eng.record("u", "food-0", "dislike")
-    vec, recs = eng._state.users.get("u").vector.copy(), eng.recommend("u", k=11, exclude_seen=False)
+    vec, recs = eng._core.state.users.get("u").vector.copy(), eng.recommend("u", k=11, exclude_seen=False)
     if not save:
-        payloads = [p for _, p in read_log(eng.path / eng._manifest["log"], first_seq=0)]
+        payloads = [p for _, p in read_log(eng.path / eng._core.manifest["log"], first_seq=0)]
         assert {"op": "event", "u": "u", "i": "food-0", "e": "dislike"}.items() <= payloads[-1].items()
     eng.close(save=save)
     with Engine.open(tmp_path / "s", encoder=fake_encoder) as again:
-        assert np.array_equal(again._state.users.get("u").vector, vec)
+        assert np.array_equal(again._core.state.users.get("u").vector, vec)
         assert again.recommend("u", k=11, exclude_seen=False) == recs
         assert "food-0" not in ids(recs)
-        assert again._state.users.get("u").dislikes == [again._state.items.vocab.row("food-0")]
+        assert again._core.state.users.get("u").dislikes == [again._core.state.items.vocab.row("food-0")]
 
 
 def test_imported_dislikes_take_the_same_path(engine):
@@ -70,7 +70,7 @@ def test_imported_dislikes_take_the_same_path(engine):
     engine.record("live", "ball-1", "click")
     engine.record("live", "ball-0", "dislike", timestamp=5)
     engine.import_events([Event("past", "ball-1", "click", timestamp=1), Event("past", "ball-0", "dislike", timestamp=5)])
-    users = engine._state.users
+    users = engine._core.state.users
     assert np.allclose(users.get("past").vector, users.get("live").vector)
     assert "ball-0" not in ids(engine.recommend("past", k=12, exclude_seen=False))
 
@@ -78,9 +78,9 @@ def test_imported_dislikes_take_the_same_path(engine):
 def test_rederive_keeps_the_dislike(engine):
     engine.record("u", "ball-1", "click")
     engine.record("u", "ball-0", "dislike")
-    user = engine._state.users.get("u")
+    user = engine._core.state.users.get("u")
     vec = user.vector.copy()
-    engine._state.rederive(user)
+    engine._core.state.rederive(user)
     assert np.allclose(user.vector, vec, atol=1e-6)
 
 

@@ -54,7 +54,7 @@ def test_cold_items_of_a_split_are_in_no_pair(tmp_path):
     with Engine.create(tmp_path / "s", encoder=FakeEncoder()) as eng:
         eng.add_items(catalog)
         eng.import_events(every)  # the store holds the cold items' clicks too
-        state = eng._state
+        state = eng._core.state
         recs = [EventRecord(e.user_id, e.item_id, e.event, e.value, int(e.timestamp)) for e in train]
         pairs = co_click_pairs(click_histories(training_users(state, recs).states, state.items))
         assert len(pairs)
@@ -92,11 +92,11 @@ def test_fit_tunes_saves_and_embeds_with_the_tuned_model(tuned_store, ml_slice, 
     assert np.abs(tuned_vecs - base_vecs).max() > 1e-5  # the steps changed the model
     with Engine.open(path) as eng:  # no encoder given: the store's tuned model is loaded
         assert Path(eng.encoder.model_path) == folder
-        rows = [eng._state.items.live_row(it.item_id) for it in items[:20]]
-        np.testing.assert_allclose(eng._state.items.vector_rows(np.array(rows)), tuned_vecs, atol=2e-5)
+        rows = [eng._core.state.items.live_row(it.item_id) for it in items[:20]]
+        np.testing.assert_allclose(eng._core.state.items.vector_rows(np.array(rows)), tuned_vecs, atol=2e-5)
         new = Item("new-1", "A quiet documentary about lighthouse keepers", "", ("Documentary",))
         eng.add_items([new])
-        got = eng._state.items.vector_rows(np.array([eng._state.items.live_row("new-1")]))[0]
+        got = eng._core.state.items.vector_rows(np.array([eng._core.state.items.live_row("new-1")]))[0]
         want = Encoder(str(folder), show_progress=False).encode([item_text(new)])[0]
         np.testing.assert_allclose(got, want, atol=2e-5)
         assert eng.recommend("user-never-seen", k=5, history=["1"])

@@ -105,7 +105,7 @@ def test_replay_refuses_a_record_it_does_not_know(tmp_path, payload, rule):
     eng = Engine.create(path, encoder=FakeEncoder())
     eng.add_items([Item("a", "A"), Item("b", "B")])
     eng.record("u", "a")
-    log_path, seq = eng._log.path, eng._log.next_seq
+    log_path, seq = eng._core.log.path, eng._core.log.next_seq
     eng.close(save=False)
     log = EventLog(log_path, seq)
     log.append(payload)  # intact framing and CRC: only its content is unknown

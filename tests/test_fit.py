@@ -112,11 +112,11 @@ def state_of_small(eng: Engine) -> dict:
 
 
 def test_cli_import_then_fit(tmp_path: Path, monkeypatch) -> None:
-    import engine.engine as engine_module
+    import engine.runtime.encoders as encoders_module
     from engine.cli import main
 
     enc = FakeEncoder(dim=32)
-    monkeypatch.setattr(engine_module, "Encoder", lambda *args, **kwargs: enc)
+    monkeypatch.setattr(encoders_module, "Encoder", lambda *args, **kwargs: enc)
     store = tmp_path / "s"
     with Engine.create(store, FAST, encoder=enc) as eng:
         eng.add_items(catalog())

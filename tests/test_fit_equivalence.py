@@ -109,7 +109,7 @@ def _fitted(path: Path) -> tuple[dict[str, np.ndarray], dict[str, list[str]], in
     summary = eng.fit(events, progress=False)
     assert summary["projection"] and summary["reranker"]
     assert torch.get_num_threads() == threads  # fit gave the caller's thread count back
-    st = eng._state  # noqa: SLF001 - the trained weights themselves
+    st = eng._core.state  # noqa: SLF001 - the trained weights themselves
     weights = {k: np.array(v) for k, v in st.ranker.model_tensors(st.proj).items()}
     lists = {f"u{u}": [r.item_id for r in eng.recommend(f"u{u}", k=8)] for u in range(0, 120, 7)}
     eng.close(save=False)

@@ -131,7 +131,7 @@ def test_another_stores_index_is_rebuilt_from_the_snapshot(tmp_path, caplog, kin
         want = [r.item_id for r in eng.similar_items("space-0", k=5)]
     shutil.copyfile(index_file(theirs), index_file(mine))
     resign(mine)
-    with caplog.at_level(logging.WARNING, logger="engine.state.apply"):
+    with caplog.at_level(logging.WARNING, logger="engine.runtime.state"):
         with Engine.open(mine, encoder=FakeEncoder(), read_only=True) as eng:
             got = [r.item_id for r in eng.similar_items("space-0", k=5)]
     assert got[:3] == want[:3] and len(set(got) & set(want)) >= 4  # HNSW: a rebuild's graph differs
@@ -141,6 +141,6 @@ def test_another_stores_index_is_rebuilt_from_the_snapshot(tmp_path, caplog, kin
 
 def test_a_genuine_index_is_loaded_not_rebuilt(tmp_path, caplog):
     store = make(tmp_path / "s", Config(index="hnsw"))
-    with caplog.at_level(logging.WARNING, logger="engine.state.apply"):
+    with caplog.at_level(logging.WARNING, logger="engine.runtime.state"):
         Engine.open(store, encoder=FakeEncoder(), read_only=True).close()
     assert not [r for r in caplog.records if "rebuilding" in r.getMessage()]

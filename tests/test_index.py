@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from engine import Config, CorruptStoreError, Engine, InvalidInputError, Item
-from engine.serving.index import VectorIndex, check_vectors
+from engine.serving.index import VectorIndex
+from engine.vectors import check_vectors
 
 DIM = 16
 N = 200

@@ -13,7 +13,7 @@ from engine.models.projection import tau_bucket
 from engine.models.rerank import (
     ANCHOR, FEATURES, N_BUCKETS, N_INPUTS, Reranker, column, expand, history_bucket, listwise_grads,
 )
-from engine.training.reranker import listwise_loss, to_net
+from engine.training.reranker import fit, listwise_loss, to_net
 
 from conftest import FakeEncoder
 
@@ -230,7 +230,7 @@ def test_content_scores_stay_linear_so_new_items_keep_their_content_order() -> N
         f = rng.normal(size=(20, N_INPUTS)).astype(np.float32)
         target = f[:, column("cooc", 0)] + f[:, column("tower", 0)] ** 2  # a non-linear target
         examples.append((f, np.array([int(np.argmax(target))])))
-    rr.fit(examples, epochs=3)
+    fit(rr, examples, epochs=3)
     cold = np.zeros((50, N_INPUTS), np.float32)
     cold[:, column("tower", 0)] = np.linspace(-3, 3, 50)
     cold[:, column("fresh", 0)] = 1.0
@@ -274,15 +274,15 @@ def test_exploration_is_deterministic_under_a_seed_and_can_be_switched_off(tmp_p
 
 
 def test_exploration_bonus_is_bounded_and_fades_with_feedback(engine: Engine) -> None:
-    ranker = engine._state.ranker
-    user = engine._state.users.get_or_create("x")
-    rows = engine._state.items.live_rows()
+    ranker = engine._core.state.ranker
+    user = engine._core.state.users.get_or_create("x")
+    rows = engine._core.state.items.live_rows()
     scores = np.linspace(0, 1, len(rows)).astype(np.float32)
     bonus_new = ranker.explore_bonus(user, rows, scores, "x")
     cap = 2 * engine.config.explore_weight * float(scores.std())
     assert np.all(np.abs(bonus_new) <= cap + 1e-6)
-    engine._state.items.impressions[rows] = 10_000.0
-    engine._state.items.clicks[rows] = 100.0
+    engine._core.state.items.impressions[rows] = 10_000.0
+    engine._core.state.items.clicks[rows] = 100.0
     bonus_old = ranker.explore_bonus(user, rows, scores, "x")
     assert np.abs(bonus_old).mean() < 0.2 * np.abs(bonus_new).mean()
 
@@ -312,13 +312,13 @@ def test_warm_residuals_are_kept_for_warm_items_only_and_dense_files_still_load(
     from engine.storage.store import manifest_digest, sha256_file
 
     eng, _ = build(tmp_path, "warm", Config(explore=False, proj_epochs=3, proj_dim=16, rerank_epochs=1, fsync=False))
-    st = eng._state
-    warm = st.ranker._warm
+    st = eng._core.state
+    warm = st.ranker.space.warm
     n = len(st.items)
     assert 0 < len(warm.rows) < n and (np.diff(warm.rows) > 0).all()
     assert warm.residual.shape == (len(warm.rows), 16) and warm.residual.any(axis=1).all()
     expected = {u: [r.item_id for r in eng.recommend(u, k=10)] for u in ("u0", "u1", "u2")}
-    vecs = st.ranker.item_vectors(np.arange(n)).copy()
+    vecs = st.ranker.space.item_vectors(np.arange(n)).copy()
     eng.close()
     # a store written with one dense residual row per item (before WarmResiduals) opens the same
     path = sorted((tmp_path / "warm").glob("models-*.safetensors"))[-1]
@@ -332,14 +332,14 @@ def test_warm_residuals_are_kept_for_warm_items_only_and_dense_files_still_load(
     manifest["checksum"] = manifest_digest(manifest)
     (path.parent / "manifest.json").write_text(json.dumps(manifest))
     again = Engine.open(tmp_path / "warm", encoder=FakeEncoder(dim=512))
-    np.testing.assert_array_equal(again._state.ranker.item_vectors(np.arange(n)), vecs)
+    np.testing.assert_array_equal(again._core.state.ranker.space.item_vectors(np.arange(n)), vecs)
     assert {u: [r.item_id for r in again.recommend(u, k=10)] for u in expected} == expected
-    np.testing.assert_array_equal(again._state.ranker._warm.rows, rows)
+    np.testing.assert_array_equal(again._core.state.ranker.space.warm.rows, rows)
     # a replaced item has no audience yet: its residual goes
-    item = again._state.items.item(int(rows[0]))
+    item = again._core.state.items.item(int(rows[0]))
     again.add_items([Item(item.item_id, item.title + " (new edition)", item.text, item.categories)], upsert=True)
-    assert int(rows[0]) not in again._state.ranker._warm.rows.tolist()
-    assert len(again._state.ranker._warm.rows) == len(rows) - 1
+    assert int(rows[0]) not in again._core.state.ranker.space.warm.rows.tolist()
+    assert len(again._core.state.ranker.space.warm.rows) == len(rows) - 1
     again.close(save=False)
 
 
@@ -376,14 +376,14 @@ def interaction_lists(rng: np.random.Generator, n: int, product: bool) -> list[t
 def test_the_mlp_residual_takes_a_bucket_only_where_held_out_lists_show_it_adds_recall(product: bool) -> None:
     lists = interaction_lists(np.random.default_rng(1), 1200, product)
     rr = Reranker(hidden=16, lr=0.0, replay_size=8, replay_batch=2, seed=0)
-    rr.fit(lists, epochs=12, groups=np.arange(len(lists)))
+    fit(rr, lists, epochs=12, groups=np.arange(len(lists)))
     b = history_bucket(3)
     report = rr.residual_report[str(b)]
     assert rr.weights["mlp_gate"][b] == report["gate"] == (1 if product else 0)
     assert report["lists"] >= 50 and (report["with_mlp"] > report["without"] + 0.05) == product
     assert not np.delete(rr.weights["mlp_gate"], b).any()  # buckets without lists: no evidence, no MLP
     off = Reranker(hidden=16, lr=0.0, replay_size=8, replay_batch=2, seed=0)
-    off.fit(lists, epochs=12, groups=np.arange(len(lists)), residual=False)
+    fit(off, lists, epochs=12, groups=np.arange(len(lists)), residual=False)
     assert not off.weights["mlp_gate"].any() and off.residual_report == {}
 
 

@@ -44,7 +44,7 @@ def mapped(arr: np.ndarray) -> bool:
 
 
 def items_of(eng: Engine):
-    return eng._state.items  # read-only look inside: which rows are mapped
+    return eng._core.state.items  # read-only look inside: which rows are mapped
 
 
 def vectors_file(store: Path) -> Path:
@@ -222,14 +222,14 @@ def test_serving_from_the_compressed_index_reads_no_float_copy(tmp_path):
     grew = json.loads(proc.stdout.strip().splitlines()[-1])
     assert grew["served_file"] < 0.1 * n * dim * 4, grew
     with Engine.open(tmp_path / "sq8") as eng:
-        st = eng._state  # noqa: SLF001 - the ranker's two readings of the same rows
+        st = eng._core.state  # noqa: SLF001 - the ranker's two readings of the same rows
         assert st.index.kind == "hnsw-sq8" and Config.from_dict(eng.config.to_dict()).index == "hnsw-sq8"
         rows = np.arange(0, n, 97)
         raw = st.items.vector_rows(rows)
-        decoded = st.ranker.scoring_vectors(rows)
+        decoded = st.ranker.space.scoring_vectors(rows)
         cos = (raw * decoded).sum(1) / np.linalg.norm(decoded, axis=1)
         assert decoded.shape == raw.shape and cos.min() > 0.999 and not np.array_equal(decoded, raw)
-        np.testing.assert_array_equal(st.ranker.item_vectors(rows), raw)  # state changes: exact
+        np.testing.assert_array_equal(st.ranker.space.item_vectors(rows), raw)  # state changes: exact
         assert len(eng.recommend("u0", 10)) == 10
 
 
@@ -248,7 +248,7 @@ def test_a_pass_over_every_row_does_not_leave_the_vectors_file_resident(tmp_path
     with Engine.create(tmp_path / "s", Config(fsync=False), encoder=_Lookup(vecs)) as eng:
         eng.ingest([Item(f"i{j}", f"item {j}") for j in range(n)], progress=False)
     eng = Engine.open(tmp_path / "s", encoder=_Lookup(vecs))
-    items = eng._state.items  # noqa: SLF001 - the mapped table itself
+    items = eng._core.state.items  # noqa: SLF001 - the mapped table itself
     new = np.zeros((1, dim), np.float32)
     new[0, 0] = 1.0
     items._set_vector(5, new[0])  # noqa: SLF001 - a copy-on-write write, as an upsert does

@@ -97,9 +97,9 @@ def ids(recs) -> list[str]:
 
 
 def agrees(eng: Engine) -> tuple[bool, list[int], list[int]]:
-    st = eng._state
+    st = eng._core.state
     live = st.items.live_rows()
-    ok = st.index.agrees_with(live, st.ranker.index_vectors(live), st.index.kind, len(st.items),
+    ok = st.index.agrees_with(live, st.ranker.space.index_vectors(live), st.index.kind, len(st.items),
                               np.random.default_rng(0))
     return ok, st.index.stored_rows(len(st.items)).tolist(), live.tolist()
 
@@ -130,7 +130,7 @@ def test_store_on_a_server_serves_like_faiss(up, tmp_path):
     with Engine.open(tmp_path / "server", encoder=FakeEncoder()) as eng:
         ok, stored, live = agrees(eng)
         assert ok and stored == live and ids(eng.recommend("ann", k=12)) == after
-        eng._milvus.drop_all()
+        eng._core.milvus.drop_all()
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf-pq"])
@@ -182,7 +182,7 @@ def test_a_restart_mid_stream_loses_nothing(up, tmp_path):
     with Engine.open(store, encoder=FakeEncoder()) as eng:
         ok, stored, live = agrees(eng)
         assert ok and stored == live and len(live) == 12, f"waited {waited:.1f} s"
-        eng._milvus.drop_all()
+        eng._core.milvus.drop_all()
 
 
 def test_a_server_down_past_the_retry_window(up, tmp_path, monkeypatch):
@@ -197,10 +197,10 @@ def test_a_server_down_past_the_retry_window(up, tmp_path, monkeypatch):
         up.start()
         assert "space-1" not in ids(eng.similar_items("space-0", k=11)), "kept out until Milvus confirms"
         eng.add_items([new_item(1)])                          # the next write sends the delete
-        assert agrees(eng)[0] and not eng._state.index._unconfirmed_deletes
+        assert agrees(eng)[0] and not eng._core.state.index._unconfirmed_deletes
     finally:
         eng.close()
     with Engine.open(store, encoder=FakeEncoder()) as eng:
         ok, stored, live = agrees(eng)
         assert ok and stored == live and "space-1" not in eng and "space-new1" in eng
-        eng._milvus.drop_all()
+        eng._core.milvus.drop_all()

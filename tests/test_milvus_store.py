@@ -41,10 +41,10 @@ def make_store(path: Path, config: Config = MILVUS) -> Path:
 
 def agreement(eng: Engine) -> tuple[bool, list[int], list[int]]:
     """(collection agrees with the store, rows Milvus holds, live rows of the item table)."""
-    st = eng._state
+    st = eng._core.state
     live = st.items.live_rows()
     stored = st.index.stored_rows(len(st.items))
-    ok = st.index.agrees_with(live, st.ranker.index_vectors(live), st.index.kind, len(st.items),
+    ok = st.index.agrees_with(live, st.ranker.space.index_vectors(live), st.index.kind, len(st.items),
                               np.random.default_rng(0))
     return ok, stored.tolist(), live.tolist()
 
@@ -77,7 +77,7 @@ def test_milvus_store_serves_like_faiss_and_survives_reopen(tmp_path):
     with Engine.open(store, encoder=FakeEncoder()) as eng:
         assert ids(eng.recommend("ann", k=5)) == after
         ok, stored, live = agreement(eng)
-        assert ok and stored == live and eng._milvus.collections() == [manifest["milvus"]["collection"]]
+        assert ok and stored == live and eng._core.milvus.collections() == [manifest["milvus"]["collection"]]
     with Engine.open(store, encoder=FakeEncoder(), read_only=True) as ro:  # exact FAISS of the snapshot
         assert ro.stats()["index"]["backend"] == "faiss"
         assert ids(ro.recommend("ann", k=5)) == after
@@ -88,11 +88,11 @@ def test_fit_moves_the_collection_to_the_new_space(tmp_path):
     events = [Event(f"u{u}", it.item_id, "click", timestamp=1_700_000_000 + 10 * u + j)
               for u in range(12) for j, it in enumerate(small_catalog()[(u % 3) * 4:(u % 3) * 4 + 3])]
     with Engine.open(store, encoder=FakeEncoder()) as eng:
-        before = eng._state.index.collection
+        before = eng._core.state.index.collection
         eng.fit(events, progress=False)
-        assert eng._state.index.collection != before
+        assert eng._core.state.index.collection != before
         assert agreement(eng)[0]
-        assert eng._milvus.collections() == [eng._state.index.collection], "the old one is dropped at commit"
+        assert eng._core.milvus.collections() == [eng._core.state.index.collection], "the old one is dropped at commit"
 
 
 def _kill_on(mode: str, store: Path, marker: str) -> None:

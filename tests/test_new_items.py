@@ -90,7 +90,7 @@ def test_the_slot_takes_a_matching_new_item_outside_the_list_and_only_one(tmp_pa
     try:
         top_ids = _ids(eng)
         dups = _add_new([eng], [eng.get_item(i).text for i in top_ids])
-        st = eng._state
+        st = eng._core.state
         ranker, user = st.ranker, st.users.get("u0")
         row = st.items.live_row
         listed = np.array([row(i) for i in top_ids], np.int64)  # merit, no new item

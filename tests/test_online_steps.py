@@ -40,7 +40,7 @@ def clicks_among_candidates(eng: Engine, n: int, seed: int = 0) -> list[tuple[st
 def answers(eng: Engine) -> dict[str, object]:
     """The ranked lists with their scores, and the reranker's weights and step count (the lists
     of this small catalog may not show a step: a bucket can rank by one signal)."""
-    rr = eng._state.ranker.reranker
+    rr = eng._core.state.ranker.reranker
     return {"lists": {u: [(r.item_id, r.score) for r in eng.recommend(u, k=10)] for u in USERS},
             "steps": rr.steps, "weights": {k: v.tobytes() for k, v in rr.weights.items()}}
 
@@ -145,7 +145,7 @@ def test_a_log_from_before_deferred_steps_replays_with_the_step_inside_the_event
     store = StoreDir(tmp_path / "s", read_only=True)
     manifest = store.read_manifest()
     assert manifest["online_steps"] == "deferred"
-    eng._state.deferred_steps = False  # writes as the engine before deferred steps did
+    eng._core.state.deferred_steps = False  # writes as the engine before deferred steps did
     for user, item in clicks_among_candidates(eng, 20, seed=9):
         eng.record(user, item, "click")
     assert eng.stats()["online_steps"]["pending"] == 0
@@ -182,10 +182,10 @@ def test_a_replica_takes_the_writers_steps(tmp_path: Path) -> None:
 
 
 def test_the_step_reads_the_features_as_they_stood_before_its_click(tmp_path: Path) -> None:
-    from engine.state.apply import before_click
+    from engine.runtime.state import before_click
 
     eng, _ = build(tmp_path, "s", CONFIG)
-    st = eng._state
+    st = eng._core.state
     checked = 0
     for user_id in ("u2", "u5", "u9"):
         user = st.users.get_or_create(user_id)
@@ -199,7 +199,7 @@ def test_the_step_reads_the_features_as_they_stood_before_its_click(tmp_path: Pa
         eng.settle()
         again = st.ranker.candidates(then, st.index, seen, refresh=True, before_click=row)
         np.testing.assert_array_equal(again, cand)  # its own click brings no row in, none out
-        after = st.ranker.raw_features(then, cand, before_click=row)
+        after = st.ranker.features.raw(then, cand, st.ranker.profile_weight, before_click=row)
         np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
         moved = st.ranker.raw_features(then, cand)  # without the correction the click shows
         assert not np.allclose(moved[cand == row], before[cand == row])

@@ -27,8 +27,8 @@ def store(tmp_path, fake_encoder, half_life, name="s") -> Engine:
 
 
 def decayed(eng: Engine, item_id: str) -> float:
-    st = eng._state
-    return float(st.ranker.popularity(np.array([st.items.vocab.row(item_id)]))[0])
+    st = eng._core.state
+    return float(st.ranker.popular.popularity(np.array([st.items.vocab.row(item_id)]))[0])
 
 
 def test_counts_rank_popularity_by_default(tmp_path, fake_encoder):
@@ -48,7 +48,7 @@ def test_old_clicks_weigh_less(tmp_path, fake_encoder):
     assert decayed(eng, "food-0") == pytest.approx(2 * 2 ** -3 + 2 ** (-(3 * HOUR - 1) / HOUR))
     assert decayed(eng, "ball-0") == pytest.approx(2.0)
     assert ids(eng.recommend("cold", k=2)) == ["ball-0", "food-0"]
-    assert eng._state.items.clicks[eng._state.items.vocab.row("food-0")] == 3.0  # the counts stay counts
+    assert eng._core.state.items.clicks[eng._core.state.items.vocab.row("food-0")] == 3.0  # the counts stay counts
     eng.close(save=False)
 
 
@@ -77,14 +77,14 @@ def test_the_popular_list_stays_exact_click_by_click(tmp_path, fake_encoder, hal
     eng = Engine.create(tmp_path / "s", Config(popularity_half_life_s=half_life, fsync=False), encoder=fake_encoder)
     ids_ = [f"i{j}" for j in range(300)]
     eng.add_items([Item(i, f"item {i}", f"words {i} topic{j % 7}", ("c",)) for j, i in enumerate(ids_)])
-    ranker, rng = eng._state.ranker, np.random.default_rng(3)
-    ranker.popular(8, refresh=True)  # built once: the 256 best of 300
-    first = ranker._pop_cache
+    ranker, rng = eng._core.state.ranker, np.random.default_rng(3)
+    ranker.popular.top(8, refresh=True)  # built once: the 256 best of 300
+    first = ranker.popular.cache
     for j in range(400):  # skewed: a few items take most clicks, the tail climbs into the list
         item = ids_[min(int(rng.exponential(60)), len(ids_) - 1)]
         eng.record(f"u{j % 37}", item, "click", timestamp=T0 + 60 * j)
-        cached = ranker._pop_cache
+        cached = ranker.popular.cache
         assert cached is not None and len(cached) == len(first)
-        np.testing.assert_array_equal(cached, ranker._most_clicked(len(cached)))
-    assert not np.array_equal(ranker._pop_cache, first)
+        np.testing.assert_array_equal(cached, ranker.popular.most_clicked(len(cached)))
+    assert not np.array_equal(ranker.popular.cache, first)
     eng.close(save=False)

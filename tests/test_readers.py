@@ -81,10 +81,10 @@ def answer(eng: Engine, call: tuple) -> object:
 def test_reads_change_no_state(tmp_path: Path) -> None:
     eng = store(tmp_path)
     eng.recommend("u7", k=5)  # the user with the most seen items: the popular list is built for all
-    before = fingerprint(eng._state)
+    before = fingerprint(eng._core.state)
     for call in requests():
         answer(eng, call)
-    assert fingerprint(eng._state) == before
+    assert fingerprint(eng._core.state) == before
     eng.close(save=False)
 
 

@@ -276,7 +276,7 @@ def test_f2_enospc_appending_event_is_not_acknowledged(tmp_path, fail_write):
     eng = make_store(tmp_path / "s", 30)
     eng.record("alice", "m1")
     size = current_log(eng).stat().st_size
-    eng._log._fh = FailingFile(eng._log._fh, fail_write)
+    eng._core.log._fh = FailingFile(eng._core.log._fh, fail_write)
     with pytest.raises(StoreError, match="not recorded"):
         eng.record("alice", "m2")
     assert eng.user_history("alice") == ["m1"]

@@ -90,7 +90,7 @@ def test_replica_applies_every_kind_of_record(writer: Engine) -> None:
                                                                                  "space-2"]
         assert "a-new" in replica and "ball-0" not in replica
         with Engine.open(writer.path, encoder=FakeEncoder(), read_only=True) as fresh:  # what recovery gives
-            assert fingerprint(replica._state) == fingerprint(fresh._state)
+            assert fingerprint(replica._core.state) == fingerprint(fresh._core.state)
             same_answers(replica, fresh, ["a-u1", "a-u2", "a-u3", "nobody"])
         same_answers(replica, writer, ["a-u1", "a-u2", "a-u3", "nobody"])
         lag = replica.replica_lag()
@@ -114,8 +114,8 @@ def test_a_plain_save_is_followed_without_a_reload(writer: Engine) -> None:
         assert (lag["generation"], lag["reloads"], lag["saves_continued"]) == (2, 0, 2)
         # The replica went on as the writer did (a fresh open differs in its unsaved random state).
         for part in ("users", "index", "event_keys"):
-            assert fingerprint(getattr(replica._state, part)) == fingerprint(getattr(writer._state, part)), part
-        assert fingerprint(replica._state.ranker.reranker) == fingerprint(writer._state.ranker.reranker)
+            assert fingerprint(getattr(replica._core.state, part)) == fingerprint(getattr(writer._core.state, part)), part
+        assert fingerprint(replica._core.state.ranker.reranker) == fingerprint(writer._core.state.ranker.reranker)
         same_answers(replica, writer, ["a-u1", "b-u1", "b-u2", "b-u3"])
     finally:
         replica.close()
@@ -134,7 +134,7 @@ def test_replica_crosses_saves_and_ingests(writer: Engine) -> None:
         assert replica.replica_lag()["reloads"] >= 1
         assert replica.user_history("b-u1")[-1] == "bulk-3" and "bulk-0" in replica
         with Engine.open(writer.path, encoder=FakeEncoder(), read_only=True) as fresh:
-            assert fingerprint(replica._state) == fingerprint(fresh._state)
+            assert fingerprint(replica._core.state) == fingerprint(fresh._core.state)
             same_answers(replica, fresh, ["a-u1", "b-u1", "b-u2", "b-u3"])
     finally:
         replica.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import engine.engine as engine_module
+import engine.runtime.encoders as encoders_module
 from engine import Config, Engine, Filter, InvalidInputError, UnknownItemError
 from engine.cli import main
 
@@ -107,7 +107,7 @@ def test_unknown_item_is_still_a_key_error_with_a_filter(flat):
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A store the CLI opens with the fake encoder in place of the model."""
     enc = FakeEncoder()
-    monkeypatch.setattr(engine_module, "Encoder", lambda *args, **kwargs: enc)
+    monkeypatch.setattr(encoders_module, "Encoder", lambda *args, **kwargs: enc)
     path = tmp_path / "cli-store"
     with Engine.create(path, encoder=enc) as eng:
         eng.add_items(small_catalog())

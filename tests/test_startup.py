@@ -34,14 +34,14 @@ def heavy_modules_after(code: str, modules: tuple[str, ...] = HEAVY) -> list[str
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def fitted_store(path: Path) -> Path:
+def fitted_store(path: Path, rerank_epochs: int = 1) -> Path:
     items = [Item(f"it{i}", f"item {i}", f"topic{i % 4} word{i % 7}") for i in range(40)]
     events = [Event(f"u{u}", f"it{(u % 4) + 4 * j}", "click", 1.0, 100 * u + j) for u in range(24) for j in range(4)]
-    with Engine.create(path, Config(proj_epochs=1, proj_dim=8, rerank_epochs=1, fsync=False),
+    with Engine.create(path, Config(proj_epochs=1, proj_dim=8, rerank_epochs=rerank_epochs, fsync=False),
                        encoder=FakeEncoder(dim=16)) as eng:
         eng.add_items(items)
         eng.import_events(events)
-        assert eng.fit(events, progress=False)["reranker"]
+        assert eng.fit(events, progress=False)["reranker"] == bool(rerank_epochs)
     return path
 
 
@@ -61,6 +61,25 @@ def test_cli_commands_that_embed_nothing_load_no_torch(tmp_path: Path) -> None:
     for args in (["--help"], ["stats", str(store)], ["feedback", str(store), "--user", "u1", "--item", "it9"],
                  ["recommend", str(store), "--user", "u1", "-k", "5", "--json"]):
         assert heavy_modules_after(run.format(args=args)) == [], args
+
+
+def test_the_rerankers_first_weights_are_drawn_without_torch() -> None:
+    """In numpy (models/rerank.initial_weights); before, `Reranker.weights` imported the torch
+    module of training/ to draw them, on the serving path (Ranker.prepare)."""
+    run = ("from engine.models.rerank import N_INPUTS, Reranker\n"
+           "w = Reranker(16, 0.01, 64, 8, seed=3).weights\nassert w['mlp.0.weight'].shape == (16, N_INPUTS)")
+    assert heavy_modules_after(run) == []
+
+
+def test_a_tower_without_a_trained_reranker_is_served_without_torch(tmp_path: Path) -> None:
+    """A store fit with rerank_epochs=0 (a trained tower, the reranker's first weights) serves and
+    learns online with no torch loaded."""
+    store = fitted_store(tmp_path / "s", rerank_epochs=0)
+    run = (f"from engine import Engine\nfrom conftest import FakeEncoder\n"
+           f"eng = Engine.open({str(store)!r}, encoder=FakeEncoder(dim=16))\n"
+           f"assert eng._core.state.ranker.trained and not eng._core.state.ranker.reranker.trained\n"
+           f"assert len(eng.recommend('u1', k=5)) == 5\neng.record('u1', 'it3')\neng.close()")
+    assert heavy_modules_after(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\n{run}") == []
 
 
 def test_opening_and_fitting_leave_torchs_random_state_alone(tmp_path: Path) -> None:

@@ -179,7 +179,7 @@ def test_a_crash_during_save_keeps_the_old_generation_and_the_log(tmp_path, fake
     def crash(manifest):
         raise OSError("simulated crash before the manifest swap")
 
-    monkeypatch.setattr(eng._store, "write_manifest", crash)
+    monkeypatch.setattr(eng._core.store, "write_manifest", crash)
     with pytest.raises(OSError, match="simulated crash"):
         eng.save()
     eng.close(save=False)
@@ -346,4 +346,4 @@ def test_any_history_round_trips(ops, save_at_end):
             assert {u: [(r.item_id, round(r.score, 6)) for r in again.recommend(u, k=6)]
                     for u in USERS} == before
             assert sorted(i.item_id for i in small_catalog() if i.item_id in again) == live
-            assert np.isfinite(again._state.index.ntotal)
+            assert np.isfinite(again._core.state.index.ntotal)

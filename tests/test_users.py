@@ -154,9 +154,9 @@ def test_online_updates_flag(tmp_path, fake_encoder, catalog, online):
     with Engine.create(tmp_path / "s", Config(online_updates=online), encoder=fake_encoder) as eng:
         eng.add_items(catalog)
         eng.recommend("u", k=1, profile="football goal")
-        v0 = eng._state.users.get("u").vector.copy()
+        v0 = eng._core.state.users.get("u").vector.copy()
         eng.record("u", "space-0", "click")
-        moved = not np.allclose(eng._state.users.get("u").vector, v0)
+        moved = not np.allclose(eng._core.state.users.get("u").vector, v0)
         assert moved == online
         assert "space-0" not in {r.item_id for r in eng.recommend("u", k=12)}  # seen either way
 
@@ -172,7 +172,7 @@ def test_a_frozen_store_stays_frozen_through_a_reopen(tmp_path, catalog):
         [("a", "space-0"), ("a", "space-1"), ("b", "space-1"), ("b", "space-2"), ("c", "food-0")])]
 
     def picture(eng):
-        st = eng._state
+        st = eng._core.state
         return ([(r.item_id, r.score) for u in "abcz" for r in eng.recommend(u, k=12, exclude_seen=False)],
                 st.items.clicks[:len(st.items)].tolist(), st.ranker.coclicks.scores([1], np.arange(12)).tolist())
 

@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine import InvalidInputError
-from engine.state.vocab import MAX_ID_LENGTH, Vocabulary, check_id
+from engine.state.vocab import Vocabulary
+from engine.types import MAX_ID_LENGTH, check_id
 
 valid_ids = st.text(min_size=1, max_size=40).filter(lambda s: s == s.strip() and "\x00" not in s)
 

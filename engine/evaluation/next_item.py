@@ -11,7 +11,7 @@ import numpy as np
 from .baselines.base import Method, Query, TrainSet
 from .datasets import EvalDataset, EventTable, positives
 from .metrics import ndcg_at_k, recall_at_k
-from .protocols import Progress, _quiet, header, measure
+from .protocols import Progress, quiet, header, measure
 from .splits import HISTORY_CAP, NextItemSplit, check_split_kind, next_item_split, next_item_validation
 
 #: The cut-offs the published tables report, whatever `--k` says.
@@ -46,7 +46,7 @@ def score_next_item(ranked: Sequence[np.ndarray], targets: np.ndarray,
 
 def run_next_item(ds: EvalDataset, methods: Sequence[Method], *, seed: int = 0, k: int = 20,
                   min_value: float | None = None, split_kind: str = "test",
-                  progress: Progress = _quiet) -> dict:
+                  progress: Progress = quiet) -> dict:
     """Every method learns from the split's training positives (and may early-stop on the
     holdout), then ranks the whole catalog once per evaluated user. `k` is only written in the
     header: the cut-offs are NEXT_ITEM_KS."""

@@ -23,7 +23,7 @@ Progress = Callable[[str], None]
 PER_USER_DIGITS = 4
 
 
-def _quiet(_: str) -> None:
+def quiet(_: str) -> None:
     pass
 
 
@@ -107,7 +107,7 @@ def _short(metrics: dict) -> str:
 
 def run_item_cold(ds: EvalDataset, methods: Sequence[Method], *, seed: int = 0, k: int = 20,
                   min_value: float | None = None, split_kind: str = "test",
-                  progress: Progress = _quiet) -> dict:
+                  progress: Progress = quiet) -> dict:
     """Each test user ranks only the cold items, from their training positives."""
     split = choose_item_cold(positives(ds.events, min_value), seed, split_kind)
     train = TrainSet(split.train, ds.items, ds.n_users, ds.user_ids, profiles=ds.profiles_of(split.train))
@@ -155,7 +155,7 @@ def measure(out: dict, methods: Sequence[Method], train: TrainSet, users: list[s
 
 def run_user_cold(ds: EvalDataset, methods: Sequence[Method], *, seed: int = 0, k: int = 20,
                   min_value: float | None = None, reveals: Sequence[int] = REVEALS,
-                  split_kind: str = "test", progress: Progress = _quiet) -> dict:
+                  split_kind: str = "test", progress: Progress = quiet) -> dict:
     """Each test user is new; after n revealed positives (time order) they rank all other items."""
     split = choose_user_cold(positives(ds.events, min_value), seed, split_kind)
     train = TrainSet(split.train, ds.items, ds.n_users, ds.user_ids, profiles=ds.profiles_of(split.train))

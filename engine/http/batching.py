@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..engine import Engine
 from ..serving.filters import Filter
-from ..state.vocab import check_id
+from ..types import check_id
 from ..types import Recommendation
 
 #: Seconds a group waits for more calls after its first (0 turns batching off). From

@@ -21,9 +21,8 @@ from ..errors import InvalidInputError
 from .app import create_app
 from .batching import BATCH_WINDOW_S
 from .middleware import MAX_QUEUE
+from .worker import GRACEFUL_TIMEOUT_S
 
-#: Seconds uvicorn waits for requests in flight on shutdown before it cancels them.
-GRACEFUL_TIMEOUT_S = 30
 
 
 def read_api_key(path: Path) -> str:

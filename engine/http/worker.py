@@ -24,6 +24,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+#: Seconds uvicorn waits for requests in flight on shutdown before it cancels them.
+GRACEFUL_TIMEOUT_S = 30
 #: uvicorn's default queue of connections not yet accepted.
 BACKLOG = 2048
 
@@ -85,7 +87,6 @@ def run_worker(spec: WorkerSpec) -> None:
     from ..engine import Engine
     from .app import create_app
     from .forward import WRITER, WorkerLink
-    from .server import GRACEFUL_TIMEOUT_S
 
     writer = spec.index == WRITER
     eng = Engine.open(spec.store) if writer else Engine.open(spec.store, read_only=True, follow=True)

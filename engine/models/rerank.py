@@ -4,7 +4,7 @@ Raw features of (user, candidate item), in order (FEATURES):
   tower    tau(n) * <u, v_i> + b_i, the two-tower score (similarity plus the item's learned prior)
   lexical  cosine between the item's TF-IDF vector and the mean of the user's clicked items' (lexical.py)
   cooc     log(1 + how often other users clicked the item near the user's recent clicks), coclick.py;
-           each recent click weighs RECENCY_DECAY ** (clicks since it) (serving/ranking.py)
+           each recent click weighs RECENCY_DECAY ** (clicks since it) (serving/features.py)
   itemcf   the same weighted counts normalised item-item-cosine style: sum_i w_i co(i, j) / sqrt(c_i c_j)
   clicks   log(1 + online click count of the item)
   ctr      posterior mean CTR, (clicks + 1) / (impressions + 2)
@@ -27,7 +27,9 @@ trained or stopped on show it adding recall (training/reranker.py, `fit_residual
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 
@@ -68,6 +70,53 @@ def weight_shapes(hidden: int) -> dict[str, tuple[int, ...]]:
             "mlp.2.weight": (hidden, hidden), "mlp.2.bias": (hidden,),
             "mlp.4.weight": (1, hidden), "mlp.4.bias": (1,),
             "mean": (N_INPUTS,), "std": (N_INPUTS,), "mlp_gate": (N_BUCKETS,)}
+
+
+#: The MLP's output layer starts this much smaller than a layer's default draw, so the network
+#: starts (and a residual restarts) near the linear blend.
+MLP_OUT_SCALE = 0.01
+
+
+def torch_uniform_stream(seed: int) -> Callable[[int, float], np.ndarray]:
+    """Draws that equal `torch.manual_seed(seed)` then `tensor.uniform_(-bound, bound)` on the CPU,
+    in numpy: torch's CPU generator is MT19937 seeded as numpy's legacy `RandomState(seed)` is,
+    and a float32 draw takes the low 24 bits of one 32-bit output, scaled in double precision
+    (tests/test_rerank_init.py holds the two equal). The weights a store drew once stay the same
+    without torch on the serving path."""
+    legacy = np.random.RandomState(seed).get_state()
+    bits = np.random.MT19937()
+    bits.state = {"bit_generator": "MT19937", "state": {"key": legacy[1], "pos": int(legacy[2])}}
+
+    def draw(n: int, bound: float) -> np.ndarray:
+        low, high = np.float64(np.float32(-bound)), np.float64(np.float32(bound))
+        unit = (bits.random_raw(n) & ((1 << 24) - 1)).astype(np.float64) * 2.0 ** -24
+        return (unit * (high - low) + low).astype(np.float32)
+
+    return draw
+
+
+def initial_weights(hidden: int, seed: int) -> dict[str, np.ndarray]:
+    """The untrained network's weights, drawn from `seed`: torch's `nn.Linear` defaults in the order
+    `training/reranker.RerankNet` builds its layers (a weight's bound sqrt(1 / fan_in), that is
+    kaiming-uniform with a = sqrt(5); its bias's 1 / sqrt(fan_in)), then the linear part set to
+    `initial_linear_weights` and the MLP's output layer scaled by MLP_OUT_SCALE, bias 0."""
+    draw = torch_uniform_stream(seed)
+    out: dict[str, np.ndarray] = {}
+    for name, (n_out, n_in) in (("linear", (1, N_INPUTS)), ("mlp.0", (hidden, N_INPUTS)),
+                                ("mlp.2", (hidden, hidden)), ("mlp.4", (1, hidden))):
+        gain = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))  # torch's calculate_gain("leaky_relu", sqrt(5))
+        out[name + ".weight"] = draw(n_out * n_in, math.sqrt(3.0) * gain / math.sqrt(n_in)).reshape(n_out, n_in)
+        out[name + ".bias"] = draw(n_out, 1 / math.sqrt(n_in))
+    out["linear.weight"][:] = 0
+    out["linear.bias"][:] = 0
+    for b in range(N_BUCKETS):
+        for feature, weight in initial_linear_weights(b).items():
+            out["linear.weight"][0, column(feature, b)] = weight
+    out["mlp.4.weight"] *= np.float32(MLP_OUT_SCALE)
+    out["mlp.4.bias"][:] = 0
+    out.update(mean=np.zeros(N_INPUTS, np.float32), std=np.ones(N_INPUTS, np.float32),
+               mlp_gate=np.ones(N_BUCKETS, np.float32))
+    return {k: out[k] for k in weight_shapes(hidden)}
 
 
 #: The weight that stores from before the gate lack, and its value there (the MLP added in full).
@@ -235,7 +284,7 @@ def listwise_grads(p: dict[str, np.ndarray], batch: list[tuple[np.ndarray, np.nd
 class Reranker:
     """The network's weights (numpy), the replay buffer and the online step.
 
-    The weights are drawn on first use (`weights`, which loads torch) unless a store's file
+    The weights are drawn on first use (`weights`, numpy) unless a store's file
     supplies them; scoring and the online step run in numpy, so serving never imports torch.
     """
 
@@ -276,8 +325,6 @@ class Reranker:
     def weights(self) -> dict[str, np.ndarray]:
         """The weights by name (see weight_shapes); the seeded initial ones until trained."""
         if self._np is None:
-            from ..training.reranker import initial_weights
-
             self._np = initial_weights(self.hidden, self.seed)
         return self._np
 
@@ -287,16 +334,6 @@ class Reranker:
         if b >= 0 and self.expert[b] >= 0 and feats[:, column("clicks", b)].any():
             return signal_score(feats, int(self.expert[b]), b).astype(np.float32)
         return forward(self.weights, feats)[0].astype(np.float32)
-
-    def fit(self, examples: list[tuple[np.ndarray, np.ndarray]], epochs: int, batch: int = 64,
-            progress: bool = False, groups: np.ndarray | None = None,
-            totals: np.ndarray | None = None, residual: bool = True) -> list[float]:
-        """Offline training (training/reranker.fit); returns the epoch losses."""
-        if not examples:
-            return []
-        from ..training.reranker import fit
-
-        return fit(self, examples, epochs, batch, progress, groups, totals, residual)
 
     def install(self, weights: dict[str, np.ndarray], valid_recall: float | None,
                 expert: np.ndarray | None = None) -> None:

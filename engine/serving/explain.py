@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..state.apply import State
+from ..state.items import ItemTable
 from ..state.users import UserState
 from ..types import Because
 
@@ -19,9 +19,8 @@ MIN_COSINE = 0.3
 CLICKS_LOOKED_AT = 50
 
 
-def reasons(state: State, user: UserState, rows: np.ndarray) -> list[Because]:
+def reasons(items: ItemTable, user: UserState, rows: np.ndarray) -> list[Because]:
     """One Because per row of `rows` (item rows of a list), for `user`."""
-    items = state.items
     vecs = items.vector_rows(rows)
     best = np.full(len(rows), -np.inf, np.float32)
     source = np.full(len(rows), -1, np.int64)  # the clicked row each item is nearest to; -1: profile

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from ..state.items import ItemTable
-from ..state.vocab import check_id
+from ..types import check_id
 from ..text.catalog import MAX_CATEGORY_CHARS, check_text
 
 

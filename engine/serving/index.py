@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 
 from ..errors import CorruptStoreError, InvalidInputError
-from ..vectors import grown
+from ..vectors import check_vectors, grown
 from .faiss_file import check_ids, read_index
 
 log = logging.getLogger(__name__)
@@ -25,19 +25,6 @@ log = logging.getLogger(__name__)
 #: The FAISS factory string of every index kind of config.INDEX_KINDS but "auto".
 FACTORY = {"flat": "Flat", "hnsw": "HNSW{m}", "hnsw-sq8": "HNSW{m},SQ8", "ivf": "IVF{nlist},Flat",
            "ivf-pq": "IVF{nlist},PQ{pq}"}
-
-
-def check_vectors(x: np.ndarray, dim: int, what: str = "vectors") -> np.ndarray:
-    """Return `x` as contiguous float32 (n, dim), or raise naming the rule it broke."""
-    if not isinstance(x, np.ndarray):
-        raise InvalidInputError(f"{what} must be a numpy array; got {type(x).__name__}")
-    if x.dtype != np.float32:
-        raise InvalidInputError(f"{what} must be float32 with shape (n, {dim}); got {x.dtype} {x.shape}")
-    if x.ndim != 2 or x.shape[1] != dim:
-        raise InvalidInputError(f"{what} must have shape (n, {dim}); got {x.shape}")
-    if not np.isfinite(x).all():
-        raise InvalidInputError(f"{what} must be finite; found NaN or inf")
-    return np.ascontiguousarray(x)
 
 
 #: Batches up to this many queries search with `search_threads` threads; larger ones use all cores.

@@ -1,5 +1,10 @@
 """Milvus behind the same contract as the FAISS `VectorIndex`: rows in, rows out.
 
+(Over 450 lines, as one module: `MilvusHome` (where a store's collections live, their names and
+their clean-up) and `MilvusIndex` (one collection behind the index contract, with its retries,
+consistency level and reconciliation checks) are one backend, read together; most of the length
+is the index's contract, as long as `VectorIndex`'s.)
+
 Rows are Milvus int64 primary keys. A removal deletes the entity (Milvus compacts on its own, so
 there are no tombstones here), an upsert replaces the vector in place, and every search carries
 the removed, seen and filtered-out rows as a boolean `filter` expression, so Milvus skips them
@@ -27,7 +32,8 @@ import numpy as np
 
 from ..errors import InvalidInputError, StoreError
 from ..vectors import grown
-from .index import check_vectors, one_query
+from ..vectors import check_vectors
+from .index import one_query
 
 log = logging.getLogger(__name__)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
 from ..vectors import normalise
 from .vocab import Vocabulary
@@ -112,3 +113,61 @@ class UserTable:
         if row == len(self.states):
             self.states.append(UserState(vector=np.zeros(self.dim, np.float32)))
         return self.states[row]
+
+
+#: The users table of a snapshot (users-G.parquet), row r the user of vocabulary row r.
+USER_SCHEMA = pa.schema([
+    ("user_id", pa.string()), ("clicks", pa.list_(pa.int64())), ("skips", pa.list_(pa.int64())),
+    ("impressions", pa.int64()), ("profile", pa.string()), ("held", pa.list_(pa.int64())),
+    ("dislikes", pa.list_(pa.int64())),
+])
+#: Columns a store written by an earlier version may lack (read as empty).
+OPTIONAL_USER_COLUMNS = ("held", "dislikes")
+
+
+def users_to_arrow(users: UserTable) -> pa.Table:
+    s = users.states
+    return pa.Table.from_arrays([
+        users.vocab.to_arrow(), pa.array([u.clicks for u in s], pa.list_(pa.int64())),
+        pa.array([u.skips for u in s], pa.list_(pa.int64())), pa.array([u.impressions for u in s], pa.int64()),
+        pa.array([u.profile for u in s], pa.string()), pa.array([u.held for u in s], pa.list_(pa.int64())),
+        pa.array([u.dislikes for u in s], pa.list_(pa.int64())),
+    ], schema=USER_SCHEMA)
+
+
+def user_arrays(users: UserTable, d_text: int) -> dict[str, np.ndarray]:
+    n = len(users)
+    vecs = np.zeros((n, users.dim), np.float32)
+    prof = np.zeros((n, d_text), np.float32)
+    for r, u in enumerate(users.states):
+        vecs[r] = u.vector
+        if u.profile_vec is not None:
+            prof[r] = u.profile_vec
+    return {"user_vectors": vecs, "user_profiles": prof}
+
+
+def users_from_arrow(table: pa.Table, vecs: np.ndarray, profiles: np.ndarray) -> UserTable:
+    users = UserTable(vecs.shape[1] if vecs.ndim == 2 else 0)
+    users.vocab = Vocabulary.from_arrow(table.column("user_id"))  # row r is table row r
+    cols = table.to_pydict()
+    for r, uid in enumerate(cols["user_id"]):
+        state = users.get_or_create(uid)
+        state.vector = vecs[r].copy()
+        state.clicks, state.skips = list(cols["clicks"][r]), list(cols["skips"][r])
+        state.impressions = int(cols["impressions"][r])
+        state.profile = cols["profile"][r]
+        state.profile_vec = profiles[r].copy() if state.profile is not None else None
+        state.held = list(cols["held"][r]) if "held" in cols else []
+        state.dislikes = list(cols["dislikes"][r]) if "dislikes" in cols else []
+    return users
+
+
+def check_item_rows(table: pa.Table, n_items: int) -> None:
+    """Histories (a users table's list columns) may only name item rows that exist: ValueError."""
+    import pyarrow.compute as pc
+
+    for col in [c for c in ("clicks", "skips", "held", "dislikes") if c in table.column_names]:
+        flat = pc.list_flatten(table.column(col))
+        if len(flat) and (pc.min(flat).as_py() < 0 or pc.max(flat).as_py() >= n_items):
+            raise ValueError(f"column {col!r} names item rows outside 0..{n_items - 1}")
+

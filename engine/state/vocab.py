@@ -7,11 +7,9 @@ from collections.abc import Iterable
 import numpy as np
 import pyarrow as pa
 
-from ..errors import InvalidInputError
 from ..vectors import grown
 from .columns import StringColumn, one_array
 
-MAX_ID_LENGTH = 512
 #: Slots of an empty vocabulary's hash table, and rows its hash array first makes room for.
 MIN_SLOTS = 16
 MIN_HASHES = 8
@@ -20,32 +18,6 @@ BUILD_CHUNK = 65536
 #: The hash of an id. Python's str hash: fast, cached on the str, randomised per process (fine:
 #: the table is rebuilt at every open). A module global so a test can force collisions.
 _hash = hash
-
-
-def check_id(value: object, what: str = "id") -> str:
-    """Return `value` if it is a valid external id, else raise naming the rule.
-
-    The rule: a non-empty str of at most 512 characters with no NUL, no lone surrogate and no
-    leading or trailing whitespace. Ids are compared exactly as given: NFC and NFD spellings are
-    different ids.
-    """
-    if not isinstance(value, str):
-        raise InvalidInputError(f"{what} must be a string; got {type(value).__name__}")
-    if not value:
-        raise InvalidInputError(f"{what} must not be empty")
-    if len(value) > MAX_ID_LENGTH:
-        raise InvalidInputError(f"{what} must be at most {MAX_ID_LENGTH} characters; got {len(value)}")
-    if "\x00" in value:
-        raise InvalidInputError(f"{what} must not contain NUL characters; got {value!r}")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidInputError(f"{what} must be valid Unicode (no lone surrogate code points, as "
-                                    f"undecodable bytes become); got {value!r}") from None
-    if value != value.strip():
-        raise InvalidInputError(f"{what} must not start or end with whitespace; got {value!r}")
-    return value
 
 
 class Vocabulary:

@@ -310,3 +310,28 @@ class EventLog:
                 while self._syncing:
                     self._cv.wait()
                 self._fh.close()
+
+
+def complete_records(data: bytes, expect: int) -> tuple[list[tuple[int, int, bytes]], str | None]:
+    """The intact records at the start of `data`, whose first sequence number must be `expect`.
+
+    Returns:
+        ([(seq, end offset, payload), ...], problem): `problem` is None when the records run to
+        the end of `data` or stop at what may be an append in progress (the same test recovery
+        applies to a torn tail), else what is wrong and where.
+    """
+    out: list[tuple[int, int, bytes]] = []
+    off = 0
+    while off < len(data):
+        problem = _record_problem(data, off)
+        if problem is not None:
+            if _could_be_torn_tail(data, off, expect):
+                return out, None  # not yet: the writer is mid-append (or crashed there)
+            return out, f"{problem} in the record at relative byte offset {off}"
+        length, _, seq = HEADER.unpack_from(data, off)
+        if seq != expect:
+            return out, f"sequence number {seq} where {expect} was expected at relative byte offset {off}"
+        stop = off + HEADER.size + length
+        out.append((seq, stop, data[off + HEADER.size: stop]))
+        off, expect = stop, seq + 1
+    return out, None

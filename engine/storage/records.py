@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
+import time
 from dataclasses import dataclass
 from typing import Any, Union
 
 import numpy as np
 
-from ..errors import CorruptStoreError
-from ..types import Item
+from ..errors import CorruptStoreError, InvalidInputError
+from ..types import EVENT_KINDS, Item, check_id
 
 
 def b64(a: np.ndarray) -> str:
@@ -93,7 +95,7 @@ class StepRecord:
     """The reranker's online step for the oldest click still waiting for one (`key`: that click's
     `EventRecord.key`), taken (`taken`) or found to teach nothing (the item was not among the
     user's candidates). Written where the step read the state, so a replay takes it at the same
-    point of the history and reaches the same weights (state/apply.py, "deferred steps")."""
+    point of the history and reaches the same weights (runtime/state.py, "Deferred steps")."""
 
     key: int
     taken: bool
@@ -163,3 +165,20 @@ def from_payload(data: dict[str, Any], dim: int | None, where: str) -> Record:
         raise CorruptStoreError(f"{where}: a malformed {op!r} record ({exc!r})") from exc
     raise CorruptStoreError(f"{where}: unknown record op {op!r}; this store was written by a newer "
                             "or a foreign program, and replaying past it would lose state")
+
+
+def event_record(user_id: str, item_id: str, event: str, value: float, timestamp: int | None,
+                  event_id: str | None = None) -> EventRecord:
+    """An event checked against the rules of `record` (the message names the rule broken)."""
+    check_id(user_id, "user_id")
+    check_id(item_id, "item_id")
+    if event_id is not None:
+        check_id(event_id, "event_id")
+    if event not in EVENT_KINDS:
+        raise InvalidInputError(f"event must be one of {', '.join(EVENT_KINDS)}; got {event!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidInputError(f"value must be a finite number; got {value!r}")
+    if timestamp is not None and (isinstance(timestamp, bool) or not isinstance(timestamp, int)):
+        raise InvalidInputError(f"timestamp must be an int (unix seconds); got {timestamp!r}")
+    t = int(time.time()) if timestamp is None else timestamp
+    return EventRecord(user_id, item_id, event, float(value), t, event_id)

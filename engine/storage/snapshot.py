@@ -1,7 +1,11 @@
-"""Writing and reading one generation of engine state (tables, vectors, models, index)."""
+"""Writing and reading the files of one generation: Arrow tables, safetensors, the index file.
+
+What the tables and tensors hold is the state's business (runtime/generation.py turns the
+in-memory tables into these and back); this module knows files, their kinds and their checks."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -13,56 +17,7 @@ from safetensors.numpy import load, load_file, save_file
 
 from ..errors import CorruptStoreError
 from .mapped import map_tensors
-from ..state.items import ITEM_SCHEMA, OPTIONAL_ITEM_COLUMNS, ItemTable
 from .store import StoreDir, atomic_write
-from ..state.users import UserTable
-from ..state.vocab import Vocabulary
-
-USER_SCHEMA = pa.schema([
-    ("user_id", pa.string()), ("clicks", pa.list_(pa.int64())), ("skips", pa.list_(pa.int64())),
-    ("impressions", pa.int64()), ("profile", pa.string()), ("held", pa.list_(pa.int64())),
-    ("dislikes", pa.list_(pa.int64())),
-])
-#: Columns a store written by an earlier version may lack (read as empty).
-OPTIONAL_USER_COLUMNS = ("held", "dislikes")
-
-
-def users_to_arrow(users: UserTable) -> pa.Table:
-    s = users.states
-    return pa.Table.from_arrays([
-        users.vocab.to_arrow(), pa.array([u.clicks for u in s], pa.list_(pa.int64())),
-        pa.array([u.skips for u in s], pa.list_(pa.int64())), pa.array([u.impressions for u in s], pa.int64()),
-        pa.array([u.profile for u in s], pa.string()), pa.array([u.held for u in s], pa.list_(pa.int64())),
-        pa.array([u.dislikes for u in s], pa.list_(pa.int64())),
-    ], schema=USER_SCHEMA)
-
-
-def user_arrays(users: UserTable, d_text: int) -> dict[str, np.ndarray]:
-    n = len(users)
-    vecs = np.zeros((n, users.dim), np.float32)
-    prof = np.zeros((n, d_text), np.float32)
-    for r, u in enumerate(users.states):
-        vecs[r] = u.vector
-        if u.profile_vec is not None:
-            prof[r] = u.profile_vec
-    return {"user_vectors": vecs, "user_profiles": prof}
-
-
-def users_from_arrow(table: pa.Table, vecs: np.ndarray, profiles: np.ndarray) -> UserTable:
-    users = UserTable(vecs.shape[1] if vecs.ndim == 2 else 0)
-    users.vocab = Vocabulary.from_arrow(table.column("user_id"))  # row r is table row r
-    cols = table.to_pydict()
-    for r, uid in enumerate(cols["user_id"]):
-        state = users.get_or_create(uid)
-        state.vector = vecs[r].copy()
-        state.clicks, state.skips = list(cols["clicks"][r]), list(cols["skips"][r])
-        state.impressions = int(cols["impressions"][r])
-        state.profile = cols["profile"][r]
-        state.profile_vec = profiles[r].copy() if state.profile is not None else None
-        state.held = list(cols["held"][r]) if "held" in cols else []
-        state.dislikes = list(cols["dislikes"][r]) if "dislikes" in cols else []
-    return users
-
 
 def write_parquet(path: Path, table: pa.Table) -> None:
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
@@ -94,17 +49,16 @@ def read_tensors(path: Path, fh: BinaryIO | None = None) -> dict[str, np.ndarray
         raise CorruptStoreError(f"{path}: unreadable safetensors file ({exc})") from exc
 
 
-def write_generation(store: StoreDir, gen: int, items: ItemTable, users: UserTable,
-                     models: dict[str, np.ndarray], index, event_keys: np.ndarray,
-                     event_ids: np.ndarray | None = None) -> list[Path]:
-    """Write every state file of generation `gen`; returns their paths (not yet committed)."""
+def write_generation(store: StoreDir, gen: int, items: pa.Table, users: pa.Table, vectors: dict[str, np.ndarray],
+                     models: dict[str, np.ndarray], index) -> list[Path]:
+    """Write every state file of generation `gen`: the item and user tables, the vectors file, the
+    models file (when `models`) and the index (a FAISS one holding rows; `index.save(path)`
+    writes it). Returns their paths (not yet committed)."""
     paths = [store.file("items", gen, "parquet"), store.file("users", gen, "parquet"),
              store.file("vectors", gen, "safetensors")]
-    write_parquet(paths[0], items.to_arrow())
-    write_parquet(paths[1], users_to_arrow(users))
-    write_tensors(paths[2], {"item_text": items.vectors, **user_arrays(users, items.dim),
-                             "event_keys": np.asarray(event_keys, np.uint64),
-                             "event_ids": np.asarray(np.zeros(0) if event_ids is None else event_ids, np.uint64)})
+    write_parquet(paths[0], items)
+    write_parquet(paths[1], users)
+    write_tensors(paths[2], vectors)
     if models:
         paths.append(store.file("models", gen, "safetensors"))
         write_tensors(paths[-1], models)
@@ -114,11 +68,27 @@ def write_generation(store: StoreDir, gen: int, items: ItemTable, users: UserTab
     return paths
 
 
-def read_generation(store: StoreDir, manifest: dict[str, Any], d_text: int,
-                    handles: dict[str, BinaryIO] | None = None
-                    ) -> tuple[ItemTable, UserTable, dict[str, np.ndarray] | None, Path | None, np.ndarray,
-                               np.ndarray]:
-    """Read generation G's files; anything not shaped as this module writes it is CorruptStoreError.
+@dataclass
+class Generation:
+    """One generation's files as read: Arrow tables and tensors, checked as files (a readable
+    table with the columns asked for, tensors of the right kind); what they mean is the
+    reader's (runtime/generation.py)."""
+
+    items: pa.Table
+    users: pa.Table
+    vectors: dict[str, np.ndarray]   # mapped: the item vectors stay in the file
+    models: dict[str, np.ndarray] | None
+    index: Path | None
+    event_keys: np.ndarray
+    event_ids: np.ndarray
+    paths: dict[str, Path]           # "items", "users", "vectors": the files, for messages
+
+
+def read_generation(store: StoreDir, manifest: dict[str, Any], schemas: dict[str, tuple[pa.Schema, tuple[str, ...]]],
+                    handles: dict[str, BinaryIO] | None = None) -> Generation:
+    """Read generation G's files; a file not shaped as `write_generation` writes it is
+    CorruptStoreError naming it. `schemas`: per table ("items", "users"), the schema and the
+    columns a store written by an earlier version may lack.
 
     The checksums catch damage; these checks catch a file that is intact but wrong (written by a
     buggy or foreign writer), so that such a store fails naming the file instead of crashing later.
@@ -127,36 +97,17 @@ def read_generation(store: StoreDir, manifest: dict[str, Any], d_text: int,
     pinned = handles or {}
     gen = int(manifest["generation"])
     files = manifest["files"]
-    vec_path = store.file("vectors", gen, "safetensors")
-    tensors = map_tensors(vec_path, pinned.get(vec_path.name))  # the item vectors stay in the file
-    item_vecs = tensors.get("item_text", np.zeros((0, d_text), np.float32))
-    if item_vecs.ndim != 2 or (len(item_vecs) and item_vecs.shape[1] != d_text) or item_vecs.dtype != np.float32:
-        raise CorruptStoreError(f"{vec_path}: item vectors of {item_vecs.dtype} {item_vecs.shape}, "
-                                f"expected float32 (n, {d_text})")
-    for key in ("user_vectors", "user_profiles"):
-        if key not in tensors or tensors[key].ndim != 2:
-            raise CorruptStoreError(f"{vec_path}: no 2-d tensor {key!r}; not a Kindling vectors file")
-    items_path = store.file("items", gen, "parquet")
-    items_table = _with_schema(read_parquet(items_path, pinned.get(items_path.name)), ITEM_SCHEMA, items_path,
-                               OPTIONAL_ITEM_COLUMNS)
-    if items_table.num_rows != len(item_vecs):
-        raise CorruptStoreError(f"{items_path}: {items_table.num_rows} items but {len(item_vecs)} vectors "
-                                f"in {vec_path.name}")
-    items = _parsed(items_path, lambda: ItemTable.from_arrow(items_table, item_vecs.reshape(-1, d_text)))
-    users_path = store.file("users", gen, "parquet")
-    users_table = _with_schema(read_parquet(users_path, pinned.get(users_path.name)), USER_SCHEMA, users_path,
-                               OPTIONAL_USER_COLUMNS)
-    if users_table.num_rows != len(tensors["user_vectors"]):
-        raise CorruptStoreError(f"{users_path}: {users_table.num_rows} users but "
-                                f"{len(tensors['user_vectors'])} user vectors in {vec_path.name}")
-    _check_rows(users_table, len(items), users_path)
-    users = _parsed(users_path, lambda: users_from_arrow(users_table, tensors["user_vectors"],
-                                                         tensors["user_profiles"]))
+    paths = {name: store.file(name, gen, ext) for name, ext in
+             (("items", "parquet"), ("users", "parquet"), ("vectors", "safetensors"))}
+    tensors = map_tensors(paths["vectors"], pinned.get(paths["vectors"].name))
+    tables = {name: with_schema(read_parquet(paths[name], pinned.get(paths[name].name)), *schemas[name], paths[name])
+              for name in ("items", "users")}
     model_name = store.file("models", gen, "safetensors").name
     models = read_tensors(store.path / model_name, pinned.get(model_name)) if model_name in files else None
     index_name = store.file("index", gen, "faiss").name
-    keys, ids = (_id_tensor(tensors, name, vec_path) for name in ("event_keys", "event_ids"))
-    return items, users, models, (store.path / index_name if index_name in files else None), keys, ids
+    keys, ids = (_id_tensor(tensors, name, paths["vectors"]) for name in ("event_keys", "event_ids"))
+    return Generation(tables["items"], tables["users"], tensors, models,
+                      store.path / index_name if index_name in files else None, keys, ids, paths)
 
 
 def _id_tensor(tensors: dict[str, np.ndarray], name: str, path: Path) -> np.ndarray:
@@ -168,37 +119,19 @@ def _id_tensor(tensors: dict[str, np.ndarray], name: str, path: Path) -> np.ndar
     return out
 
 
-def _with_schema(table: pa.Table, schema: pa.Schema, path: Path, optional: tuple[str, ...] = ()) -> pa.Table:
+def with_schema(table: pa.Table, schema: pa.Schema, optional: tuple[str, ...], path: Path) -> pa.Table:
+    """`table` when it has every column of `schema` but the `optional` ones; else CorruptStoreError."""
     missing = [f.name for f in schema if f.name not in table.column_names and f.name not in optional]
     if missing:
         raise CorruptStoreError(f"{path}: missing column(s) {', '.join(missing)}; not a Kindling table")
     return table
 
 
-def _check_rows(users: pa.Table, n_items: int, path: Path) -> None:
-    """Histories may only name item rows that exist."""
-    import pyarrow.compute as pc
-
-    for col in [c for c in ("clicks", "skips", "held", "dislikes") if c in users.column_names]:
-        flat = pc.list_flatten(users.column(col))
-        if len(flat) and (pc.min(flat).as_py() < 0 or pc.max(flat).as_py() >= n_items):
-            raise CorruptStoreError(f"{path}: column {col!r} names item rows outside 0..{n_items - 1}")
-
-
-def _parsed(path: Path, build):
-    try:
-        return build()
-    except (KeyError, ValueError, TypeError, IndexError, pa.ArrowException) as exc:
-        raise CorruptStoreError(f"{path}: does not hold what a Kindling store needs ({exc})") from exc
-
-
-
-def map_saved_vectors(store: StoreDir, manifest: dict[str, Any], items: ItemTable) -> None:
-    """After a save: take `items`' vectors from the vectors file just written, mapped, so the rows
-    held in memory (added or replaced since the last snapshot) are dropped. The file is this
-    process's own, fsynced a moment ago, and holds exactly `items.vectors`."""
+def saved_vectors(store: StoreDir, manifest: dict[str, Any], dim: int) -> np.ndarray | None:
+    """The item vectors of the generation `manifest` names, mapped from its vectors file (None
+    when it has none): after a save, the rows held in memory can give way to them."""
     path = store.file("vectors", int(manifest["generation"]), "safetensors")
     if path.name not in manifest.get("files", {}):
-        return
-    mapped = map_tensors(path).get("item_text", np.zeros((0, items.dim), np.float32))
-    items.install_vectors(mapped.reshape(-1, items.dim) if mapped.size == 0 else mapped)
+        return None
+    mapped = map_tensors(path).get("item_text", np.zeros((0, dim), np.float32))
+    return mapped.reshape(-1, dim) if mapped.size == 0 else mapped

@@ -31,7 +31,7 @@ from ..engine import Engine
 from ..errors import InvalidInputError
 from ..text.catalog import check_text
 from ..types import EVENT_KINDS, Event
-from ..state.vocab import check_id
+from ..types import check_id
 
 log = logging.getLogger(__name__)
 

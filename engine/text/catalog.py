@@ -15,8 +15,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ..errors import InvalidInputError
-from ..types import EVENT_KINDS, Event, Item
-from ..state.vocab import check_id
+from ..types import EVENT_KINDS, Event, Item, check_id
 
 MAX_TITLE_CHARS = 2_000
 MAX_TEXT_CHARS = 100_000

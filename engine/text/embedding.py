@@ -11,8 +11,7 @@ import numpy as np
 from ..config import EncoderBackend
 from .encoder import TextEncoder
 from ..errors import InvalidInputError
-from ..serving.index import check_vectors
-from ..vectors import ZERO_NORM, normalise_rows
+from ..vectors import ZERO_NORM, check_vectors, normalise_rows
 
 #: Texts embedded per step of a large batch (one progress-bar step).
 CHUNK = 512

@@ -9,11 +9,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..config import Config
+from ..runtime.core import Core
+from ..runtime.state import State
+from ..errors import InvalidInputError
 from ..serving.index import VectorIndex
 from ..state.items import ItemTable
 from ..models.projection import Projection
@@ -23,10 +26,8 @@ from ..storage.records import EventRecord
 from ..state.users import UserState, UserTable
 from ..text.catalog import item_text
 from ..text.embedding import embed, embed_many
-from ..text.encoder import TextEncoder
+from ..text.encoder import TextEncoder, default_model_path
 
-if TYPE_CHECKING:
-    from ..state.apply import State
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,34 @@ class TuneRequest:
     encoder: TextEncoder | None = None
 
 
-def fit_state(state: "State", events: Sequence[EventRecord], progress: bool,
+def fit_store(core: Core, recs: list[EventRecord], progress: bool) -> dict[str, Any]:
+    """`Engine.fit` on an open store (the caller holds its write lock): the waiting online steps
+    first, then `fit_state` (tuning the language model first when `Config.tune_steps` > 0, into
+    the folder of the generation it saves), then a save. A failed tuned fit leaves the store and
+    the engine as they were."""
+    core.steps.drain()  # the clicks before the fit step the model they were made on
+    if not core.config.tune_steps:
+        summary = fit_state(core.state, recs, progress)
+        core.commit()  # (its save gives the training's temporaries back)
+        return summary
+    if not core.encoders.tunable():
+        raise InvalidInputError("tune_steps > 0 tunes a sentence-transformers model; this engine was "
+                                "given another encoder (open it without one, or set tune_steps=0)")
+    out = core.store.encoder_dir(core.generation + 1)
+    request = TuneRequest(core.config.model_path or default_model_path(), out, core.encoders.make)
+    try:
+        summary = fit_state(core.state, recs, progress, request)
+    except BaseException:
+        core.restore()  # the catalog may have been re-embedded half-way
+        core.store.cleanup(core.manifest)
+        raise
+    if request.encoder is not None:
+        core.encoders.adopt_tuned(out, request.encoder)
+    core.commit()
+    return summary
+
+
+def fit_state(state: State, events: Sequence[EventRecord], progress: bool,
               tune: TuneRequest | None = None) -> dict[str, Any]:
     """`Engine.fit`: train the item tower, then the reranker, on the histories in `events`.
 
@@ -117,7 +145,7 @@ def fit_state(state: "State", events: Sequence[EventRecord], progress: bool,
         return {**tuned, **_fit_state(state, events, progress)}
 
 
-def tune_state(state: "State", train: UserTable, tune: TuneRequest, progress: bool) -> dict[str, Any]:
+def tune_state(state: State, train: UserTable, tune: TuneRequest, progress: bool) -> dict[str, Any]:
     """Tune the language model on the co-clicks of the training users `train` (their click
     histories, and nothing else), then embed every item and stored profile again with it and
     serve from the new vectors (the index rebuilt, the users re-derived). With too few pairs
@@ -139,7 +167,7 @@ def tune_state(state: "State", train: UserTable, tune: TuneRequest, progress: bo
     items.install_vectors(vectors)
     for i, user in enumerate(profiled):
         user.profile_vec = profiles[i]
-    state.ranker.refresh_item_vectors(items, state.proj)
+    state.refresh_space()
     state.rebuild_index()
     for user in state.users.states:
         state.rederive(user)
@@ -148,7 +176,7 @@ def tune_state(state: "State", train: UserTable, tune: TuneRequest, progress: bo
     return summary
 
 
-def _fit_state(state: "State", events: Sequence[EventRecord], progress: bool) -> dict[str, Any]:
+def _fit_state(state: State, events: Sequence[EventRecord], progress: bool) -> dict[str, Any]:
     train = training_users(state, events)
     folds = reranker_folds(train, state.config)
     summary: dict[str, Any] = {"events": sum(state.items.live_row(ev.item_id) is not None for ev in events),
@@ -163,7 +191,7 @@ def _fit_state(state: "State", events: Sequence[EventRecord], progress: bool) ->
         # with co-clicks counted without them, as a new user's are
         if fit_towers(state.ranker, state.items, train, progress, held)["projection"]:
             _adopt_space(state)
-        state.ranker.rebuild_coclicks(state.users, skip=_stored_rows(state, train, held))
+        state.rebuild_coclicks(skip=_stored_rows(state, train, held))
         fold = profile_weights(state.ranker, state.items, train, held)
         state.ranker.profile_weight = chosen_weight(*fold)
         weighed = weighed[0] + fold[0], weighed[1] + fold[1]
@@ -178,7 +206,7 @@ def _fit_state(state: "State", events: Sequence[EventRecord], progress: bool) ->
         _adopt_space(state)
         for user in state.users.states:
             state.rederive(user)
-    state.ranker.rebuild_coclicks(state.users)
+    state.rebuild_coclicks()
     if not folds and state.config.rerank_epochs:  # too few users to hold any out: train on all
         _extend(made, reranker_lists(state.ranker, state.items, train, state.index, None, rng))
     state.ranker.reset_reranker()
@@ -192,15 +220,15 @@ def _fit_state(state: "State", events: Sequence[EventRecord], progress: bool) ->
     return summary
 
 
-def _adopt_space(state: "State") -> None:
+def _adopt_space(state: State) -> None:
     """Serve from the tower the ranker now holds: item vectors, the index, the users' width."""
-    state.proj = state.ranker.projection
-    state.ranker.refresh_item_vectors(state.items, state.proj)
+    state.proj = state.ranker.space.projection
+    state.refresh_space()
     state.users.dim = state.proj.d_out
     state.rebuild_index()
 
 
-def _stored_rows(state: "State", train: UserTable, positions: np.ndarray) -> np.ndarray:
+def _stored_rows(state: State, train: UserTable, positions: np.ndarray) -> np.ndarray:
     """Rows in the stored user table of the training users at `positions`."""
     ids = {train.vocab.id(int(i)) for i in positions}
     return np.array([r for r, uid in enumerate(state.users.vocab.ids()) if uid in ids], np.int64)
@@ -211,7 +239,7 @@ def _extend(into: tuple[list, list[int], list[int]], made: tuple[list, list[int]
         whole.extend(part)
 
 
-def training_users(state: "State", events: Sequence[EventRecord]) -> UserTable:
+def training_users(state: State, events: Sequence[EventRecord]) -> UserTable:
     """The users of `events` as histories (clicks and skips on live items, in order), with the
     profiles their stored namesakes have; vectors are not built (training does not read them)."""
     users = UserTable(state.proj.d_out)
@@ -273,7 +301,7 @@ def fit_towers(ranker: Ranker, items: ItemTable, users: UserTable, progress: boo
     w, losses = train_towers(items.vectors, hist, items.live_rows(), cfg.proj_dim, cfg.proj_epochs,
                              cfg.seed, progress=progress)
     proj = Projection(items.dim, w.weight, w.bias_weight, w.bias_const, w.tau)
-    ranker.set_towers(proj, w.residual, w.item_bias)
+    ranker.space.set_towers(proj, w.residual, w.item_bias)
     return {"projection": True, "projection_loss": [round(x, 4) for x in losses],
             "projection_seconds": round(time.perf_counter() - t0, 1)}
 
@@ -310,8 +338,10 @@ def fit_reranker(ranker: Ranker, examples: list, groups: np.ndarray, progress: b
     if cfg.rerank_epochs == 0 or not examples:
         return {"reranker": False}
     t1 = time.perf_counter()
-    losses = ranker.reranker.fit(examples, cfg.rerank_epochs, progress=progress, groups=groups, totals=totals,
-                                 residual=cfg.rerank_mlp)
+    from .reranker import fit
+
+    losses = fit(ranker.reranker, examples, cfg.rerank_epochs, progress=progress, groups=groups, totals=totals,
+                 residual=cfg.rerank_mlp)
     return {"reranker": True, "reranker_examples": len(examples),
             "reranker_loss": [round(x, 4) for x in losses],
             "reranker_valid_recall": (None if ranker.reranker.valid_recall is None
@@ -338,17 +368,17 @@ def profile_weights(ranker: Ranker, items: ItemTable, users: UserTable,
     picked = [users.states[int(g)] for g in positions.tolist() if users.states[int(g)].profile_vec is not None]
     if not ranker.trained or not len(live) or not picked:
         return totals, n
-    keys = ranker.index_vectors(live)  # what the index holds: [tau * v, bias]
+    keys = ranker.space.index_vectors(live)  # what the index holds: [tau * v, bias]
     depth = min(ranker.config.retrieve, len(live))
     for u in picked[:PROFILE_USERS]:
         clicks = [r for r in dict.fromkeys(u.clicks) if not items.removed[r]]
-        prof = ranker.projection.transform(u.profile_vec[None])[0]
+        prof = ranker.space.projection.transform(u.profile_vec[None])[0]
         for p in PROFILE_CUTS:
             if len(clicks) - p < 1 or len(live) - p <= depth:
                 continue
             prefix, future = clicks[:p], np.array(clicks[p:], np.int64)
-            vecs = ranker.item_vectors(np.array(prefix, np.int64))
-            queries = np.stack([ranker.query(user_from_clicks(prefix, vecs, prof, ranker.config.user_min_step, w,
+            vecs = ranker.space.item_vectors(np.array(prefix, np.int64))
+            queries = np.stack([ranker.space.query(user_from_clicks(prefix, vecs, prof, ranker.config.user_min_step, w,
                                                               u.profile, u.profile_vec).vector, p + w)
                                 for w in PROFILE_WEIGHTS])
             scores = queries @ keys.T
@@ -398,8 +428,8 @@ def user_windows(n: int, most: int, rng: np.random.Generator) -> list[tuple[int,
 def _example(ranker: Ranker, items: ItemTable, index: VectorIndex, u, clicks: list[int], start: int, p: int,
              rng: np.random.Generator, as_cold: bool = False):
     prefix = clicks[start:start + p]
-    prof = None if u.profile_vec is None else ranker.projection.transform(u.profile_vec[None])[0]
-    state = user_from_clicks(prefix, ranker.item_vectors(np.array(prefix, np.int64)), prof,
+    prof = None if u.profile_vec is None else ranker.space.projection.transform(u.profile_vec[None])[0]
+    state = user_from_clicks(prefix, ranker.space.item_vectors(np.array(prefix, np.int64)), prof,
                              ranker.config.user_min_step, ranker.profile_weight, u.profile, u.profile_vec)
     state.profile, state.profile_vec = u.profile, u.profile_vec
     cand = ranker.candidates(state, index, np.array(prefix, np.int64), refresh=True)
@@ -414,4 +444,4 @@ def _example(ranker: Ranker, items: ItemTable, index: VectorIndex, u, clicks: li
     if len(labels) == 0 or len(labels) == len(cand):
         return None
     own = np.isin(cand, future).astype(np.float64)  # this user's own clicks leave popularity
-    return ranker.features(state, cand, as_cold=as_cold, own_clicks=own), labels
+    return ranker.expanded_features(state, cand, as_cold=as_cold, own_clicks=own), labels

@@ -1,7 +1,12 @@
 """Training the reranker with torch: the network as a module, its listwise loss, and `fit`.
 
-Serving never imports this module (it scores with numpy, rerank.py); it loads when a reranker is
-trained or its first weights are drawn.
+Serving never imports this module (it scores with numpy, models/rerank.py, which also draws the
+first weights); it loads when a reranker is trained. It imports the model's layout from
+models/rerank.py, never the other way.
+
+(Over 450 lines, as one module: the blend's training, the per-bucket early stopping, the experts
+and the MLP residual's gates are four stages of one `fit` that share the network, its validation
+split and its recall measures.)
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from torch import nn
 
 from ..models.rerank import (
     FEATURES, LINEAR_ONLY, N_BUCKETS, ONE_HOT, N_FEATURES, N_INPUTS, SIGNALS, bucket_of, column, forward,
-    initial_linear_weights, signal_score,
+    MLP_OUT_SCALE, initial_linear_weights, signal_score,
 )
 
 if TYPE_CHECKING:
@@ -33,8 +38,6 @@ MIN_GAIN = 1e-4
 SILENCED_STD = 1e6
 #: Input std below which a feature counts as constant in the training logs.
 CONSTANT_STD = 1e-4
-#: The MLP's output layer starts this small, so an untrained reranker ranks by its linear part.
-MLP_OUT_SCALE = 0.01
 #: Recall cut-off of the validation that early stopping and the per-bucket choices follow.
 RECALL_K = 20
 #: The trained network ranks a bucket only when its held-out recall there beats the best single
@@ -76,15 +79,6 @@ class RerankNet(nn.Module):
         z = (x - self.mean) / self.std
         gate = x[..., ONE_HOT] @ self.mlp_gate
         return self.linear(x).squeeze(-1) + gate * self.mlp(z).squeeze(-1)
-
-
-def initial_weights(hidden: int, seed: int) -> dict[str, np.ndarray]:
-    """The untrained network's weights, drawn from `seed` with torch's generator forked: the
-    caller's torch random state is the same afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = RerankNet(hidden)
-    return to_numpy(net)
 
 
 def to_numpy(net: RerankNet) -> dict[str, np.ndarray]:

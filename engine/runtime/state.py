@@ -48,17 +48,20 @@ import numpy as np
 
 from ..config import Config
 from ..errors import CorruptStoreError
-from ..serving.backend import VectorBackend
-from ..serving.index import VectorIndex
-from .items import ItemTable
 from ..memory import release_free_memory
 from ..models.projection import Projection
 from ..models.rerank import ANCHOR, GATE, STEPS
+from ..serving.backend import VectorBackend
+from ..serving.index import VectorIndex
 from ..serving.ranking import PROFILE_WEIGHT_TENSOR, Ranker
+from ..state.coclick import CoClicks
+from ..state.items import ItemTable
+from ..state.lexical import Lexicon
+from ..text.catalog import item_text
 from ..storage.records import (
     AddRecord, EventRecord, ImportRecord, ProfileRecord, Record, RemoveRecord, StepRecord, id_key,
 )
-from .users import UserState, UserTable, rederive
+from ..state.users import UserState, UserTable, apply_click, apply_dislike, apply_skip, rederive
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +92,9 @@ class State:
         self.items = ItemTable(d_text)
         self.proj = Projection(d_text)
         self.users = UserTable(self.proj.d_out)
-        self.ranker = Ranker(config)
+        self.coclicks = CoClicks()  # co-click counts of the stored histories
+        self.lexicon = Lexicon()    # TF-IDF rows of the item texts
+        self.ranker = Ranker(config, self.coclicks, self.lexicon)
         self._index: VectorBackend | None = None
         #: With index_backend "milvus" on a writable store: the store's milvus.MilvusHome, and the
         #: collection the loaded snapshot names. None otherwise (a read-only open of a Milvus
@@ -123,10 +128,10 @@ class State:
         c = self.config
         if self.milvus is not None:
             from ..serving.milvus import MilvusIndex
-            return MilvusIndex(self.milvus, self.ranker.index_dim, kind, hnsw_m=c.hnsw_m,
+            return MilvusIndex(self.milvus, self.ranker.space.index_dim, kind, hnsw_m=c.hnsw_m,
                                ef_construction=c.hnsw_ef_construction, ef_search=c.hnsw_ef_search,
                                nlist=c.ivf_nlist, nprobe=c.ivf_nprobe)
-        return VectorIndex(self.ranker.index_dim, kind, hnsw_m=c.hnsw_m, ef_construction=c.hnsw_ef_construction,
+        return VectorIndex(self.ranker.space.index_dim, kind, hnsw_m=c.hnsw_m, ef_construction=c.hnsw_ef_construction,
                            ef_search=c.hnsw_ef_search, nlist=c.ivf_nlist, nprobe=c.ivf_nprobe,
                            search_threads=c.search_threads)
 
@@ -134,7 +139,7 @@ class State:
         """Rebuild the index from the live rows (compaction, a kind change, or a new projection)."""
         rows = self.items.live_rows()
         self.index = self.new_index(self.index_kind(len(rows)))
-        self.index.build(rows, self.ranker.index_vectors(rows))
+        self.index.build(rows, self.ranker.space.index_vectors(rows))
         self.items.release_vector_pages()
         release_free_memory()
 
@@ -150,12 +155,12 @@ class State:
         if index_path is not None:
             self.index = self.new_index(self.index_kind(len(items)))
             self.index.load(index_path, items.live_rows(), len(items), index_fh)
-        self.ranker.refresh_item_vectors(items, self.proj)
+        self.refresh_space()
         if index_path is not None:
             self.vouch_for_index(index_path)
         if self.config.index_backend == "milvus" and len(items.live_rows()):
             self.attach_index()
-        self.ranker.rebuild_coclicks(users)
+        self.rebuild_coclicks()
         self.event_keys = set(event_keys.tolist())
         self.event_ids = set() if event_ids is None else set(event_ids.tolist())
         self.check_models(models, models_path)
@@ -169,7 +174,7 @@ class State:
         live = rows = self.items.live_rows()
         if len(rows) > sample:
             rows = np.sort(np.random.default_rng(self.config.seed).choice(rows, sample, replace=False))
-        agrees = self.index.holds(live).all() and self.index.agrees_on(rows, self.ranker.index_vectors(rows))
+        agrees = self.index.holds(live).all() and self.index.agrees_on(rows, self.ranker.space.index_vectors(rows))
         self.items.release_vector_pages()  # the sample's pages of the mapped vectors file
         if agrees:
             return
@@ -197,7 +202,7 @@ class State:
             return False
         rng = np.random.default_rng(self.config.seed)
         if self.index is not None and self.index.agrees_with(
-                rows, self.ranker.index_vectors(rows), self.index_kind(len(rows)), len(self.items), rng):
+                rows, self.ranker.space.index_vectors(rows), self.index_kind(len(rows)), len(self.items), rng):
             return False
         log.warning("the Milvus collection disagrees with the store; rebuilding it from the item table")
         self.rebuild_index()
@@ -258,7 +263,10 @@ class State:
         inline = online_step and not self.deferred_steps
         if online_step and self.deferred_steps and rec.event == "click" and self.ranker.learns_online():
             self.pending.append(PendingStep(rec.key(), row, before_click(user), time.monotonic()))
-        self.ranker.on_event(user, row, rec.event, self.items, index=self.index if inline else None, t=rec.t)
+        if inline and rec.event == "click" and self.index is not None and self.ranker.learns_online():
+            plan = self.ranker.step_plan(user, row, self.index, refresh=True, applied=False)
+            self.learn(plan)
+        self.apply_feedback(user, row, rec.event, rec.t)
         if rec.event == "click":
             user.clicks.append(row)
         elif rec.event == "skip":
@@ -268,6 +276,31 @@ class State:
         else:
             user.impressions += 1
         self.remember(rec)
+
+    def apply_feedback(self, user: UserState, row: int, kind: str, t: int) -> None:
+        """Steps 2-4 of an event at time `t`: co-clicks, the user's vector, the item's counts (and
+        the popular list's order, which a click may change)."""
+        c, items = self.config, self.items
+        vec = self.ranker.space.item_vectors(np.array([row]))[0]
+        w = self.ranker.profile_weight
+        if kind == "click":
+            self.coclicks.add_click(user.clicks, row)
+            apply_click(user, vec, c.user_min_step, w)
+            items.clicks[row] += 1.0
+            if c.popularity_half_life_s is not None:
+                items.add_decayed_click(row, t, c.popularity_half_life_s)
+            items.impressions[row] += 1.0
+            self.ranker.popular.bump(row)
+        elif kind == "skip":
+            apply_skip(user, vec, c.user_min_step, c.skip_step, w)
+            items.skips[row] += 1.0
+            items.impressions[row] += 1.0
+        elif kind == "dislike":  # a strong skip; the item's counts take it as one
+            apply_dislike(user, vec, c.user_min_step, c.dislike_step, w)
+            items.skips[row] += 1.0
+            items.impressions[row] += 1.0
+        else:
+            items.impressions[row] += 1.0
 
     # ---- deferred online steps ---------------------------------------------------------------
     def next_step(self, write: Callable[[StepRecord], None],
@@ -319,7 +352,9 @@ class State:
     def apply_add(self, rec: AddRecord) -> None:
         rows = np.array([self.items.append(item, rec.vectors[j], rec.t) for j, item in enumerate(rec.items)],
                         dtype=np.int64)
-        self.ranker.on_items_added(self.items, self.proj, rows)
+        self.ranker.items_added(self.items, self.proj, rows)
+        for r in rows:
+            self.lexicon.set(int(r), item_text(self.items.item(int(r))))
         # An upserted or revived row still has its old vector in FAISS under the same id: rebuild
         # (Milvus replaces it in place).
         replaced = self.index is not None and bool(self.index.holds(rows).any())
@@ -328,15 +363,17 @@ class State:
                 or self.index.kind != need_kind or self.index.ntotal == 0):
             self.rebuild_index()
         elif replaced:
-            self.index.upsert(rows, self.ranker.index_vectors(rows))
+            self.index.upsert(rows, self.ranker.space.index_vectors(rows))
         else:
-            self.index.add(rows, self.ranker.index_vectors(rows))
+            self.index.add(rows, self.ranker.space.index_vectors(rows))
 
     def apply_remove(self, ids: tuple[str, ...]) -> None:
         rows = np.array([self.items.vocab.row(i) for i in ids], dtype=np.int64)
         self.items.removed[rows] = True
         self.index.remove(rows)
-        self.ranker.on_items_removed(rows)
+        for r in rows:
+            self.lexicon.clear(int(r))
+        self.ranker.popular.invalidate()
         if self.index.tombstone_ratio() > self.config.compact_ratio and len(self.items.live_rows()):
             self.rebuild_index()
 
@@ -348,10 +385,25 @@ class State:
     def rederive(self, user: UserState) -> None:
         """The user's vector again from the profile and the history (after the space changed)."""
         rows = np.array(user.clicks + user.skips + user.dislikes, dtype=np.int64)
-        item_vecs = self.ranker.item_vectors(rows)
+        item_vecs = self.ranker.space.item_vectors(rows)
         prof = None if user.profile_vec is None else self.proj.transform(user.profile_vec[None])[0]
         c = self.config
         rederive(user, item_vecs, prof, c.user_min_step, c.skip_step, c.dislike_step, self.ranker.profile_weight)
+
+    def refresh_space(self) -> None:
+        """Every item's retrieval vector and bias again, and the lexicon when it lags the item
+        table (after open, or training)."""
+        n = len(self.items)
+        if len(self.lexicon) != n:
+            self.lexicon.rebuild((item_text(self.items.item(r)) for r in range(n)), self.items.removed)
+        self.ranker.refresh(self.items, self.proj)
+
+    def rebuild_coclicks(self, skip: np.ndarray | None = None) -> None:
+        """Co-click counts from every stored click history (on open and after fit), or from all
+        but the users at positions `skip` (fit's cross-fitting)."""
+        gone = set() if skip is None else set(skip.tolist())
+        states = [u for i, u in enumerate(self.users.states) if i not in gone]
+        self.coclicks.build([u.clicks for u in states], len(self.items))
 
     # ---- reading -----------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """The read path of a request: the user it ranks for, the rows it may return, the ranked list.
 
 Each function reads `State` and builds what it needs per call; the caller holds a lock (see
-Engine._read). Ids are turned into rows here and back into ids with titles on the way out.
+Core.read). Ids are turned into rows here and back into ids with titles on the way out.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import UnknownItemError
-from ..state.apply import State
-from ..types import Because, Recommendation
-from .explain import reasons
-from .filters import Filter, allowed_rows
+from ..errors import InvalidInputError, UnknownItemError
+from ..serving.explain import reasons
+from ..serving.filters import Filter, allowed_rows, check_exclude, check_filter
 from ..state.users import UserState
+from ..types import Because, Recommendation
+from .state import State
 
 
 def stored_or_new_user(state: State, user_id: str, profile: str | None,
@@ -68,7 +68,7 @@ def ranked(state: State, user: UserState, user_id: str, q: Query, refresh: bool)
     cand_rows = None if q.candidates is None else candidate_rows(state, q.candidates, banned, allowed)
     rows, scores = state.ranker.rank(user, state.index, q.k, banned, cand_rows, user_key=user_id, refresh=refresh,
                                      allowed=allowed, diversity=q.diversity)
-    return as_recommendations(state, rows, scores, reasons(state, user, rows) if q.explain else None)
+    return as_recommendations(state, rows, scores, reasons(state.items, user, rows) if q.explain else None)
 
 
 def ranked_many(state: State, users: list[UserState], user_ids: Sequence[str], q: Query,
@@ -82,7 +82,7 @@ def ranked_many(state: State, users: list[UserState], user_ids: Sequence[str], q
     for user, user_id, b, a in zip(users, user_ids, banned, ann):
         rows, scores = state.ranker.rank(user, state.index, q.k, b, None, user_key=user_id, refresh=refresh,
                                          allowed=allowed, ann=a, diversity=q.diversity)
-        out.append(as_recommendations(state, rows, scores, reasons(state, user, rows) if q.explain else None))
+        out.append(as_recommendations(state, rows, scores, reasons(state.items, user, rows) if q.explain else None))
     return out
 
 
@@ -92,7 +92,7 @@ def similar(state: State, row: int, k: int, now: int | None = None, flt: Filter 
     itself, nor `exclude` (ids), nor those expired at `now`. Both act inside the search, so k
     items come back whenever k qualify."""
     banned = np.fromiter({row} | id_rows(state, exclude), dtype=np.int64)
-    rows, scores = state.index.search(state.ranker.similar_query(row), k, exclude=banned,
+    rows, scores = state.index.search(state.ranker.space.similar_query(row), k, exclude=banned,
                                       allowed=allowed_rows(state.items, flt, now))
     return as_recommendations(state, rows, scores)
 
@@ -127,3 +127,18 @@ def candidate_rows(state: State, candidates: Sequence[str], banned: np.ndarray,
     if allowed is not None:
         arr = arr[allowed[arr]]
     return np.setdiff1d(arr, banned) if len(banned) else np.unique(arr)
+
+
+def make_query(k: int, exclude_seen: bool, candidates: Sequence[str] | None, exclude: Iterable[str] | None,
+               flt: Filter | None, explain: bool, diversity: float) -> Query:
+    """A request's options, checked against their rules (the message names the rule broken)."""
+    check_k(k)
+    if isinstance(diversity, bool) or not isinstance(diversity, (int, float)) or not 0.0 <= diversity <= 1.0:
+        raise InvalidInputError(f"diversity must be a number between 0 and 1; got {diversity!r}")
+    return Query(k, exclude_seen, candidates, check_exclude(exclude), check_filter(flt), bool(explain),
+                 float(diversity))
+
+
+def check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k > 10_000:
+        raise InvalidInputError(f"k must be an integer between 1 and 10000; got {k!r}")
