@@ -179,8 +179,8 @@ def main() -> None:
                 cfg = json.loads((path / "manifest.json").read_text())["config"]
                 assert cfg["fsync"] is True
                 eng = Engine.open(path)
-                eng.config = Config.from_dict({**cfg, "fsync": fsync})  # the log reopens with it at the save,
-                eng.save()                                              # and the manifest records it
+                eng._core.config = Config.from_dict({**cfg, "fsync": fsync})  # the log reopens with it at the save,
+                eng.save()                                                    # and the manifest records it
                 item_ids = [i.item_id for i in catalog_items()]
                 name = f"fsync {'on' if fsync else 'off'}"
                 tag = "on" if fsync else "off"
