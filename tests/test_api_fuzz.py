@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from urllib.parse import parse_qs, urlsplit
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.errors import Flaky  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
-from schemathesis.checks import positive_data_acceptance  # noqa: E402
+from schemathesis.checks import negative_data_rejection, positive_data_acceptance  # noqa: E402
 
 from conftest import FakeEncoder, small_catalog  # noqa: E402
 from engine import Config, Engine  # noqa: E402
@@ -165,6 +166,46 @@ def check_answer(response, case, server: FuzzServer, before: dict[str, Any] | No
             assert server.fingerprint() == before, f"a refused write changed the store: {where}"
 
 
+def validate(case, response, headers: dict[str, str] | None) -> None:
+    """Schemathesis' checks on an answer, but "invalid data was accepted" only where the request as
+    sent was invalid: a URL carries text, so a query value Schemathesis generated as another type
+    (`categories=false` for an array of strings) can arrive as valid text (a category named
+    "false"), and its check then flags the right answer (a known gap of its serialization
+    heuristics, schemathesis#2913; seen here for `allow` and the category filters)."""
+    case.validate_response(response, excluded_checks=[*EXCLUDED, negative_data_rejection], headers=headers)
+    try:
+        case.validate_response(response, checks=[negative_data_rejection], headers=headers)
+    except Exception:
+        data = getattr(getattr(case.meta, "phase", None), "data", None)
+        location = getattr(getattr(data, "parameter_location", None), "name", None)
+        parameters = case.operation.definition.raw.get("parameters", [])
+        if location != "QUERY" or not query_as_sent_is_valid(str(response.request.url), parameters):
+            raise
+
+
+def query_as_sent_is_valid(url: str, parameters: list[dict[str, Any]]) -> bool:
+    """Whether the query string of `url`, read back as the server reads it (text values; an array
+    parameter the list of its repeated values), holds only values of string or array-of-string
+    parameters that their schemas accept."""
+    from jsonschema import Draft202012Validator
+
+    schemas = {p["name"]: p.get("schema", {}) for p in parameters if p.get("in") == "query"}
+    for name, values in parse_qs(urlsplit(url).query, keep_blank_values=True).items():
+        schema = schemas.get(name)
+        if schema is None:
+            return False
+        options = schema.get("anyOf", [schema])
+        if any(o.get("type") == "array" and o.get("items", {}).get("type") == "string" for o in options):
+            value: Any = values
+        elif any(o.get("type") == "string" for o in options) and len(values) == 1:
+            value = values[0]
+        else:
+            return False  # a number, an integer, a boolean: Schemathesis' own heuristics judge those
+        if not Draft202012Validator(schema).is_valid(value):
+            return False
+    return True
+
+
 def call(case, server: FuzzServer):
     """Send `case` with the API key (so that a refusal is about the request, not the key)."""
     before = server.fingerprint() if is_write(case.method, case.path) else None
@@ -195,7 +236,7 @@ def test_fuzz_operation(label: str, schema, server: FuzzServer) -> None:
     def fuzz(case) -> None:
         response, before = call(case, server)
         check_answer(response, case, server, before)
-        case.validate_response(response, excluded_checks=EXCLUDED, headers={"Authorization": f"Bearer {KEY}"})
+        validate(case, response, {"Authorization": f"Bearer {KEY}"})
 
     fuzz()
 
@@ -218,7 +259,7 @@ def test_fuzz_stateful(schema, server: FuzzServer) -> None:
             steps[0] += 1
             try:
                 check_answer(response, case, server, self._before)
-                case.validate_response(response, excluded_checks=EXCLUDED, headers=kwargs.get("headers"))
+                validate(case, response, kwargs.get("headers"))
             except Exception as exc:
                 failures.append(f"{case.as_curl_command()}\n-> {response.status_code} {response.text[:500]}\n{exc}")
                 raise
@@ -267,6 +308,16 @@ def with_links(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 # Regression tests for what the fuzzing found (docs/reliability.md, "Fuzzed API").
+
+def test_a_query_that_arrives_as_valid_text_is_not_invalid_data(raw_schema: dict[str, Any]) -> None:
+    """The case the long run flagged: Schemathesis' "boolean" arrays arrive as the text "false"."""
+    params = raw_schema["paths"]["/items/{item_id}/similar"]["get"]["parameters"]
+    url = "http://127.0.0.1:1/items/x/similar?allow=false&categories=false&not_categories=false"
+    assert query_as_sent_is_valid(url, params)
+    assert query_as_sent_is_valid(url + "&deny=a&deny=b", params)
+    assert not query_as_sent_is_valid(url + "&k=false", params)  # an integer: not ours to excuse
+    assert not query_as_sent_is_valid(url + "&unknown=1", params)
+
 
 def test_openapi_documents_every_error_as_detail(engine: Engine) -> None:
     """Found: 422 was documented as FastAPI's list of validation errors, and 400, 401, 403, 404,
