@@ -42,6 +42,7 @@ from hypothesis import strategies as st  # noqa: E402
 from hypothesis.errors import Flaky  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import negative_data_rejection, positive_data_acceptance  # noqa: E402
+from schemathesis.core.failures import FailureGroup  # noqa: E402 - a BaseExceptionGroup, not an Exception
 
 from conftest import FakeEncoder, small_catalog  # noqa: E402
 from engine import Config, Engine  # noqa: E402
@@ -175,7 +176,7 @@ def validate(case, response, headers: dict[str, str] | None) -> None:
     case.validate_response(response, excluded_checks=[*EXCLUDED, negative_data_rejection], headers=headers)
     try:
         case.validate_response(response, checks=[negative_data_rejection], headers=headers)
-    except Exception:
+    except FailureGroup:
         data = getattr(getattr(case.meta, "phase", None), "data", None)
         location = getattr(getattr(data, "parameter_location", None), "name", None)
         parameters = case.operation.definition.raw.get("parameters", [])
@@ -260,7 +261,7 @@ def test_fuzz_stateful(schema, server: FuzzServer) -> None:
             try:
                 check_answer(response, case, server, self._before)
                 validate(case, response, kwargs.get("headers"))
-            except Exception as exc:
+            except (Exception, FailureGroup) as exc:  # Schemathesis' failures are BaseExceptions
                 failures.append(f"{case.as_curl_command()}\n-> {response.status_code} {response.text[:500]}\n{exc}")
                 raise
 
